@@ -1,0 +1,156 @@
+"""Fetch the data file from the first source that delivers it, verified by SHA-256.
+
+HTTP(S) goes through pooch (timeouts, retries with growing waits, a progress bar);
+`file://` URLs and plain paths are read from disk so an offline user can point the
+pipeline at a copy. A source may be the zip or the data file itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.request import url2pathname
+
+import pooch
+import requests
+
+from .errors import DownloadError, PipelineError
+from .files import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+ZIP_MAGIC = b"PK\x03\x04"
+SCHEMES = ("http", "https", "file")
+
+
+def redact(url: str) -> str:
+    """The URL without user name or password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _local_path(source: str) -> Path | None:
+    """The filesystem path a source names, or None when it is a remote URL."""
+    parts = urlsplit(source)
+    if parts.scheme == "file":
+        return Path(url2pathname(unquote(parts.path)))
+    if parts.scheme == "" or (len(parts.scheme) == 1 and sys.platform == "win32"):
+        return Path(source).expanduser()
+    if parts.scheme not in SCHEMES:
+        raise DownloadError(f"{redact(source)}: unsupported scheme '{parts.scheme}'; use https://, http://, file:// or a path")
+    return None
+
+
+def _http_get(url: str, folder: Path, timeout: float, retries: int) -> Path:
+    pooch.get_logger().setLevel(logging.WARNING)  # its INFO lines print the URL, credentials included
+    fetcher = pooch.create(
+        path=folder, base_url="", registry={"download": None}, urls={"download": url}, retry_if_failed=retries
+    )
+    downloader = pooch.HTTPDownloader(progressbar=sys.stderr.isatty(), timeout=timeout)
+    try:
+        return Path(fetcher.fetch("download", downloader=downloader))
+    except requests.HTTPError as exc:
+        raise DownloadError(f"{redact(url)}: HTTP {exc.response.status_code} after {retries + 1} attempts") from None
+    except requests.Timeout:
+        raise DownloadError(f"{redact(url)}: no answer within {timeout:g} s, {retries + 1} attempts") from None
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise DownloadError(f"{redact(url)}: {reason} after {retries + 1} attempts (offline?)") from None
+
+
+def retrieve(source: str, folder: Path, timeout: float, retries: int) -> Path:
+    """A local file holding the source's bytes (the source itself when it is local)."""
+    path = _local_path(source)
+    if path is None:
+        return _http_get(source, folder, timeout, retries)
+    if not path.is_file():
+        raise DownloadError(f"{path}: no such file")
+    return path
+
+
+def extract_member(archive: Path, member: str, out: Path, max_bytes: int) -> None:
+    """Copy `member` out of a zip (or the file itself when it is no zip), at most `max_bytes`."""
+    with open(archive, "rb") as f:
+        is_zip = f.read(4) == ZIP_MAGIC
+    if not is_zip:
+        if archive.stat().st_size > max_bytes:
+            raise DownloadError(f"{archive}: larger than data.max_unzipped_mb")
+        shutil.copyfile(archive, out)
+        return
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            matches = [info for info in zf.infolist() if PurePosixPath(info.filename).name == member]
+            if not matches:
+                names = [info.filename for info in zf.infolist()][:10]
+                raise DownloadError(f"{archive}: zip has no member '{member}' (data.member); it holds {names}")
+            info = matches[0]
+            name = PurePosixPath(info.filename)
+            if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
+                raise DownloadError(f"{archive}: member '{info.filename}' would extract outside its folder")
+            if info.file_size > max_bytes:
+                raise DownloadError(f"{archive}: member '{member}' expands to {info.file_size} bytes, over data.max_unzipped_mb")
+            _copy_bounded(zf, info, out, max_bytes, archive)
+    except zipfile.BadZipFile as exc:
+        raise DownloadError(f"{archive}: corrupt or truncated zip ({exc})") from None
+
+
+def _copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path, max_bytes: int, archive: Path) -> None:
+    written = 0
+    with zf.open(info) as src, open(out, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > max_bytes:
+                raise DownloadError(f"{archive}: member '{info.filename}' expands beyond data.max_unzipped_mb")
+            dst.write(chunk)
+
+
+def fetch_data_file(
+    sources: list[str],
+    member: str,
+    sha256: str | None,
+    dest: Path,
+    timeout: float = 30.0,
+    retries: int = 3,
+    max_bytes: int = 100 << 20,
+) -> str:
+    """Write the verified data file to `dest` from the first source that works; return that source."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for source in sources:
+        try:
+            with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
+                archive = retrieve(source, Path(tmp), timeout, retries)
+                with atomic_path(dest) as out:
+                    extract_member(archive, member, out, max_bytes)
+                    verify_sha256(out, sha256, source)
+            return source
+        except PipelineError as exc:
+            log.warning("%s", exc)
+            failures.append(str(exc))
+    raise DownloadError(
+        f"could not get '{member}' from {', '.join(redact(s) for s in sources)} ({failures[-1]}). "
+        "Offline? Download it elsewhere and set data.url to the local zip or file, "
+        "e.g. dvc exp run -S data.url=/path/to/sms+spam+collection.zip"
+    )
+
+
+def verify_sha256(path: Path, expected: str | None, source: str) -> None:
+    if expected is None:
+        log.warning("data.sha256 is not set: %s is not verified", redact(source))
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise DownloadError(
+            f"{redact(source)}: SHA-256 of the data file is {actual}, expected {expected} (data.sha256); "
+            "the copy is corrupt or a different version"
+        )
+

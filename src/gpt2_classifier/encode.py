@@ -1,0 +1,78 @@
+"""Tokenize the splits and pad them to one length, as tensors saved with safetensors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import SPLITS
+from .tokenizer import END_OF_TEXT_ID, gpt2_encoding
+
+
+@dataclass
+class EncodedSplit:
+    input_ids: torch.Tensor  # (n, max_length) int64, padded with END_OF_TEXT_ID
+    labels: torch.Tensor  # (n,) int64
+    lengths: torch.Tensor  # (n,) int64: real tokens per row, after truncation
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "labels": self.labels, "lengths": self.lengths}
+
+
+def tokenize(texts: list[str]) -> list[list[int]]:
+    # Ordinary encoding: a message that contains "<|endoftext|>" cannot inject the special token.
+    return gpt2_encoding().encode_ordinary_batch(texts, num_threads=1)
+
+
+def pad(token_lists: list[list[int]], labels: list[int], max_length: int, pad_id: int = END_OF_TEXT_ID) -> EncodedSplit:
+    input_ids = torch.full((len(token_lists), max_length), pad_id, dtype=torch.int64)
+    lengths = torch.empty(len(token_lists), dtype=torch.int64)
+    for row, tokens in enumerate(token_lists):
+        tokens = tokens[:max_length]
+        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        lengths[row] = len(tokens)
+    return EncodedSplit(input_ids, torch.tensor(labels, dtype=torch.int64), lengths)
+
+
+def pad_encode(splits: dict[str, pd.DataFrame], max_length: int | str = "longest") -> tuple[dict[str, EncodedSplit], dict]:
+    """Encode every split; pad to the longest training sequence or to a fixed length."""
+    tokens = {name: tokenize(splits[name]["text"].tolist()) for name in SPLITS}
+    longest_train = max(len(t) for t in tokens["train"])
+    length = longest_train if max_length == "longest" else int(max_length)
+    encoded = {name: pad(tokens[name], splits[name]["label"].tolist(), length) for name in SPLITS}
+    meta = {
+        "max_length": length,
+        "pad_id": END_OF_TEXT_ID,
+        "longest_train": longest_train,
+        "splits": {
+            name: {
+                "messages": len(tokens[name]),
+                "tokens": sum(len(t) for t in tokens[name]),
+                "longest": max(len(t) for t in tokens[name]),
+                "truncated": sum(len(t) > length for t in tokens[name]),
+            }
+            for name in SPLITS
+        },
+    }
+    return encoded, meta
+
+
+def save_split(split: EncodedSplit, path: str | os.PathLike) -> None:
+    save_file(split.to_tensors(), str(path))
+
+
+def load_split(path: str | os.PathLike) -> EncodedSplit:
+    tensors = load_file(str(path))
+    return EncodedSplit(tensors["input_ids"], tensors["labels"], tensors["lengths"])
+
+
+def load_splits(folder: str | os.PathLike) -> dict[str, EncodedSplit]:
+    return {name: load_split(Path(folder) / f"{name}.safetensors") for name in SPLITS}

@@ -1,0 +1,154 @@
+"""The schema of params.yaml: every stage validates the whole file before any work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ParamsError
+from .model import PRESETS, GPTConfig
+
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    url: str
+    mirrors: list[str] = []
+    member: str = "SMSSpamCollection"
+    sha256: Sha256 | None = None
+    timeout: float = Field(30.0, gt=0)
+    retries: int = Field(3, ge=0)
+    max_unzipped_mb: float = Field(100.0, gt=0)
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.url, *self.mirrors]
+
+
+class BalanceParams(Section):
+    seed: int = 123
+    labels: list[str] = Field(["ham", "spam"], min_length=2)
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> BalanceParams:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct, got {self.labels}")
+        return self
+
+
+class SplitParams(Section):
+    seed: int = 123
+    train: Fraction = 0.7
+    validation: Fraction = 0.1
+    test: Fraction = 0.2
+
+    @model_validator(mode="after")
+    def _sum_at_most_one(self) -> SplitParams:
+        total = self.train + self.validation + self.test
+        if total > 1 + 1e-9:
+            raise ValueError(f"train + validation + test must be at most 1, got {total:g}")
+        return self
+
+
+class PadEncodeParams(Section):
+    max_length: Literal["longest"] | Annotated[int, Field(ge=1)] = "longest"
+
+
+class ModelParams(Section):
+    name: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = "gpt2-small"
+    weights: Literal["pretrained", "random"] = "pretrained"
+    source: str | None = None
+    revision: str = "main"
+    seed: int = 123
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    config: dict[Literal["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias"], int] = {}
+
+    @model_validator(mode="after")
+    def _config_is_usable(self) -> ModelParams:
+        if self.config and self.weights == "pretrained":
+            raise ValueError("config overrides change the architecture; use them with weights: random")
+        self.gpt_config()  # raises on an inconsistent architecture
+        return self
+
+    def gpt_config(self) -> GPTConfig:
+        return GPTConfig(**{**PRESETS[self.name], **self.config, "drop_rate": self.drop_rate})
+
+
+class FinetuneParams(Section):
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(5, ge=1)
+    seed: int = 123
+    eval_freq: int = Field(50, ge=1)
+    eval_iter: int = Field(5, ge=1)
+    pool: Literal["last", "first", "flexible", "mean"] = "last"
+    trainable_blocks: Literal["all"] | Annotated[int, Field(ge=0)] = 1
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(32, ge=1)
+
+
+class Params(Section):
+    data: DataParams
+    balance: BalanceParams = BalanceParams()
+    split: SplitParams = SplitParams()
+    pad_encode: PadEncodeParams = PadEncodeParams()
+    model: ModelParams = ModelParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _fits_the_model(self) -> Params:
+        config = self.model.gpt_config()
+        length = self.pad_encode.max_length
+        if isinstance(length, int) and length > config.context_length:
+            raise ValueError(
+                f"pad_encode.max_length={length} exceeds the model's context of {config.context_length}"
+            )
+        blocks = self.finetune.trainable_blocks
+        if isinstance(blocks, int) and blocks > config.n_layers:
+            raise ValueError(f"finetune.trainable_blocks={blocks} exceeds the model's {config.n_layers} blocks")
+        return self
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key; remove it or fix its spelling"
+    if error["type"] == "value_error":
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ParamsError(f"{source}: {problems}") from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run stages from the project folder") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))

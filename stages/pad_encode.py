@@ -1,0 +1,27 @@
+"""Stage pad-encode: GPT-2 BPE, padded with <|endoftext|> to one length for every split."""
+
+from pathlib import Path
+
+from gpt2_classifier.data import SPLITS, read_csv
+from gpt2_classifier.encode import pad_encode, save_split
+from gpt2_classifier.files import atomic_dir, write_json
+from gpt2_classifier.params import Params
+from gpt2_classifier.stage import run_stage
+
+SPLIT_DIR = Path("data/split")
+OUT = Path("data/encoded")
+
+
+def main(params: Params) -> None:
+    splits = {name: read_csv(SPLIT_DIR / f"{name}.csv") for name in SPLITS}
+    encoded, meta = pad_encode(splits, params.pad_encode.max_length)
+    meta["labels"] = params.balance.labels
+    with atomic_dir(OUT) as tmp:
+        for name, split in encoded.items():
+            save_split(split, tmp / f"{name}.safetensors")
+        write_json(tmp / "meta.json", meta)
+    print(f"pad-encode: padded to {meta['max_length']} tokens (longest training sequence {meta['longest_train']})")
+
+
+if __name__ == "__main__":
+    run_stage(main)
