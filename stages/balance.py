@@ -18,7 +18,11 @@ def main(params: Params) -> None:
     balanced = balance(messages, labels, params.balance.seed)
     with atomic_path(OUT) as tmp:
         write_csv(balanced, tmp)
-    counts = {"messages": len(messages), "parsed": class_counts(messages, labels), "balanced": class_counts(balanced, labels)}
+    counts = {
+        "messages": len(messages),
+        "parsed": class_counts(messages, labels),
+        "balanced": class_counts(balanced, labels),
+    }
     write_json(COUNTS, counts)
     print(f"balance: {len(messages)} messages {counts['parsed']} -> {len(balanced)} {counts['balanced']}")
 

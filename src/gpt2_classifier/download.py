@@ -45,7 +45,9 @@ def _local_path(source: str) -> Path | None:
     if parts.scheme == "" or (len(parts.scheme) == 1 and sys.platform == "win32"):
         return Path(source).expanduser()
     if parts.scheme not in SCHEMES:
-        raise DownloadError(f"{redact(source)}: unsupported scheme '{parts.scheme}'; use https://, http://, file:// or a path")
+        raise DownloadError(
+            f"{redact(source)}: unsupported scheme '{parts.scheme}'; use https://, http://, file:// or a path"
+        )
     return None
 
 
@@ -96,7 +98,9 @@ def extract_member(archive: Path, member: str, out: Path, max_bytes: int) -> Non
             if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
                 raise DownloadError(f"{archive}: member '{info.filename}' would extract outside its folder")
             if info.file_size > max_bytes:
-                raise DownloadError(f"{archive}: member '{member}' expands to {info.file_size} bytes, over data.max_unzipped_mb")
+                raise DownloadError(
+                    f"{archive}: member '{member}' expands to {info.file_size} bytes, over data.max_unzipped_mb"
+                )
             _copy_bounded(zf, info, out, max_bytes, archive)
     except zipfile.BadZipFile as exc:
         raise DownloadError(f"{archive}: corrupt or truncated zip ({exc})") from None
@@ -153,4 +157,3 @@ def verify_sha256(path: Path, expected: str | None, source: str) -> None:
             f"{redact(source)}: SHA-256 of the data file is {actual}, expected {expected} (data.sha256); "
             "the copy is corrupt or a different version"
         )
-

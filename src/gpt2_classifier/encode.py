@@ -42,7 +42,9 @@ def pad(token_lists: list[list[int]], labels: list[int], max_length: int, pad_id
     return EncodedSplit(input_ids, torch.tensor(labels, dtype=torch.int64), lengths)
 
 
-def pad_encode(splits: dict[str, pd.DataFrame], max_length: int | str = "longest") -> tuple[dict[str, EncodedSplit], dict]:
+def pad_encode(
+    splits: dict[str, pd.DataFrame], max_length: int | str = "longest"
+) -> tuple[dict[str, EncodedSplit], dict]:
     """Encode every split; pad to the longest training sequence or to a fixed length."""
     tokens = {name: tokenize(splits[name]["text"].tolist()) for name in SPLITS}
     longest_train = max(len(t) for t in tokens["train"])

@@ -114,9 +114,7 @@ class Params(Section):
         config = self.model.gpt_config()
         length = self.pad_encode.max_length
         if isinstance(length, int) and length > config.context_length:
-            raise ValueError(
-                f"pad_encode.max_length={length} exceeds the model's context of {config.context_length}"
-            )
+            raise ValueError(f"pad_encode.max_length={length} exceeds the model's context of {config.context_length}")
         blocks = self.finetune.trainable_blocks
         if isinstance(blocks, int) and blocks > config.n_layers:
             raise ValueError(f"finetune.trainable_blocks={blocks} exceeds the model's {config.n_layers} blocks")

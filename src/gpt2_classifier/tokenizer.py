@@ -45,7 +45,7 @@ def verified_bpe_files(bpe_dir: Path) -> dict[str, str]:
     return paths
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpt2_encoding(bpe_dir: Path | None = None) -> tiktoken.Encoding:
     files = verified_bpe_files(bpe_dir or packaged_bpe_dir())
     ranks = data_gym_to_mergeable_bpe_ranks(

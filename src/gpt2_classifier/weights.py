@@ -1,0 +1,211 @@
+"""GPT-2 checkpoints in the published layout: fetch, check, load and save without pickle.
+
+The Hugging Face `model.safetensors` files name tensors as `transformers` does
+(`wte.weight`, `h.0.attn.c_attn.weight`, ...) and store attention and MLP weights as
+Conv1D, that is transposed relative to `nn.Linear`. The LM head is tied to `wte`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import WeightsError
+from .files import atomic_path, sha256_file
+from .model import PRESETS, GPTConfig, GPTModel
+
+log = logging.getLogger(__name__)
+
+HF_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+WEIGHTS_FILE = "model.safetensors"
+# Saved by some exports beside the weights: the causal-mask buffers and the tied LM head.
+IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
+
+
+def hf_layout(cfg: GPTConfig) -> dict[str, tuple[str, bool]]:
+    """Our parameter name -> (published tensor name, stored transposed)."""
+    layout = {"tok_emb.weight": ("wte.weight", False), "pos_emb.weight": ("wpe.weight", False)}
+    for i in range(cfg.n_layers):
+        ours, theirs = f"trf_blocks.{i}.", f"h.{i}."
+        for our_part, their_part, conv in [
+            ("norm1", "ln_1", False),
+            ("att.qkv", "attn.c_attn", True),
+            ("att.out_proj", "attn.c_proj", True),
+            ("norm2", "ln_2", False),
+            ("ff.layers.0", "mlp.c_fc", True),
+            ("ff.layers.2", "mlp.c_proj", True),
+        ]:
+            layout[f"{ours}{our_part}.weight"] = (f"{theirs}{their_part}.weight", conv)
+            if our_part != "att.qkv" or cfg.qkv_bias:
+                layout[f"{ours}{our_part}.bias"] = (f"{theirs}{their_part}.bias", False)
+    layout["final_norm.weight"] = ("ln_f.weight", False)
+    layout["final_norm.bias"] = ("ln_f.bias", False)
+    return layout
+
+
+def to_hf_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    tensors = {}
+    for ours, (theirs, conv) in hf_layout(model.cfg).items():
+        tensor = state[ours].detach()
+        tensors[theirs] = (tensor.t() if conv else tensor).contiguous()
+    return tensors
+
+
+def _published_name(name: str) -> str:
+    return name.removeprefix("transformer.")
+
+
+def guess_preset(shapes: dict[str, tuple[int, ...]]) -> str:
+    """Which preset a checkpoint's shapes look like, for error messages."""
+    emb = shapes.get("wte.weight", (0, 0))[-1]
+    layers = len({n.split(".")[1] for n in shapes if n.startswith("h.")})
+    for name, preset in PRESETS.items():
+        if preset["emb_dim"] == emb and preset["n_layers"] == layers:
+            return name
+    return f"an unknown size (emb_dim {emb}, {layers} layers)"
+
+
+def check_checkpoint(path: Path, cfg: GPTConfig, label: str) -> None:
+    """Refuse a file that is not safetensors, or whose tensors differ from the model's, naming the tensor."""
+    shapes = read_shapes(path)
+    expected = _expected_shapes(cfg)
+    for name in expected:
+        if name not in shapes:
+            raise WeightsError(f"{path}: tensor '{name}' is missing; is this a GPT-2 checkpoint of {label}?")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise WeightsError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} extra); not a {label} checkpoint")
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise WeightsError(
+                f"{path}: tensor '{name}' has shape {list(shapes[name])}, {label} needs {list(shape)}; "
+                f"the file looks like {guess_preset(shapes)}; set model.name to match"
+            )
+
+
+def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    d, ctx, vocab = cfg.emb_dim, cfg.context_length, cfg.vocab_size
+    shapes = {"wte.weight": (vocab, d), "wpe.weight": (ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(cfg.n_layers):
+        h = f"h.{i}."
+        shapes |= {
+            h + "ln_1.weight": (d,), h + "ln_1.bias": (d,), h + "ln_2.weight": (d,), h + "ln_2.bias": (d,),
+            h + "attn.c_attn.weight": (d, 3 * d), h + "attn.c_proj.weight": (d, d), h + "attn.c_proj.bias": (d,),
+            h + "mlp.c_fc.weight": (d, 4 * d), h + "mlp.c_fc.bias": (4 * d,),
+            h + "mlp.c_proj.weight": (4 * d, d), h + "mlp.c_proj.bias": (d,),
+        }  # fmt: skip
+        if cfg.qkv_bias:
+            shapes[h + "attn.c_attn.bias"] = (3 * d,)
+    return shapes
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors header, ignoring buffers and the tied head."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {_published_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc}); delete it and fetch again") from None
+    return {name: shape for name, shape in shapes.items() if not IGNORED.match(name)}
+
+
+def load_into(model: GPTModel, path: str | os.PathLike) -> GPTModel:
+    """Copy a published-layout checkpoint into `model`; the output head is tied to the token embedding."""
+    path = Path(path)
+    check_checkpoint(path, model.cfg, "this model")
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        stored = {_published_name(k): k for k in f.keys()}  # noqa: SIM118
+        for ours, (theirs, conv) in hf_layout(model.cfg).items():
+            tensor = f.get_tensor(stored[theirs])
+            state[ours] = tensor.t() if conv else tensor
+    state["out_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True)
+    model.out_head.weight = model.tok_emb.weight
+    return model
+
+
+def random_model(cfg: GPTConfig, seed: int) -> GPTModel:
+    """PyTorch's default initialisation, as the book's GPTModel uses, seeded."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return GPTModel(cfg)
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def save_hf(model: GPTModel, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        save_file(to_hf_tensors(model), str(tmp), metadata={"format": "pt"})
+
+
+def load_model(cfg: GPTConfig, path: str | os.PathLike) -> GPTModel:
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    model = model.to_empty(device="cpu")
+    return load_into(model, path)
+
+
+def fetch_pretrained(
+    name: str, dest: Path, revision: str = "main", source: str | None = None, endpoint: str | None = None
+) -> str:
+    """Put the published checkpoint for `name` at `dest`; return where it came from.
+
+    `source` may be a local file, a folder holding model.safetensors, or an http(s) URL;
+    otherwise the Hugging Face Hub (or the endpoint in `endpoint` / HF_ENDPOINT) serves it.
+    """
+    from .download import _local_path, redact, retrieve
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        local = _local_path(source)
+        if local is not None and local.is_dir():
+            source = str(local / WEIGHTS_FILE)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch.") as tmp:
+            file = retrieve(source, Path(tmp), timeout=60, retries=3)
+            with atomic_path(dest) as out:
+                shutil.copyfile(file, out)
+        return redact(source)
+    return _hub_download(HF_REPOS[name], revision, dest, endpoint)
+
+
+def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None) -> str:
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    # Downloads resume from this folder (kept out of git and DVC) if interrupted.
+    staging = dest.parent / ".hf-download"
+    where = f"{endpoint or os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}/{repo_id}"
+    try:
+        metadata = get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_FILE, revision=revision, endpoint=endpoint))
+        path = hf_hub_download(repo_id, WEIGHTS_FILE, revision=revision, local_dir=staging, endpoint=endpoint)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise WeightsError(
+            f"{where}: could not download {WEIGHTS_FILE} ({reason}). Offline? Set model.source to a local "
+            "model.safetensors, HF_ENDPOINT to a mirror, or model.weights to random"
+        ) from None
+    expected = (metadata.etag or "").strip('"')
+    if re.fullmatch(r"[0-9a-f]{64}", expected):
+        actual = sha256_file(path)
+        if actual != expected:
+            Path(path).unlink()
+            raise WeightsError(f"{where}: {WEIGHTS_FILE} has SHA-256 {actual}, the Hub says {expected}; fetch again")
+    os.replace(path, dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    return f"{where}@{metadata.commit_hash or revision}"

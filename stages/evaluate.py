@@ -1,0 +1,47 @@
+"""Stage evaluate: accuracy on the full splits; precision, recall, F1, confusion matrix, ROC."""
+
+from pathlib import Path
+
+from gpt2_classifier.classifier import load_classifier
+from gpt2_classifier.data import SPLITS
+from gpt2_classifier.encode import load_splits
+from gpt2_classifier.files import write_json, write_rows
+from gpt2_classifier.metrics import classification_report, confusion_matrix, roc_auc, roc_curve
+from gpt2_classifier.params import Params
+from gpt2_classifier.plots import plot_confusion
+from gpt2_classifier.stage import run_stage
+from gpt2_classifier.train import pick_device, predict_proba
+
+ENCODED = Path("data/encoded")
+MODEL = Path("models/classifier")
+METRICS = Path("reports/metrics.json")
+REPORTS = Path("reports/eval")
+
+
+def main(params: Params) -> None:
+    device = pick_device(params.finetune.device)
+    model, config = load_classifier(MODEL, device=str(device))
+    labels = config["labels"]
+    splits = load_splits(ENCODED)
+    probs = {
+        name: predict_proba(model, splits[name], config["pool"], params.evaluate.batch_size, device) for name in SPLITS
+    }
+    metrics = {name: classification_report(splits[name].labels, probs[name]) for name in SPLITS}
+
+    test_labels, test_probs = splits["test"].labels, probs["test"]
+    predicted = test_probs.argmax(1)
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    pairs = zip(test_labels.tolist(), predicted.tolist(), strict=True)
+    write_rows(REPORTS / "confusion.csv", [{"actual": labels[a], "predicted": labels[p]} for a, p in pairs])
+    matrix = confusion_matrix(test_labels, predicted, len(labels)).tolist()
+    plot_confusion(matrix, labels, REPORTS / "confusion.png")
+    if len(labels) == 2:
+        roc = roc_curve(test_labels, test_probs[:, 1])
+        write_rows(REPORTS / "roc.csv", roc)
+        metrics["test"]["roc_auc"] = roc_auc(roc)
+    write_json(METRICS, metrics)
+    print("evaluate: accuracy " + ", ".join(f"{name} {metrics[name]['accuracy']:.2%}" for name in SPLITS))
+
+
+if __name__ == "__main__":
+    run_stage(main)
