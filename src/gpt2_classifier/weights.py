@@ -83,18 +83,18 @@ def check_checkpoint(path: Path, cfg: GPTConfig, label: str) -> None:
     """Refuse a file that is not safetensors, or whose tensors differ from the model's, naming the tensor."""
     shapes = read_shapes(path)
     expected = _expected_shapes(cfg)
-    for name in expected:
-        if name not in shapes:
-            raise WeightsError(f"{path}: tensor '{name}' is missing; is this a GPT-2 checkpoint of {label}?")
-    extra = sorted(set(shapes) - set(expected))
-    if extra:
-        raise WeightsError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} extra); not a {label} checkpoint")
     for name, shape in expected.items():
-        if shapes[name] != shape:
+        if name in shapes and shapes[name] != shape:
             raise WeightsError(
                 f"{path}: tensor '{name}' has shape {list(shapes[name])}, {label} needs {list(shape)}; "
                 f"the file looks like {guess_preset(shapes)}; set model.name to match"
             )
+    missing = [name for name in expected if name not in shapes]
+    if missing:
+        raise WeightsError(f"{path}: tensor '{missing[0]}' is missing; is this a GPT-2 checkpoint of {label}?")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise WeightsError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} extra); not a {label} checkpoint")
 
 
 def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -192,8 +192,9 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None)
     staging = dest.parent / ".hf-download"
     where = f"{endpoint or os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}/{repo_id}"
     try:
-        metadata = get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_FILE, revision=revision, endpoint=endpoint))
+        # The download turns connection failures into LocalEntryNotFoundError, so it goes first.
         path = hf_hub_download(repo_id, WEIGHTS_FILE, revision=revision, local_dir=staging, endpoint=endpoint)
+        metadata = get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_FILE, revision=revision, endpoint=endpoint))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         reason = str(exc).splitlines()[0]
         raise WeightsError(

@@ -1,0 +1,39 @@
+# Two entry points: `make pipeline` and `make test`. Each sets up .venv first if needed.
+VENV := .venv
+BIN := $(VENV)/bin
+SET ?=
+
+.PHONY: setup pipeline test lint clean-venv
+
+$(BIN)/python:
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# make pipeline                      -> dvc repro with params.yaml as it is
+# make pipeline SET="k=v k2=v2"      -> dvc exp run -S k=v -S k2=v2 (an experiment with those changes)
+pipeline: $(VENV)/.installed
+ifeq ($(strip $(SET)),)
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
+else
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp run $(foreach s,$(SET),-S '$(s)')
+endif
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

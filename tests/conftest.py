@@ -1,0 +1,151 @@
+"""Shared fixtures: loopback HTTP servers, test-made data, temporary git+DVC project copies."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT.parent / "shared" / "data" / "sms-spam-collection"
+REAL_TSV_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+TINY_MODEL = {"emb_dim": 32, "n_layers": 2, "n_heads": 2, "context_length": 128}
+
+# A route answers (status, headers, body) or a callable taking the request handler.
+Route = tuple[int, dict[str, str], bytes] | Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+class LoopbackServer:
+    """An HTTP server on 127.0.0.1 whose answers the test sets per path; it records every request."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: list[tuple[str, str, dict]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, with_body: bool) -> None:
+                server.requests.append((self.command, self.path, dict(self.headers)))
+                route = server.routes.get(self.path.split("?")[0])
+                if route is None:
+                    route = (404, {}, b"not found")
+                if callable(route):
+                    route(self)
+                    return
+                status, headers, body = route
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(with_body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._answer(with_body=False)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def serve(self, path: str, body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> str:
+        self.routes[path] = (status, headers or {}, body)
+        return self.url + path
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[LoopbackServer]:
+    s = LoopbackServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "SMSSpamCollection").is_file():
+        pytest.skip(f"real data not available: {SHARED_DATA} is absent (only on the project's machines)")
+    return SHARED_DATA
+
+
+def make_messages(n_ham: int = 60, n_spam: int = 20, seed: int = 0) -> bytes:
+    """A small TSV in the real file's shape: quotes, inner tabs, non-ASCII; spam says 'prize'."""
+    rng = random.Random(seed)
+    words = ["see", "you", "at", "home", "later", "ok", "call", 'me "now"', "lunch", "café", "tonight", "x\ty"]
+    spam_words = ["WIN", "prize", "£1000", "claim", "txt", "FREE", "urgent", "reply", "STOP", "cash"]
+    lines = [f"ham\t{' '.join(rng.choices(words, k=rng.randint(2, 12)))}" for _ in range(n_ham)]
+    lines += [f"spam\t{' '.join(rng.choices(spam_words, k=rng.randint(4, 20)))}" for _ in range(n_spam)]
+    rng.shuffle(lines)
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def tiny_params(data_url: str, sha256: str | None, **overrides: dict) -> dict:
+    """params.yaml of the project, made offline and tiny: random weights, a 2-block model, 1 epoch."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["data"].update(url=data_url, mirrors=[], sha256=sha256, retries=0)
+    params["model"].update(weights="random", config=dict(TINY_MODEL))
+    params["finetune"].update(epochs=1, lr=1e-3, eval_freq=5, eval_iter=2)
+    for section, values in overrides.items():
+        params[section].update(values)
+    return params
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("VIRTUAL_ENV", None)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    """A git+DVC copy of the project's pipeline with the given params, committed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(PROJECT / name, dest / name)
+    for folder in ("stages", "src"):
+        shutil.copytree(PROJECT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (dest / ".dvc").mkdir()
+    shutil.copy(PROJECT / ".dvc" / "config", dest / ".dvc" / "config")
+    shutil.copy(PROJECT / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], dest)
+    return dest
+
+
+def stages_run(output: str) -> list[str]:
+    """Names of the stages `dvc repro` ran, from its output."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]

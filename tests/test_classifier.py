@@ -1,0 +1,133 @@
+"""Head replacement, freezing, pooling, the last-position loss and the training loop."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2_classifier.classifier import classify, load_classifier, pool, replace_head, save_classifier, set_trainable
+from gpt2_classifier.encode import EncodedSplit
+from gpt2_classifier.model import GPTConfig
+from gpt2_classifier.train import Trainer, TrainSettings, batches, predict_proba
+from gpt2_classifier.weights import random_model
+
+CFG = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32)
+PAD = 50256
+
+
+def classifier(seed=0, blocks=1):
+    model = replace_head(random_model(CFG, seed), num_classes=2, seed=123)
+    set_trainable(model, blocks)
+    return model
+
+
+def trainable_names(model):
+    return {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("trf") else "")
+            for name, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+
+
+def test_new_head_is_seeded_linear_to_classes():
+    a, b = classifier(), classifier()
+    assert a.out_head.weight.shape == (2, 32) and a.out_head.bias is not None
+    assert torch.equal(a.out_head.weight, b.out_head.weight)
+    assert a.out_head.weight is not a.tok_emb.weight
+
+
+def test_freezing_trains_exactly_last_block_final_norm_and_head():
+    model = classifier(blocks=1)
+    assert trainable_names(model) == {"trf_blocks.2", "final_norm", "out_head"}
+    block = sum(p.numel() for p in model.trf_blocks[2].parameters())
+    assert set_trainable(model, 1) == block + 2 * 32 + (2 * 32 + 2)
+    assert trainable_names(classifier(blocks=0)) == {"out_head"}
+    assert trainable_names(classifier(blocks=2)) == {"trf_blocks.1", "trf_blocks.2", "final_norm", "out_head"}
+    model = classifier()
+    assert set_trainable(model, "all") == sum(p.numel() for p in model.parameters())
+
+
+def test_last_position_logits_equal_the_full_forward_at_the_last_position():
+    model = classifier().eval()
+    tokens = torch.randint(0, 1000, (4, 10))
+    lengths = torch.full((4,), 10)
+    with torch.no_grad():
+        assert torch.allclose(classify(model, tokens, lengths, "last"), model(tokens)[:, -1], atol=1e-6)
+        assert torch.allclose(classify(model, tokens, lengths, "first"), model(tokens)[:, 0], atol=1e-6)
+
+
+def test_flexible_reads_the_position_before_the_first_pad_and_mean_skips_padding():
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float).view(2, 4, 1)  # row 0: 0..3, row 1: 4..7
+    lengths = torch.tensor([2, 4])
+    assert pool(hidden, lengths, "flexible").flatten().tolist() == [1.0, 7.0]
+    assert pool(hidden, lengths, "last").flatten().tolist() == [3.0, 7.0]
+    assert pool(hidden, lengths, "mean").flatten().tolist() == [0.5, 5.5]
+    # With a causal mask, padding after a message cannot change what flexible pooling reads.
+    model = classifier().eval()
+    short = torch.tensor([[11, 12, 13, PAD, PAD]])
+    other_pad = torch.tensor([[11, 12, 13, 7, 8]])
+    with torch.no_grad():
+        a = classify(model, short, torch.tensor([3]), "flexible")
+        b = classify(model, other_pad, torch.tensor([3]), "flexible")
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def toy_split(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    ids = torch.randint(0, 500, (n, 12), generator=g)
+    ids[:, -1] = torch.where(labels == 1, 900, 901)  # the class is visible at the last position
+    return EncodedSplit(ids, labels, torch.full((n,), 12))
+
+
+def fit(seed=123, epochs=2):
+    model = classifier()
+    settings = TrainSettings(lr=1e-2, batch_size=8, epochs=epochs, seed=seed, eval_freq=2, eval_iter=2)
+    history = Trainer(model, toy_split(), toy_split(16, seed=1), settings, "cpu").fit()
+    return model, history
+
+
+def test_training_learns_and_follows_the_reference_schedule():
+    model, history = fit(epochs=3)
+    assert [r["step"] for r in history.steps][:3] == [0, 2, 4]  # first estimate after the first step
+    assert len(history.epochs) == 3 and history.examples_seen == 3 * 48
+    assert history.steps[-1]["train_loss"] < history.steps[0]["train_loss"]
+    assert history.epochs[-1]["val_accuracy"] == 1.0
+
+
+def test_training_is_deterministic_and_seeded():
+    (a, ha), (b, hb), (_, hc) = fit(), fit(), fit(seed=7)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert ha.steps == hb.steps and ha.epochs == hb.epochs
+    assert ha.steps != hc.steps
+
+
+def test_frozen_parameters_do_not_change():
+    model = classifier()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    Trainer(model, toy_split(), toy_split(16), TrainSettings(lr=1e-2, epochs=1, eval_freq=100), "cpu").fit()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("trf_blocks.2.", "final_norm", "out_head")) for n in changed)
+
+
+def test_batches_drop_last_when_shuffled_and_keep_all_in_order():
+    split = toy_split(20)
+    shuffled = list(batches(split, 8, torch.Generator().manual_seed(0)))
+    assert [len(b[2]) for b in shuffled] == [8, 8]
+    in_order = list(batches(split, 8))
+    assert [len(b[2]) for b in in_order] == [8, 8, 4]
+    assert torch.equal(torch.cat([b[0] for b in in_order]), split.input_ids)
+
+
+def test_saved_classifier_reloads_with_identical_predictions(tmp_path):
+    model, _ = fit(epochs=1)
+    save_classifier(model, tmp_path / "clf", {"labels": ["ham", "spam"], "pool": "last"})
+    loaded, config = load_classifier(tmp_path / "clf")
+    split = toy_split(16, seed=2)
+    assert config["pool"] == "last" and config["gpt"]["emb_dim"] == 32
+    assert torch.equal(predict_proba(model, split, "last", 5, "cpu"), predict_proba(loaded, split, "last", 5, "cpu"))
+
+
+def test_loss_is_cross_entropy_of_the_last_position():
+    model = classifier().eval()
+    split = toy_split(8)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(split.input_ids)[:, -1], split.labels)
+        got = F.cross_entropy(classify(model, split.input_ids, split.lengths, "last"), split.labels)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)

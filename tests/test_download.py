@@ -1,0 +1,118 @@
+import hashlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from conftest import PROJECT, make_messages, zip_bytes
+
+from gpt2_classifier.download import fetch_data_file, redact
+from gpt2_classifier.errors import DownloadError
+
+DATA = make_messages()
+SHA = hashlib.sha256(DATA).hexdigest()
+ZIP = zip_bytes({"SMSSpamCollection": DATA, "readme": b"about"})
+
+
+def fetch(sources, dest, sha=SHA, **kwargs):
+    kwargs.setdefault("retries", 0)
+    kwargs.setdefault("timeout", 5)
+    return fetch_data_file(sources, "SMSSpamCollection", sha, dest, **kwargs)
+
+
+def test_http_primary_fails_then_mirror_succeeds(server, tmp_path):
+    primary = server.serve("/broken.zip", b"boom", status=500)
+    mirror = server.serve("/mirror.zip", ZIP)
+    dest = tmp_path / "out" / "messages.tsv"
+    assert fetch([primary, mirror], dest) == mirror
+    assert dest.read_bytes() == DATA
+    assert [path for _, path, _ in server.requests] == ["/broken.zip", "/mirror.zip"]
+
+
+def test_retries_a_failing_server_a_bounded_number_of_times(server, tmp_path):
+    url = server.serve("/flaky.zip", b"", status=503)
+    with pytest.raises(DownloadError, match=r"HTTP 503 after 2 attempts"):
+        fetch([url], tmp_path / "messages.tsv", retries=1)
+    assert len(server.requests) == 2
+
+
+def test_checksum_mismatch_is_refused_and_leaves_no_output(server, tmp_path):
+    url = server.serve("/other.zip", zip_bytes({"SMSSpamCollection": b"ham\tdifferent\n"}))
+    dest = tmp_path / "messages.tsv"
+    with pytest.raises(DownloadError, match=r"SHA-256 of the data file is [0-9a-f]{64}, expected " + SHA):
+        fetch([url], dest)
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary file
+
+
+def test_file_url_and_plain_path_and_raw_data_file(tmp_path):
+    archive = tmp_path / "sms spam.zip"
+    archive.write_bytes(ZIP)
+    raw = tmp_path / "SMSSpamCollection"
+    raw.write_bytes(DATA)
+    for source in (archive.as_uri(), str(archive), str(raw)):
+        dest = tmp_path / "out" / "messages.tsv"
+        assert fetch([source], dest) == source
+        assert dest.read_bytes() == DATA
+
+
+def test_offline_error_is_one_line_naming_the_url_and_the_local_copy_way(tmp_path):
+    url = "http://127.0.0.1:9/sms+spam+collection.zip"  # port 9: nothing listens
+    with pytest.raises(DownloadError) as info:
+        fetch([url], tmp_path / "messages.tsv")
+    message = str(info.value)
+    assert "\n" not in message
+    assert url in message and "data.url" in message and "local" in message
+    assert not (tmp_path / "messages.tsv").exists()
+
+
+def test_stage_script_prints_one_line_error_and_exits_nonzero(tmp_path):
+    (tmp_path / "params.yaml").write_text("data:\n  url: http://127.0.0.1:9/x.zip\n  retries: 0\n")
+    result = subprocess.run(
+        [sys.executable, str(PROJECT / "stages" / "download.py")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "http://127.0.0.1:9/x.zip" in errors[0]
+    assert not (tmp_path / "data" / "raw" / "messages.tsv").exists()
+
+
+@pytest.mark.parametrize(
+    ("archive", "message"),
+    [
+        (zip_bytes({"other.txt": DATA}), "zip has no member 'SMSSpamCollection'"),
+        (zip_bytes({"../SMSSpamCollection": DATA}), "would extract outside its folder"),
+        (ZIP[: len(ZIP) // 2], "corrupt or truncated zip"),
+    ],
+)
+def test_bad_zips_are_refused(tmp_path, archive, message):
+    path = tmp_path / "bad.zip"
+    path.write_bytes(archive)
+    with pytest.raises(DownloadError, match=message):
+        fetch([str(path)], tmp_path / "out" / "messages.tsv")
+
+
+def test_zip_bomb_is_bounded(tmp_path):
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("SMSSpamCollection", b"\0" * (3 << 20))
+    assert path.stat().st_size < 10_000
+    with pytest.raises(DownloadError, match="expands to 3145728 bytes"):
+        fetch([str(path)], tmp_path / "out" / "messages.tsv", max_bytes=1 << 20)
+
+
+def test_unsupported_scheme_and_redacted_credentials(tmp_path):
+    with pytest.raises(DownloadError, match="unsupported scheme 'ftp'"):
+        fetch(["ftp://example.org/x.zip"], tmp_path / "m.tsv")
+    assert redact("https://user:secret@host:8443/x.zip") == "https://***@host:8443/x.zip"
+    with pytest.raises(DownloadError) as info:
+        fetch(["http://user:secret@127.0.0.1:9/x.zip"], tmp_path / "m.tsv")
+    assert "secret" not in str(info.value)
+
+
+def test_real_zip_from_loopback_server(server, shared_data, tmp_path):
+    url = server.serve(
+        "/static/public/228/sms+spam+collection.zip", (shared_data / "sms+spam+collection.zip").read_bytes()
+    )
+    dest = tmp_path / "messages.tsv"
+    fetch([url], dest, sha="7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d")
+    assert dest.read_bytes() == (shared_data / "SMSSpamCollection").read_bytes()

@@ -1,0 +1,78 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import PROJECT
+
+from gpt2_classifier.errors import ParamsError
+from gpt2_classifier.params import load_params, parse_params
+
+
+def project_params() -> dict:
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+def with_change(section: str, key: str, value) -> dict:
+    params = project_params()
+    params[section][key] = value
+    return params
+
+
+def test_project_params_are_the_reference_recipe():
+    p = load_params(PROJECT / "params.yaml")
+    assert (p.balance.seed, p.split.seed, p.split.train, p.split.validation, p.split.test) == (123, 123, 0.7, 0.1, 0.2)
+    assert p.pad_encode.max_length == "longest"
+    assert (p.model.name, p.model.weights, p.model.drop_rate) == ("gpt2-small", "pretrained", 0.0)
+    f = p.finetune
+    assert (f.lr, f.weight_decay, f.batch_size, f.epochs, f.seed, f.eval_freq, f.eval_iter) == (
+        5e-5,
+        0.1,
+        8,
+        5,
+        123,
+        50,
+        5,
+    )
+    assert (f.pool, f.trainable_blocks) == ("last", 1)
+    assert p.data.sha256 == "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("finetune", "lrate", 1e-4, "finetune.lrate: unknown key"),
+        ("finetune", "lr", -1, "finetune.lr: Input should be greater than 0"),
+        ("finetune", "batch_size", "eight", "finetune.batch_size: Input should be a valid integer"),
+        ("split", "train", 1.5, "split.train: Input should be less than 1"),
+        ("split", "train", 0.8, "train \\+ validation \\+ test must be at most 1"),
+        ("pad_encode", "max_length", 2048, "pad_encode.max_length=2048 exceeds the model's context of 1024"),
+        ("model", "name", "gpt3", "model.name: Input should be 'gpt2-small'"),
+        ("model", "config", {"emb_dim": 64}, "config overrides change the architecture; use them with weights: random"),
+        ("finetune", "pool", "middle", "finetune.pool: Input should be 'last', 'first', 'flexible' or 'mean'"),
+        ("finetune", "trainable_blocks", 13, "trainable_blocks=13 exceeds the model's 12 blocks"),
+        ("data", "sha256", "abc", "data.sha256: String should match pattern"),
+    ],
+)
+def test_invalid_values_name_the_key(section, key, value, message):
+    with pytest.raises(ParamsError, match=message) as info:
+        parse_params(with_change(section, key, value))
+    assert "\n" not in str(info.value)
+
+
+def test_inconsistent_custom_architecture_is_refused():
+    params = with_change("model", "weights", "random")
+    params["model"]["config"] = {"emb_dim": 30, "n_heads": 4}
+    with pytest.raises(ParamsError, match="emb_dim=30 is not divisible by n_heads=4"):
+        parse_params(params)
+
+
+def test_bad_params_stop_a_stage_before_any_work(tmp_path):
+    params = with_change("finetune", "lr", 0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(
+        [sys.executable, str(PROJECT / "stages" / "download.py")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: params.yaml: finetune.lr:")
+    assert not (tmp_path / "data").exists()

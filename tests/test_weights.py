@@ -1,0 +1,118 @@
+"""Loading and fetching checkpoints in the published layout, refusing bad ones."""
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+from test_model import transformers_checkpoint
+
+from gpt2_classifier.errors import WeightsError
+from gpt2_classifier.model import GPTConfig
+from gpt2_classifier.weights import check_checkpoint, fetch_pretrained, load_model, random_model, save_hf
+
+CFG = GPTConfig(emb_dim=32, n_layers=2, n_heads=2, context_length=64)
+REPO_PATH = "/openai-community/gpt2/resolve/main/model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    reference = transformers_checkpoint(folder, CFG)
+    return folder / "model.safetensors", reference
+
+
+def logits_match(ours, reference) -> bool:
+    tokens = torch.randint(0, CFG.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return bool((ours.eval()(tokens) - reference(tokens).logits).abs().max() < 1e-4)
+
+
+def serve_hub(server, body: bytes, etag: str | None = None):
+    headers = {"X-Repo-Commit": "a" * 40, "ETag": f'"{etag or hashlib.sha256(body).hexdigest()}"'}
+    server.serve(REPO_PATH, body, headers=headers)
+    return server.url
+
+
+def test_fetch_from_a_hub_endpoint_loads_and_matches_transformers(server, checkpoint, tmp_path):
+    path, reference = checkpoint
+    endpoint = serve_hub(server, path.read_bytes())
+    dest = tmp_path / "base" / "model.safetensors"
+    source = fetch_pretrained("gpt2-small", dest, endpoint=endpoint)
+    assert source.startswith(endpoint + "/openai-community/gpt2@")
+    assert dest.read_bytes() == path.read_bytes()
+    assert not (tmp_path / "base" / ".hf-download").exists()
+    assert logits_match(load_model(CFG, dest), reference)
+    assert any(method == "GET" and p == REPO_PATH for method, p, _ in server.requests)
+
+
+def test_hub_checksum_mismatch_is_refused(server, checkpoint, tmp_path):
+    path, _ = checkpoint
+    endpoint = serve_hub(server, path.read_bytes(), etag="0" * 64)
+    with pytest.raises(WeightsError, match="has SHA-256 [0-9a-f]{64}, the Hub says 0000"):
+        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint=endpoint)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_unreachable_hub_names_it_and_the_offline_ways(tmp_path):
+    with pytest.raises(
+        WeightsError, match=r"http://127.0.0.1:9/openai-community/gpt2: could not download .* model.source"
+    ):
+        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint="http://127.0.0.1:9")
+
+
+def test_local_folder_and_url_sources(server, checkpoint, tmp_path):
+    path, reference = checkpoint
+    dest = tmp_path / "from-folder.safetensors"
+    fetch_pretrained("gpt2-small", dest, source=str(path.parent))
+    assert logits_match(load_model(CFG, dest), reference)
+    url = server.serve("/weights/model.safetensors", path.read_bytes())
+    dest = tmp_path / "from-url.safetensors"
+    fetch_pretrained("gpt2-small", dest, source=url)
+    assert dest.read_bytes() == path.read_bytes()
+
+
+def test_wrong_size_names_the_tensor_and_the_size_it_looks_like(checkpoint):
+    path, _ = checkpoint
+    with pytest.raises(
+        WeightsError,
+        match=r"'wte.weight' has shape \[50257, 32\], gpt2-small needs \[50257, 768\]; the file looks like an unknown",
+    ):
+        check_checkpoint(path, GPTConfig(), "gpt2-small")
+
+
+def test_missing_and_extra_tensors_are_named(tmp_path):
+    model = random_model(CFG, 0)
+    save_hf(model, tmp_path / "ok.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "ok.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "h.1.mlp.c_fc.bias"}, tmp_path / "missing.safetensors")
+    save_file({**tensors, "h.1.attn.rotary": torch.zeros(2)}, tmp_path / "extra.safetensors")
+    with pytest.raises(WeightsError, match="tensor 'h.1.mlp.c_fc.bias' is missing"):
+        check_checkpoint(tmp_path / "missing.safetensors", CFG, "this model")
+    with pytest.raises(WeightsError, match="unexpected tensor 'h.1.attn.rotary'"):
+        check_checkpoint(tmp_path / "extra.safetensors", CFG, "this model")
+
+
+def test_truncated_file_and_html_page_are_refused(checkpoint, tmp_path):
+    path, _ = checkpoint
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    html = tmp_path / "html.safetensors"
+    html.write_text("<!DOCTYPE html><html><body>Rate limited</body></html>")
+    for bad in (truncated, html):
+        with pytest.raises(WeightsError, match="not a readable safetensors file"):
+            load_model(CFG, bad)
+
+
+def test_random_weights_are_seeded_and_round_trip(tmp_path):
+    a, b, c = random_model(CFG, 1), random_model(CFG, 1), random_model(CFG, 2)
+    assert torch.equal(a.trf_blocks[0].att.qkv.weight, b.trf_blocks[0].att.qkv.weight)
+    assert not torch.equal(a.trf_blocks[0].att.qkv.weight, c.trf_blocks[0].att.qkv.weight)
+    save_hf(a, tmp_path / "model.safetensors")
+    loaded = load_model(CFG, tmp_path / "model.safetensors")
+    for name, tensor in a.state_dict().items():
+        if name != "out_head.weight":  # the loaded head is tied to the token embedding
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+    shutil.rmtree(tmp_path)
