@@ -10,36 +10,43 @@ from gpt2_classifier.metrics import classification_report, confusion_matrix, roc
 from gpt2_classifier.params import Params
 from gpt2_classifier.plots import plot_confusion
 from gpt2_classifier.stage import run_stage
+from gpt2_classifier.tracking import continue_run
 from gpt2_classifier.train import pick_device, predict_proba
 
 ENCODED = Path("data/encoded")
 MODEL = Path("models/classifier")
+RUN_FILE = Path("reports/train/mlflow_run.json")
 METRICS = Path("reports/metrics.json")
 REPORTS = Path("reports/eval")
 
 
 def main(params: Params) -> None:
-    device = pick_device(params.finetune.device)
-    model, config = load_classifier(MODEL, device=str(device))
-    labels = config["labels"]
-    splits = load_splits(ENCODED)
-    probs = {
-        name: predict_proba(model, splits[name], config["pool"], params.evaluate.batch_size, device) for name in SPLITS
-    }
-    metrics = {name: classification_report(splits[name].labels, probs[name]) for name in SPLITS}
+    with continue_run(params.model_dump(mode="json"), RUN_FILE) as tracker:
+        device = pick_device(params.finetune.device)
+        model, config = load_classifier(MODEL, device=str(device))
+        labels = config["labels"]
+        splits = load_splits(ENCODED)
+        batch_size = params.evaluate.batch_size
+        probs = {name: predict_proba(model, splits[name], config["pool"], batch_size, device) for name in SPLITS}
+        metrics = {name: classification_report(splits[name].labels, probs[name]) for name in SPLITS}
 
-    test_labels, test_probs = splits["test"].labels, probs["test"]
-    predicted = test_probs.argmax(1)
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    pairs = zip(test_labels.tolist(), predicted.tolist(), strict=True)
-    write_rows(REPORTS / "confusion.csv", [{"actual": labels[a], "predicted": labels[p]} for a, p in pairs])
-    matrix = confusion_matrix(test_labels, predicted, len(labels)).tolist()
-    plot_confusion(matrix, labels, REPORTS / "confusion.png")
-    if len(labels) == 2:
-        roc = roc_curve(test_labels, test_probs[:, 1])
-        write_rows(REPORTS / "roc.csv", roc)
-        metrics["test"]["roc_auc"] = roc_auc(roc)
-    write_json(METRICS, metrics)
+        test_labels, test_probs = splits["test"].labels, probs["test"]
+        predicted = test_probs.argmax(1)
+        REPORTS.mkdir(parents=True, exist_ok=True)
+        pairs = zip(test_labels.tolist(), predicted.tolist(), strict=True)
+        write_rows(REPORTS / "confusion.csv", [{"actual": labels[a], "predicted": labels[p]} for a, p in pairs])
+        matrix = confusion_matrix(test_labels, predicted, len(labels)).tolist()
+        plot_confusion(matrix, labels, REPORTS / "confusion.png")
+        if len(labels) == 2:
+            roc = roc_curve(test_labels, test_probs[:, 1])
+            write_rows(REPORTS / "roc.csv", roc)
+            metrics["test"]["roc_auc"] = roc_auc(roc)
+        write_json(METRICS, metrics)
+        tracker.log_metrics(
+            {f"{split}/{name}": value for split, values in metrics.items() for name, value in values.items()}
+        )
+        reports = [REPORTS / name for name in ("confusion.png", "confusion.csv", "roc.csv")]
+        tracker.log_artifacts([METRICS, *reports], "evaluate")
     print("evaluate: accuracy " + ", ".join(f"{name} {metrics[name]['accuracy']:.2%}" for name in SPLITS))
 
 

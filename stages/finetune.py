@@ -1,10 +1,11 @@
-"""Stage finetune: new classification head, freeze, train with the reference loop."""
+"""Stage finetune: new classification head, freeze, train with the reference loop, track in MLflow."""
 
 from pathlib import Path
 
 import torch
 
 from gpt2_classifier.classifier import replace_head, save_classifier, set_trainable
+from gpt2_classifier.data import SPLITS, read_csv
 from gpt2_classifier.encode import load_splits
 from gpt2_classifier.errors import PipelineError
 from gpt2_classifier.files import read_json, write_json, write_rows
@@ -12,13 +13,16 @@ from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.params import Params
 from gpt2_classifier.plots import plot_curves
 from gpt2_classifier.stage import run_stage
+from gpt2_classifier.tracking import finetune_run, flatten
 from gpt2_classifier.train import Trainer, TrainSettings, pick_device
 from gpt2_classifier.weights import WEIGHTS_FILE, load_model
 
+SPLIT_DIR = Path("data/split")
 ENCODED = Path("data/encoded")
 BASE = Path("models/base")
 OUT = Path("models/classifier")
 REPORTS = Path("reports/train")
+RUN_FILE = REPORTS / "mlflow_run.json"
 
 
 def main(params: Params) -> None:
@@ -31,35 +35,63 @@ def main(params: Params) -> None:
             f"{ENCODED}: sequences of {meta['max_length']} tokens exceed the model's context of "
             f"{cfg.context_length}; set pad_encode.max_length to at most {cfg.context_length}"
         )
-    torch.manual_seed(f.seed)  # dropout, when model.drop_rate > 0
-    device = pick_device(f.device)
-    model = load_model(cfg, BASE / WEIGHTS_FILE)
-    replace_head(model, len(meta["labels"]), f.seed)
-    trainable = set_trainable(model, f.trainable_blocks)
-    model.to(device)
-    splits = load_splits(ENCODED)
     settings = TrainSettings(
         lr=f.lr, weight_decay=f.weight_decay, batch_size=f.batch_size, epochs=f.epochs,
         seed=f.seed, eval_freq=f.eval_freq, eval_iter=f.eval_iter, pool=f.pool,
     )  # fmt: skip
-    print(f"finetune: {base['name']} on {device}, {trainable:,} trainable parameters, {len(splits['train'])} examples")
-    history = Trainer(model, splits["train"], splits["validation"], settings, device).fit()
+    raw = params.model_dump(mode="json")
+    with finetune_run(raw, RUN_FILE) as tracker:  # fails here, before training, if the store is unreachable
+        torch.manual_seed(f.seed)  # dropout, when model.drop_rate > 0
+        device = pick_device(f.device)
+        model = load_model(cfg, BASE / WEIGHTS_FILE)
+        replace_head(model, len(meta["labels"]), f.seed)
+        trainable = set_trainable(model, f.trainable_blocks)
+        model.to(device)
+        splits = load_splits(ENCODED)
+        resolved = {
+            "resolved.device": str(device), "resolved.trainable_parameters": trainable,
+            "resolved.max_length": meta["max_length"], "resolved.num_classes": len(meta["labels"]),
+            "resolved.torch_version": torch.__version__, "resolved.base_sha256": base["sha256"],
+        }  # fmt: skip
+        tracker.log_params(flatten({k: v for k, v in raw.items() if k != "mlflow"}) | resolved)
+        tracker.log_datasets(
+            {s: read_csv(SPLIT_DIR / f"{s}.csv") for s in SPLITS}, {s: str(SPLIT_DIR / f"{s}.csv") for s in SPLITS}
+        )
+        print(
+            f"finetune: {base['name']} on {device}, {trainable:,} trainable parameters, {len(splits['train'])} examples"
+        )
 
-    save_classifier(model.cpu(), OUT, {
-        "labels": meta["labels"], "pool": f.pool, "max_length": meta["max_length"], "pad_id": meta["pad_id"],
-        "base": {"name": base["name"], "weights": base["weights"], "sha256": base["sha256"]},
-    })  # fmt: skip
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    write_rows(REPORTS / "loss.csv", history.steps)
-    write_rows(REPORTS / "accuracy.csv", history.epochs)
-    plot_curves(history.steps, "examples_seen", ["train_loss", "val_loss"], "loss", REPORTS / "loss.png")
-    plot_curves(history.epochs, "epoch", ["train_accuracy", "val_accuracy"], "accuracy", REPORTS / "accuracy.png")
-    last_loss, last_acc = history.steps[-1], history.epochs[-1]
-    write_json(REPORTS / "summary.json", {
-        "train_loss": last_loss["train_loss"], "val_loss": last_loss["val_loss"],
-        "train_accuracy_5_batches": last_acc["train_accuracy"], "val_accuracy_5_batches": last_acc["val_accuracy"],
-        "examples_seen": history.examples_seen, "seconds": round(history.seconds, 1), "trainable_parameters": trainable,
-    })  # fmt: skip
+        def on_step(record: dict) -> None:
+            keys = ("train_loss", "val_loss", "examples_seen")
+            tracker.log_metrics({k: record[k] for k in keys}, step=record["step"])
+
+        def on_epoch(record: dict) -> None:
+            keys = ("train_accuracy", "val_accuracy", "epoch")
+            tracker.log_metrics({k: record[k] for k in keys}, step=record["step"])
+
+        history = Trainer(model, splits["train"], splits["validation"], settings, device).fit(on_step, on_epoch)
+
+        save_classifier(model.cpu(), OUT, {
+            "labels": meta["labels"], "pool": f.pool, "max_length": meta["max_length"], "pad_id": meta["pad_id"],
+            "base": {"name": base["name"], "weights": base["weights"], "sha256": base["sha256"]},
+        })  # fmt: skip
+        REPORTS.mkdir(parents=True, exist_ok=True)
+        write_rows(REPORTS / "loss.csv", history.steps)
+        write_rows(REPORTS / "accuracy.csv", history.epochs)
+        plot_curves(history.steps, "examples_seen", ["train_loss", "val_loss"], "loss", REPORTS / "loss.png")
+        plot_curves(history.epochs, "epoch", ["train_accuracy", "val_accuracy"], "accuracy", REPORTS / "accuracy.png")
+        last_loss, last_acc = history.steps[-1], history.epochs[-1]
+        summary = {
+            "train_loss": last_loss["train_loss"], "val_loss": last_loss["val_loss"],
+            "train_accuracy_5_batches": last_acc["train_accuracy"], "val_accuracy_5_batches": last_acc["val_accuracy"],
+            "examples_seen": history.examples_seen, "seconds": round(history.seconds, 1),
+            "examples_per_second": round(history.examples_seen / max(history.seconds, 1e-9), 2),
+            "trainable_parameters": trainable,
+        }  # fmt: skip
+        write_json(REPORTS / "summary.json", summary)
+        tracker.log_metrics({"train_seconds": history.seconds, "examples_per_second": summary["examples_per_second"]})
+        artifacts = ["loss.png", "accuracy.png", "loss.csv", "accuracy.csv", "summary.json"]
+        tracker.log_artifacts([REPORTS / name for name in artifacts] + [Path("params.yaml")], "finetune")
     print(f"finetune: {history.examples_seen} examples in {history.seconds:.0f} s; model in {OUT}")
 
 

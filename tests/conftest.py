@@ -120,9 +120,14 @@ def tiny_params(data_url: str, sha256: str | None, **overrides: dict) -> dict:
     return params
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("VIRTUAL_ENV", None)
+    env.pop("PYTEST_CURRENT_TEST", None)  # MLflow checks its own sessions when it sees this
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra_env or {})
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

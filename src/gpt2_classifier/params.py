@@ -100,6 +100,11 @@ class EvaluateParams(Section):
     batch_size: int = Field(32, ge=1)
 
 
+class MlflowParams(Section):
+    enabled: bool = True
+    experiment_name: str = Field("gpt2-classifier", min_length=1)
+
+
 class Params(Section):
     data: DataParams
     balance: BalanceParams = BalanceParams()
@@ -108,6 +113,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")
     def _fits_the_model(self) -> Params:
