@@ -5,6 +5,7 @@ from pathlib import Path
 from gpt2_classifier.classifier import load_classifier
 from gpt2_classifier.data import SPLITS
 from gpt2_classifier.encode import load_splits
+from gpt2_classifier.fast import build_inputs
 from gpt2_classifier.files import write_json, write_rows
 from gpt2_classifier.metrics import classification_report, confusion_matrix, roc_auc, roc_curve
 from gpt2_classifier.params import Params
@@ -26,8 +27,9 @@ def main(params: Params) -> None:
         model, config = load_classifier(MODEL, device=str(device))
         labels = config["labels"]
         splits = load_splits(ENCODED)
-        batch_size = params.evaluate.batch_size
-        probs = {name: predict_proba(model, splits[name], config["pool"], batch_size, device) for name in SPLITS}
+        cache_dir = params.finetune.cache_dir()
+        inputs = build_inputs(model, splits, config["pool"], config["trainable_blocks"], device, cache_dir)
+        probs = {name: predict_proba(model, inputs[name], params.evaluate.batch_size) for name in SPLITS}
         metrics = {name: classification_report(splits[name].labels, probs[name]) for name in SPLITS}
 
         test_labels, test_probs = splits["test"].labels, probs["test"]

@@ -8,6 +8,7 @@ from gpt2_classifier.classifier import replace_head, save_classifier, set_traina
 from gpt2_classifier.data import SPLITS, read_csv
 from gpt2_classifier.encode import load_splits
 from gpt2_classifier.errors import PipelineError
+from gpt2_classifier.fast import build_inputs
 from gpt2_classifier.files import read_json, write_json, write_rows
 from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.params import Params
@@ -69,10 +70,12 @@ def main(params: Params) -> None:
             keys = ("train_accuracy", "val_accuracy", "epoch")
             tracker.log_metrics({k: record[k] for k in keys}, step=record["step"])
 
-        history = Trainer(model, splits["train"], splits["validation"], settings, device).fit(on_step, on_epoch)
+        inputs = build_inputs(model, splits, f.pool, f.trainable_blocks, device, f.cache_dir())
+        history = Trainer(model, inputs["train"], inputs["validation"], settings, device).fit(on_step, on_epoch)
 
         save_classifier(model.cpu(), OUT, {
             "labels": meta["labels"], "pool": f.pool, "max_length": meta["max_length"], "pad_id": meta["pad_id"],
+            "trainable_blocks": f.trainable_blocks,
             "base": {"name": base["name"], "weights": base["weights"], "sha256": base["sha256"]},
         })  # fmt: skip
         REPORTS.mkdir(parents=True, exist_ok=True)

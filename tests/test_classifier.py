@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from gpt2_classifier.classifier import classify, load_classifier, pool, replace_head, save_classifier, set_trainable
 from gpt2_classifier.encode import EncodedSplit
 from gpt2_classifier.model import GPTConfig
-from gpt2_classifier.train import Trainer, TrainSettings, batches, predict_proba
+from gpt2_classifier.train import FullForward, Trainer, TrainSettings, index_batches, predict_proba
 from gpt2_classifier.weights import random_model
 
 CFG = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32)
@@ -79,7 +79,11 @@ def toy_split(n=48, seed=0):
 def fit(seed=123, epochs=2):
     model = classifier()
     settings = TrainSettings(lr=1e-2, batch_size=8, epochs=epochs, seed=seed, eval_freq=2, eval_iter=2)
-    history = Trainer(model, toy_split(), toy_split(16, seed=1), settings, "cpu").fit()
+    train, val = (
+        FullForward(model, toy_split(), "last", "cpu"),
+        FullForward(model, toy_split(16, seed=1), "last", "cpu"),
+    )
+    history = Trainer(model, train, val, settings, "cpu").fit()
     return model, history
 
 
@@ -101,18 +105,18 @@ def test_training_is_deterministic_and_seeded():
 def test_frozen_parameters_do_not_change():
     model = classifier()
     before = {n: p.clone() for n, p in model.named_parameters()}
-    Trainer(model, toy_split(), toy_split(16), TrainSettings(lr=1e-2, epochs=1, eval_freq=100), "cpu").fit()
+    train, val = FullForward(model, toy_split(), "last", "cpu"), FullForward(model, toy_split(16), "last", "cpu")
+    Trainer(model, train, val, TrainSettings(lr=1e-2, epochs=1, eval_freq=100), "cpu").fit()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(("trf_blocks.2.", "final_norm", "out_head")) for n in changed)
 
 
 def test_batches_drop_last_when_shuffled_and_keep_all_in_order():
-    split = toy_split(20)
-    shuffled = list(batches(split, 8, torch.Generator().manual_seed(0)))
-    assert [len(b[2]) for b in shuffled] == [8, 8]
-    in_order = list(batches(split, 8))
-    assert [len(b[2]) for b in in_order] == [8, 8, 4]
-    assert torch.equal(torch.cat([b[0] for b in in_order]), split.input_ids)
+    shuffled = list(index_batches(20, 8, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in shuffled] == [8, 8] and len(set(torch.cat(shuffled).tolist())) == 16
+    in_order = list(index_batches(20, 8))
+    assert [len(b) for b in in_order] == [8, 8, 4]
+    assert torch.equal(torch.cat(in_order), torch.arange(20))
 
 
 def test_saved_classifier_reloads_with_identical_predictions(tmp_path):
@@ -121,7 +125,9 @@ def test_saved_classifier_reloads_with_identical_predictions(tmp_path):
     loaded, config = load_classifier(tmp_path / "clf")
     split = toy_split(16, seed=2)
     assert config["pool"] == "last" and config["gpt"]["emb_dim"] == 32
-    assert torch.equal(predict_proba(model, split, "last", 5, "cpu"), predict_proba(loaded, split, "last", 5, "cpu"))
+    probs = predict_proba(model, FullForward(model, split, "last", "cpu"), 5)
+    assert torch.equal(probs, predict_proba(loaded, FullForward(loaded, split, "last", "cpu"), 5))
+    assert torch.allclose(probs.sum(1), torch.ones(16))
 
 
 def test_loss_is_cross_entropy_of_the_last_position():

@@ -44,6 +44,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def project_root() -> Path:
+    """The DVC project folder: DVC_ROOT when DVC runs the stage (queued runs use a temp copy)."""
+    return Path(os.environ.get("DVC_ROOT", ".")).resolve()
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

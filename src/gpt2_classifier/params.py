@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ParamsError
+from .files import project_root
 from .model import PRESETS, GPTConfig
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
@@ -94,6 +95,11 @@ class FinetuneParams(Section):
     pool: Literal["last", "first", "flexible", "mean"] = "last"
     trainable_blocks: Literal["all"] | Annotated[int, Field(ge=0)] = 1
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    prefix_cache: bool = True
+
+    def cache_dir(self) -> Path | None:
+        """Where frozen-prefix activations are kept between runs (None: recompute every run)."""
+        return project_root() / ".cache" / "prefix" if self.prefix_cache else None
 
 
 class EvaluateParams(Section):

@@ -22,7 +22,7 @@ import yaml
 
 from .download import redact
 from .errors import PipelineError
-from .files import read_json, write_json
+from .files import project_root, read_json, write_json
 
 log = logging.getLogger(__name__)
 DEFAULT_DB = "mlflow.db"
@@ -31,11 +31,6 @@ ARTIFACTS_DIR = "mlartifacts"
 
 class TrackingError(PipelineError):
     """The tracking store cannot be used."""
-
-
-def project_root() -> Path:
-    """The DVC project folder: DVC_ROOT when DVC runs the stage (queued runs use a temp copy)."""
-    return Path(os.environ.get("DVC_ROOT", ".")).resolve()
 
 
 def tracking_uri() -> str:

@@ -1,0 +1,243 @@
+"""Time finetune + evaluate: a plain loop equivalent to the reference against the project's code.
+
+    python bench/bench_finetune.py --quick    # a subset and one epoch, under 3 minutes
+    python bench/bench_finetune.py            # the full reference recipe: 5 epochs, full evaluation
+
+GPT-2 small with seeded random weights (the same compute as the pretrained ones), on the
+real data when ../shared/data/sms-spam-collection/ exists, else on made-up messages with
+a similar length distribution. Each variant runs in its own process, so its peak resident
+memory is its own; all run one after another on the same machine in this one run.
+
+  plain          the reference's loop: every batch through the whole model, padded to the
+                 longest training sequence, last position; then accuracy on all three splits
+  ours-last      the project's finetune + evaluate code on the same config (cold prefix cache)
+  ours-last-warm the same again: an experiment that changed only training settings
+  ours-flexible  the last non-padding position (reference row 16), cold cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "sms-spam-collection" / "SMSSpamCollection"
+SEED = 123
+
+
+def prepare(folder: Path, quick: bool) -> str:
+    """Encoded splits and random GPT-2 small weights in `folder`; returns where the data came from."""
+    from gpt2_classifier.data import SPLITS, balance, parse_tsv, split
+    from gpt2_classifier.encode import pad_encode, save_split
+    from gpt2_classifier.model import GPTConfig
+    from gpt2_classifier.weights import random_model, save_hf
+
+    if SHARED.is_file():
+        messages, source = parse_tsv(SHARED, ["ham", "spam"]), "real data (SMS Spam Collection)"
+    else:
+        messages, source = made_up_messages(), "made-up messages (real data not found)"
+    parts = split(balance(messages, ["ham", "spam"], SEED), 0.7, 0.1, 0.2, SEED)
+    if quick:
+        parts = {"train": parts["train"].iloc[:120], "validation": parts["validation"].iloc[:40],
+                 "test": parts["test"].iloc[:80]}  # fmt: skip
+    encoded, meta = pad_encode(parts)
+    for name in SPLITS:
+        save_split(encoded[name], folder / f"{name}.safetensors")
+    save_hf(random_model(GPTConfig(), SEED), folder / "model.safetensors")
+    return f"{source}: " + ", ".join(f"{n} {len(parts[n])}" for n in SPLITS) + f", padded to {meta['max_length']}"
+
+
+def made_up_messages():
+    import pandas as pd
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.distributions.LogNormal(3.0, 0.6).sample((1494,)).clamp(2, 110).long()
+    words = ["free", "call", "now", "ok", "see", "you", "prize", "home", "txt", "later"]
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, 10, (int(n),), generator=gen)) for n in lengths]
+    return pd.DataFrame({"text": texts, "label": [i % 2 for i in range(1494)]})
+
+
+def load(folder: Path, trainable_blocks: int = 1):
+    from gpt2_classifier.classifier import replace_head, set_trainable
+    from gpt2_classifier.encode import load_splits
+    from gpt2_classifier.model import GPTConfig
+    from gpt2_classifier.weights import load_model
+
+    model = load_model(GPTConfig(), folder / "model.safetensors")
+    replace_head(model, 2, SEED)
+    set_trainable(model, trainable_blocks)
+    return model, load_splits(folder)
+
+
+def plain_loop(folder: Path, epochs: int) -> dict:
+    """The reference's train_classifier_simple and calc_accuracy_loader, batch for batch."""
+    from gpt2_classifier.train import index_batches
+
+    model, splits = load(folder)
+    train, val = splits["train"], splits["validation"]
+    gen = torch.Generator().manual_seed(SEED)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+
+    def logits(split, idx):
+        return model(split.input_ids[idx])[:, -1, :]
+
+    @torch.no_grad()
+    def estimate(split, loader, num_batches, metric):
+        model.eval()
+        losses, correct, seen = [], 0, 0
+        for i, idx in enumerate(loader):
+            if i == num_batches:
+                break
+            out = logits(split, idx)
+            losses.append(F.cross_entropy(out, split.labels[idx]).item())
+            correct += (out.argmax(-1) == split.labels[idx]).sum().item()
+            seen += len(idx)
+        model.train()
+        return sum(losses) / len(losses) if metric == "loss" else correct / seen
+
+    start = time.perf_counter()
+    step, history = -1, []
+    for _ in range(epochs):
+        model.train()
+        for idx in index_batches(len(train), 8, gen):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(logits(train, idx), train.labels[idx])
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % 50 == 0:
+                history.append((estimate(train, index_batches(len(train), 8, gen), 5, "loss"),
+                                estimate(val, index_batches(len(val), 8), 5, "loss")))  # fmt: skip
+        estimate(train, index_batches(len(train), 8, gen), 5, "accuracy")
+        estimate(val, index_batches(len(val), 8), 5, "accuracy")
+    train_seconds = time.perf_counter() - start
+    accuracy = {name: estimate(s, index_batches(len(s), 8), len(s), "accuracy") for name, s in splits.items()}
+    seconds = time.perf_counter() - start
+    return summary(seconds, train_seconds, epochs * (len(train) // 8) * 8, accuracy, history)
+
+
+def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
+    """What the finetune and evaluate stages run, with the classifier saved and reloaded between them."""
+    from gpt2_classifier.classifier import load_classifier, save_classifier
+    from gpt2_classifier.fast import build_inputs
+    from gpt2_classifier.metrics import classification_report
+    from gpt2_classifier.train import Trainer, TrainSettings, predict_proba
+
+    start = time.perf_counter()
+    model, splits = load(folder)
+    inputs = build_inputs(model, splits, pool, 1, "cpu", cache_dir)
+    settings = TrainSettings(epochs=epochs, pool=pool)
+    history = Trainer(model, inputs["train"], inputs["validation"], settings, "cpu").fit()
+    save_classifier(model, cache_dir.parent / "classifier", {"labels": ["ham", "spam"], "pool": pool})
+    train_seconds = time.perf_counter() - start
+    del model, inputs
+    model, config = load_classifier(cache_dir.parent / "classifier")  # the evaluate stage's start
+    inputs = build_inputs(model, splits, config["pool"], 1, "cpu", cache_dir)
+    accuracy = {
+        name: classification_report(split.labels, predict_proba(model, inputs[name], 32))["accuracy"]
+        for name, split in splits.items()
+    }
+    seconds = time.perf_counter() - start
+    losses = [(r["train_loss"], r["val_loss"]) for r in history.steps]
+    return summary(seconds, train_seconds, history.examples_seen, accuracy, losses)
+
+
+def summary(seconds, train_seconds, examples, accuracy, losses) -> dict:
+    return {
+        "seconds": seconds,
+        "train_seconds": train_seconds,
+        "examples_per_second": examples / train_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "accuracy": accuracy,
+        "last_losses": losses[-1],
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    folder = Path(args.folder)
+    if args.variant == "plain":
+        result = plain_loop(folder, args.epochs)
+    else:
+        result = ours(folder, args.epochs, args.pool, folder / "prefix-cache")
+    print("RESULT " + json.dumps(result))
+
+
+def run_variant(folder: Path, variant: str, epochs: int, pool: str = "last") -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--folder",
+        str(folder),
+        "--epochs",
+        str(epochs),
+        "--pool",
+        pool,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+    line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a subset and one epoch")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--pool", default="last", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.variant = args.child
+        child(args)
+        return
+
+    epochs = 1 if args.quick else 5
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        folder = Path(tmp)
+        data = prepare(folder, args.quick)
+        print(f"{'quick' if args.quick else 'full'} mode, {epochs} epoch(s); {data}")
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; GPT-2 small, random weights")  # fmt: skip
+        results = {"plain": run_variant(folder, "plain", epochs)}
+        results["ours-last"] = run_variant(folder, "ours", epochs, "last")
+        results["ours-last-warm"] = run_variant(folder, "ours", epochs, "last")
+        results["ours-flexible"] = run_variant(folder, "ours", epochs, "flexible")
+    report(results)
+    print(f"benchmark wall time {time.perf_counter() - start:.0f} s")
+
+
+def report(results: dict) -> None:
+    base = results["plain"]["seconds"]
+    header = (f"{'variant':<16}{'seconds':>9}{'speedup':>9}{'train ex/s':>11}{'peak RSS MB':>12}"
+              f"{'train acc':>10}{'val acc':>9}{'test acc':>9}{'train loss':>11}{'val loss':>9}")  # fmt: skip
+    print(header)
+    for name, r in results.items():
+        acc = r["accuracy"]
+        print(f"{name:<16}{r['seconds']:>9.1f}{base / r['seconds']:>8.1f}x{r['examples_per_second']:>11.1f}"
+              f"{r['peak_rss_mb']:>12.0f}{acc['train']:>10.2%}{acc['validation']:>9.2%}{acc['test']:>9.2%}"
+              f"{r['last_losses'][0]:>11.4f}{r['last_losses'][1]:>9.4f}")  # fmt: skip
+    plain, fast = results["plain"], results["ours-last"]
+    acc_gap = max(abs(plain["accuracy"][s] - fast["accuracy"][s]) for s in plain["accuracy"]) * 100
+    loss_gap = max(abs(a - b) for a, b in zip(plain["last_losses"], fast["last_losses"], strict=True))
+    print(f"ours-last vs plain: accuracies within {acc_gap:.2f} points, losses within {loss_gap:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The fast path (precomputed frozen prefix, single-position tail) against the full forward pass."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2_classifier import fast
+from gpt2_classifier.classifier import replace_head, set_trainable
+from gpt2_classifier.encode import EncodedSplit
+from gpt2_classifier.fast import PrefixForward, build_inputs
+from gpt2_classifier.model import GPTConfig
+from gpt2_classifier.train import FullForward, Trainer, TrainSettings
+from gpt2_classifier.weights import random_model
+
+CFG = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32)
+PAD = 50256
+
+
+def ragged_split(n=40, width=16, seed=0) -> EncodedSplit:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width + 1, (n,), generator=g)
+    labels = torch.arange(n) % 2
+    ids = torch.randint(0, 50000, (n, width), generator=g)
+    ids[torch.arange(n), lengths - 1] = torch.where(labels == 1, 900, 901)  # the class shows at the last real token
+    ids[torch.arange(width)[None] >= lengths[:, None]] = PAD
+    return EncodedSplit(ids, labels, lengths)
+
+
+def classifier(blocks=1, cfg=CFG):
+    model = replace_head(random_model(cfg, 0), 2, seed=1)
+    set_trainable(model, blocks)
+    return model
+
+
+@pytest.mark.parametrize("pool", ["last", "first", "flexible", "mean"])
+@pytest.mark.parametrize("blocks", [0, 1, 2, 3])
+def test_fast_logits_and_loss_equal_the_full_forward(pool, blocks):
+    model, split = classifier(blocks), ragged_split()
+    fast_inputs = build_inputs(model, {"s": split}, pool, blocks, "cpu")["s"]
+    assert isinstance(fast_inputs, PrefixForward)
+    plain = FullForward(model, split, pool, "cpu")
+    idx = torch.tensor([5, 0, 17, 39, 22, 8])
+    fast_logits, plain_logits = fast_inputs.logits(idx), plain.logits(idx)
+    assert (fast_logits - plain_logits).abs().max() < 1e-5
+    fast_loss = F.cross_entropy(fast_logits, split.labels[idx])
+    plain_loss = F.cross_entropy(plain_logits, split.labels[idx])
+    assert fast_loss.item() == pytest.approx(plain_loss.item(), abs=1e-6)
+    fast_loss.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    plain_loss.backward()
+    plain_grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, plain_grads, strict=True))
+
+
+@pytest.mark.parametrize("pool", ["last", "flexible"])
+def test_training_on_the_fast_path_matches_the_plain_path(pool):
+    settings = TrainSettings(lr=1e-2, batch_size=8, epochs=2, eval_freq=3, eval_iter=2, pool=pool)
+    results = []
+    for use_fast in (True, False):
+        model = classifier(1)
+        splits = {"train": ragged_split(48), "validation": ragged_split(16, seed=1)}
+        if use_fast:
+            inputs = build_inputs(model, splits, pool, 1, "cpu")
+        else:
+            inputs = {name: FullForward(model, split, pool, "cpu") for name, split in splits.items()}
+        history = Trainer(model, inputs["train"], inputs["validation"], settings, "cpu").fit()
+        results.append((model, history))
+    (fast_model, fast_history), (plain_model, plain_history) = results
+    for a, b in zip(fast_history.steps, plain_history.steps, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    assert [e["val_accuracy"] for e in fast_history.epochs] == [e["val_accuracy"] for e in plain_history.epochs]
+    plain_params = dict(plain_model.named_parameters())
+    for name, p in fast_model.named_parameters():
+        q = plain_params[name]
+        if name.endswith("att.qkv.bias"):
+            # The key bias adds the same score to every key, so softmax cancels it: its true gradient
+            # is zero and Adam turns float noise of either path into lr-sized steps. Compare the rest.
+            d = CFG.emb_dim
+            p, q = torch.cat([p[:d], p[2 * d :]]), torch.cat([q[:d], q[2 * d :]])
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_flexible_prefix_keeps_only_real_tokens():
+    split = ragged_split()
+    prefix = fast.compute_prefix(classifier(), split, 2, fast.visible_positions(split, "flexible"), "cpu")
+    assert prefix.hidden.shape == (int(split.lengths.sum()), CFG.emb_dim)
+    x, visible = prefix.gather(torch.tensor([0, 1]))
+    assert x.shape[1] == int(split.lengths[:2].max()) and torch.equal(visible, split.lengths[:2])
+
+
+def test_falls_back_to_the_full_forward_where_assumptions_fail():
+    split = ragged_split()
+    assert isinstance(build_inputs(classifier("all"), {"s": split}, "last", "all", "cpu")["s"], FullForward)
+    dropout_cfg = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32, drop_rate=0.1)
+    inputs = build_inputs(classifier(1, dropout_cfg), {"s": split}, "last", 1, "cpu")["s"]
+    assert isinstance(inputs, FullForward)
+
+
+def test_prefix_cache_is_reused_and_keyed_by_frozen_weights(tmp_path, monkeypatch):
+    model, split = classifier(1), ragged_split()
+    first = build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)["s"]
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+
+    def no_compute(*args):
+        raise AssertionError("recomputed despite a cached prefix")
+
+    monkeypatch.setattr(fast, "compute_prefix", no_compute)
+    again = build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)["s"]
+    assert torch.equal(again.prefix.hidden, first.prefix.hidden)
+    monkeypatch.undo()
+
+    with torch.no_grad():
+        model.trf_blocks[0].ff.layers[0].weight.add_(0.01)  # a different frozen block: a different key
+    build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_damaged_cache_file_is_recomputed(tmp_path):
+    model, split = classifier(1), ragged_split()
+    expected = build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)["s"].prefix.hidden
+    (cached,) = tmp_path.glob("*.safetensors")
+    cached.write_bytes(cached.read_bytes()[:100])
+    again = build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)["s"].prefix.hidden
+    assert torch.equal(again, expected)
