@@ -158,10 +158,18 @@ def summary(seconds, train_seconds, examples, accuracy, losses) -> dict:
         "seconds": seconds,
         "train_seconds": train_seconds,
         "examples_per_second": examples / train_seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "accuracy": accuracy,
         "last_losses": losses[-1],
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss would include the parent's at fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(args: argparse.Namespace) -> None:
