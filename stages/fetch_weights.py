@@ -22,7 +22,8 @@ def main(params: Params) -> None:
             source = fetch_pretrained(m.name, weights, m.revision, m.source)
             check_checkpoint(weights, cfg, m.name)
         architecture = {k: v for k, v in cfg.to_dict().items() if k != "drop_rate"}
-        info = {"name": m.name, "weights": m.weights, "source": source, "sha256": sha256_file(weights)}
+        info = {"name": m.name, "weights": m.weights, "source": source, "sha256": sha256_file(weights),
+                "revision": m.revision, "seed": m.seed}  # fmt: skip
         write_json(tmp / "config.json", {**info, "gpt": architecture})
     print(f"fetch-weights: {m.name} from {source} -> {OUT / WEIGHTS_FILE}")
 

@@ -14,13 +14,15 @@ OUT = Path("data/encoded")
 
 def main(params: Params) -> None:
     splits = {name: read_csv(SPLIT_DIR / f"{name}.csv") for name in SPLITS}
-    encoded, meta = pad_encode(splits, params.pad_encode.max_length)
+    context = params.model.gpt_config().context_length
+    encoded, meta = pad_encode(splits, params.pad_encode.max_length, context)
     meta["labels"] = params.balance.labels
     with atomic_dir(OUT) as tmp:
         for name, split in encoded.items():
             save_split(split, tmp / f"{name}.safetensors")
         write_json(tmp / "meta.json", meta)
-    print(f"pad-encode: padded to {meta['max_length']} tokens (longest training sequence {meta['longest_train']})")
+    how = "no padding (stored to" if meta["padding"] == "none" else "padded to"
+    print(f"pad-encode: {how} {meta['max_length']} tokens; longest training sequence {meta['longest_train']}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from gpt2_classifier.classifier import classify, load_classifier, pool, replace_head, save_classifier, set_trainable
 from gpt2_classifier.encode import EncodedSplit
+from gpt2_classifier.errors import WeightsError
+from gpt2_classifier.files import sha256_file
 from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.train import FullForward, Trainer, TrainSettings, index_batches, predict_proba
-from gpt2_classifier.weights import random_model
+from gpt2_classifier.weights import random_model, save_hf
 
 CFG = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32)
 PAD = 50256
@@ -119,15 +122,31 @@ def test_batches_drop_last_when_shuffled_and_keep_all_in_order():
     assert torch.equal(torch.cat(in_order), torch.arange(20))
 
 
-def test_saved_classifier_reloads_with_identical_predictions(tmp_path):
+def test_saved_classifier_stores_the_change_and_reloads_on_its_base(tmp_path):
     model, _ = fit(epochs=1)
-    save_classifier(model, tmp_path / "clf", {"labels": ["ham", "spam"], "pool": "last"})
-    loaded, config = load_classifier(tmp_path / "clf")
+    base = tmp_path / "base" / "model.safetensors"
+    save_hf(random_model(CFG, 0), base)
+    save_classifier(
+        model, tmp_path / "clf", {"labels": ["ham", "spam"], "pool": "last", "base": {"sha256": sha256_file(base)}}
+    )
+    stored = load_file(tmp_path / "clf" / "model.safetensors")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(stored) == trained and len(trained) < len(dict(model.named_parameters()))
+    loaded, config = load_classifier(tmp_path / "clf")  # finds models/base beside the classifier
     split = toy_split(16, seed=2)
     assert config["pool"] == "last" and config["gpt"]["emb_dim"] == 32
     probs = predict_proba(model, FullForward(model, split, "last", "cpu"), 5)
     assert torch.equal(probs, predict_proba(loaded, FullForward(loaded, split, "last", "cpu"), 5))
     assert torch.allclose(probs.sum(1), torch.ones(16))
+
+
+def test_reloading_on_other_base_weights_is_refused(tmp_path):
+    model, _ = fit(epochs=1)
+    save_classifier(model, tmp_path / "clf", {"labels": ["ham", "spam"], "pool": "last", "base": {"sha256": "0" * 64}})
+    other = tmp_path / "other.safetensors"
+    save_hf(random_model(CFG, 1), other)
+    with pytest.raises(WeightsError, match="base weights with SHA-256 0000.* not found"):
+        load_classifier(tmp_path / "clf", other)
 
 
 def test_loss_is_cross_entropy_of_the_last_position():

@@ -116,3 +116,41 @@ def test_real_zip_from_loopback_server(server, shared_data, tmp_path):
     dest = tmp_path / "messages.tsv"
     fetch([url], dest, sha="7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d")
     assert dest.read_bytes() == (shared_data / "SMSSpamCollection").read_bytes()
+
+
+def test_connection_dropped_mid_download_is_retried_and_verified(server, tmp_path):
+    attempts = []
+
+    def flaky(handler):
+        attempts.append(1)
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(ZIP)))
+        handler.end_headers()
+        if len(attempts) == 1:  # the first answer breaks off halfway
+            handler.wfile.write(ZIP[: len(ZIP) // 2])
+            handler.wfile.flush()
+            handler.close_connection = True
+            return
+        handler.wfile.write(ZIP)
+
+    server.routes["/flaky.zip"] = flaky
+    dest = tmp_path / "messages.tsv"
+    fetch([server.url + "/flaky.zip"], dest, retries=2)
+    assert len(attempts) == 2 and dest.read_bytes() == DATA
+
+
+def test_404_gets_bounded_retries_then_names_the_url(server, tmp_path):
+    url = server.url + "/missing.zip"
+    with pytest.raises(DownloadError, match=r"/missing.zip: HTTP 404 after 2 attempts") as info:
+        fetch([url], tmp_path / "messages.tsv", retries=1)
+    assert url in str(info.value) and len(server.requests) == 2
+
+
+def test_a_server_that_hangs_times_out(server, tmp_path):
+    import time
+
+    server.routes["/slow.zip"] = lambda handler: time.sleep(3)
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match=r"/slow.zip: no answer within 0.5 s, 2 attempts"):
+        fetch([server.url + "/slow.zip"], tmp_path / "messages.tsv", retries=1, timeout=0.5)
+    assert time.monotonic() - start < 10

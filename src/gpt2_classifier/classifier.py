@@ -9,8 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .files import atomic_path, read_json, write_json
+from .errors import WeightsError
+from .files import atomic_path, read_json, sha256_file, write_json
+from .lora import LinearWithLoRA, add_lora, merge_lora
 from .model import GPTConfig, GPTModel
+from .weights import WEIGHTS_FILE, load_model
 
 POOLS = ("last", "first", "flexible", "mean")
 
@@ -43,6 +46,23 @@ def set_trainable(model: GPTModel, trainable_blocks: int | str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def build_classifier(
+    cfg: GPTConfig, weights: Path, num_classes: int, seed: int, trainable_blocks: int | str,
+    lora_rank: int | None = None, lora_alpha: float = 16.0,
+) -> tuple[GPTModel, int]:  # fmt: skip
+    """The base model with a new head and what trains set: blocks, or LoRA adapters when a rank is
+    given. Returns the model and its number of trainable parameters."""
+    model = replace_head(load_model(cfg, weights), num_classes, seed)
+    if lora_rank is not None:
+        return model, add_lora(model, lora_rank, lora_alpha, seed)
+    return model, set_trainable(model, trainable_blocks)
+
+
+def resolved_pool(pool: str, unpadded: bool) -> str:
+    """Without padding, the last position is each message's last token."""
+    return "flexible" if unpadded and pool == "last" else pool
+
+
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
     """Select or average positions: (batch, seq, emb) -> (batch, emb).
 
@@ -60,27 +80,67 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling {how!r}; expected one of {POOLS}")
 
 
-def classify(model: GPTModel, input_ids: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
+def classify(
+    model: GPTModel, input_ids: torch.Tensor, lengths: torch.Tensor, how: str, causal: bool = True,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Class logits (batch, num_classes). The head sees only the pooled position, which for a
     per-position linear head equals pooling the full logits, as the reference does."""
-    return model.out_head(pool(model.hidden_states(input_ids), lengths, how))
+    return model.out_head(pool(model.hidden_states(input_ids, causal, key_mask), lengths, how))
 
 
 def save_classifier(model: GPTModel, folder: str | os.PathLike, config: dict) -> None:
+    """Only what training changed (the tensors that required gradients: trained blocks, LayerNorm,
+    head, LoRA adapters) in safetensors, and a JSON config naming the base weights by SHA-256."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    trained = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    lora = next((m for m in model.modules() if isinstance(m, LinearWithLoRA)), None)
+    config = {**config, "gpt": model.cfg.to_dict()}
+    config["lora"] = None if lora is None else {"rank": lora.A.shape[1], "alpha": lora.alpha}
     with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json(folder / "config.json", {**config, "gpt": model.cfg.to_dict()})
+        save_file(trained, str(tmp), metadata={"format": "pt", "base_sha256": config["base"]["sha256"]})
+    write_json(folder / "config.json", config)
 
 
-def load_classifier(folder: str | os.PathLike, device: str = "cpu") -> tuple[GPTModel, dict]:
+def base_weights_for(config: dict, candidates: list[Path]) -> Path:
+    """The first candidate file holding the classifier's base weights, checked by SHA-256 (a
+    DVC-written models/base/config.json that records the same hash is trusted without rehashing)."""
+    expected = config["base"]["sha256"]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        recorded = path.parent / "config.json"
+        if recorded.is_file() and read_json(recorded).get("sha256") == expected:
+            return path
+        if sha256_file(path) == expected:
+            return path
+    tried = ", ".join(str(p) for p in candidates) or "no file"
+    raise WeightsError(
+        f"base weights with SHA-256 {expected} not found (tried {tried}); the classifier stores only what "
+        "training changed: restore its base with `dvc checkout models/base` or pass the base weights file"
+    )
+
+
+def load_classifier(
+    folder: str | os.PathLike, base_weights: str | os.PathLike | None = None, device: str = "cpu"
+) -> tuple[GPTModel, dict]:
+    """Rebuild the full classifier: base weights, then the stored trained tensors (adapters merged).
+    The base is `base_weights`, else models/base beside the classifier's folder."""
     folder = Path(folder)
     config = read_json(folder / "config.json")
-    with torch.device("meta"):
-        model = GPTModel(GPTConfig(**config["gpt"]))
-        model.out_head = nn.Linear(model.cfg.emb_dim, len(config["labels"]))
-    model = model.to_empty(device=device)
-    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=device), strict=True)
-    return model.eval(), config
+    candidates = [Path(base_weights)] if base_weights else [folder.parent / "base" / WEIGHTS_FILE]
+    cfg = GPTConfig(**config["gpt"])
+    model = replace_head(load_model(cfg, base_weights_for(config, candidates)), len(config["labels"]), seed=0)
+    if config.get("lora"):
+        add_lora(model, config["lora"]["rank"], config["lora"]["alpha"], seed=0)
+    trained = load_file(str(folder / "model.safetensors"))
+    unexpected = set(trained) - set(model.state_dict())
+    missing_head = {"out_head.weight", "out_head.bias"} - set(trained)
+    if unexpected or missing_head:
+        name = sorted(unexpected or missing_head)[0]
+        raise WeightsError(f"{folder / 'model.safetensors'}: tensor '{name}' does not fit this classifier's config")
+    model.load_state_dict(trained, strict=False)
+    merge_lora(model)
+    model.requires_grad_(False)
+    return model.to(device).eval(), config

@@ -43,14 +43,24 @@ def pad(token_lists: list[list[int]], labels: list[int], max_length: int, pad_id
 
 
 def pad_encode(
-    splits: dict[str, pd.DataFrame], max_length: int | str = "longest"
+    splits: dict[str, pd.DataFrame], max_length: int | str = "longest", context_length: int = 1024
 ) -> tuple[dict[str, EncodedSplit], dict]:
-    """Encode every split; pad to the longest training sequence or to a fixed length."""
+    """Encode every split and pad (truncating to the model's context) to one length:
+
+    - "longest": the longest training sequence, as the reference does;
+    - "context": the model's context length;
+    - "none": no padding for the model; stored padded to the longest sequence of any split,
+      with `lengths`, so the trainer reads each message at its own length;
+    - a number of tokens.
+    """
     tokens = {name: tokenize(splits[name]["text"].tolist()) for name in SPLITS}
     longest_train = max(len(t) for t in tokens["train"])
-    length = longest_train if max_length == "longest" else int(max_length)
+    longest_any = max(len(t) for name in SPLITS for t in tokens[name])
+    wanted = {"longest": longest_train, "context": context_length, "none": longest_any}.get(max_length, max_length)
+    length = min(int(wanted), context_length)
     encoded = {name: pad(tokens[name], splits[name]["label"].tolist(), length) for name in SPLITS}
     meta = {
+        "padding": "none" if max_length == "none" else "fixed",
         "max_length": length,
         "pad_id": END_OF_TEXT_ID,
         "longest_train": longest_train,

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from .classifier import pool as pool_positions
 from .encode import EncodedSplit
 from .files import atomic_path
+from .lora import LinearWithLoRA
 from .model import GPTModel, TransformerBlock
 from .train import FullForward
 
@@ -39,9 +40,12 @@ CHUNK_TOKENS = 4096  # tokens per forward pass while computing the prefix
 KEEP_CACHE_FILES = 6
 
 
-def frozen_blocks(model: GPTModel, trainable_blocks: int | str) -> int | None:
-    """How many leading blocks the fast path may precompute, or None where it does not apply."""
-    if trainable_blocks == "all" or model.cfg.drop_rate > 0:
+def frozen_blocks(model: GPTModel, trainable_blocks: int | str, causal: bool = True) -> int | None:
+    """How many leading blocks the fast path may precompute, or None where it does not apply:
+    all layers training, dropout on, adapters inside the blocks, or no causal mask (then every
+    position, padding included, reaches the pooled one)."""
+    has_lora = any(isinstance(m, LinearWithLoRA) for m in model.modules())
+    if trainable_blocks == "all" or model.cfg.drop_rate > 0 or has_lora or not causal:
         return None
     return model.cfg.n_layers - int(trainable_blocks)
 
@@ -194,12 +198,14 @@ def build_inputs(
     trainable_blocks: int | str,
     device,
     cache_dir: Path | None = None,
+    causal: bool = True,
+    unpadded: bool = False,
 ) -> dict:
     """The fastest exact way to feed each split: prefix + tail where it applies, else full forward."""
-    n_frozen = frozen_blocks(model, trainable_blocks)
+    n_frozen = frozen_blocks(model, trainable_blocks, causal)
     if n_frozen is None:
-        log.info("fast path off (dropout or all layers training): full forward every batch")
-        return {name: FullForward(model, split, pool, device) for name, split in splits.items()}
+        log.info("fast path off (all layers, dropout, LoRA or no causal mask): full forward every batch")
+        return {name: FullForward(model, split, pool, device, causal, unpadded) for name, split in splits.items()}
     return {
         name: PrefixForward(model, cached_prefix(model, split, n_frozen, pool, device, cache_dir), split.labels,
                             n_frozen, pool, device)

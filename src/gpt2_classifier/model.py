@@ -49,12 +49,15 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.drop_rate = cfg.drop_rate
 
-    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = True, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask` (batch, seq_len), True where a key may be attended, is only used without the
+        causal mask: with it, padding after a sequence never reaches the sequence's positions."""
         batch, seq_len, emb_dim = x.shape
         q, k, v = self.qkv(x).split(emb_dim, dim=2)
         q, k, v = (t.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         dropout = self.drop_rate if self.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
+        mask = None if causal or key_mask is None else key_mask[:, None, None, :]
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
         context = context.transpose(1, 2).reshape(batch, seq_len, emb_dim)
         return self.out_proj(context)
 
@@ -83,8 +86,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), causal=causal))
+    def forward(self, x: torch.Tensor, causal: bool = True, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), causal=causal, key_mask=key_mask))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -106,11 +109,13 @@ class GPTModel(nn.Module):
         positions = torch.arange(seq_len, device=in_idx.device)
         return self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
 
-    def hidden_states(self, in_idx: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    def hidden_states(
+        self, in_idx: torch.Tensor, causal: bool = True, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The final-LayerNorm output, shape (batch, seq_len, emb_dim)."""
         x = self.embed(in_idx)
         for block in self.trf_blocks:
-            x = block(x, causal=causal)
+            x = block(x, causal=causal, key_mask=key_mask)
         return self.final_norm(x)
 
     def forward(self, in_idx: torch.Tensor, causal: bool = True) -> torch.Tensor:

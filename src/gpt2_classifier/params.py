@@ -61,7 +61,8 @@ class SplitParams(Section):
 
 
 class PadEncodeParams(Section):
-    max_length: Literal["longest"] | Annotated[int, Field(ge=1)] = "longest"
+    # longest training sequence | the model's context | none (each message at its own length) | a number
+    max_length: Literal["longest", "context", "none"] | Annotated[int, Field(ge=1)] = "longest"
 
 
 class ModelParams(Section):
@@ -84,6 +85,12 @@ class ModelParams(Section):
         return GPTConfig(**{**PRESETS[self.name], **self.config, "drop_rate": self.drop_rate})
 
 
+class LoraParams(Section):
+    enabled: bool = False
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)  # the adapter's output is scaled by alpha, as in the book
+
+
 class FinetuneParams(Section):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -94,12 +101,29 @@ class FinetuneParams(Section):
     eval_iter: int = Field(5, ge=1)
     pool: Literal["last", "first", "flexible", "mean"] = "last"
     trainable_blocks: Literal["all"] | Annotated[int, Field(ge=0)] = 1
+    lora: LoraParams = LoraParams()
+    accumulation_steps: int = Field(1, ge=1)
+    causal_mask: bool = True
+    ignore_index: int = -100
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     prefix_cache: bool = True
+    resume: bool = True
+
+    @model_validator(mode="after")
+    def _lora_replaces_block_training(self) -> FinetuneParams:
+        if self.lora.enabled and self.trainable_blocks != 0:
+            raise ValueError(
+                f"finetune.lora.enabled trains adapters instead of blocks; set finetune.trainable_blocks: 0 "
+                f"(got {self.trainable_blocks!r})"
+            )
+        return self
 
     def cache_dir(self) -> Path | None:
         """Where frozen-prefix activations are kept between runs (None: recompute every run)."""
         return project_root() / ".cache" / "prefix" if self.prefix_cache else None
+
+    def checkpoint_dir(self) -> Path:
+        return project_root() / ".cache" / "checkpoints"
 
 
 class EvaluateParams(Section):
@@ -109,6 +133,7 @@ class EvaluateParams(Section):
 class MlflowParams(Section):
     enabled: bool = True
     experiment_name: str = Field("gpt2-classifier", min_length=1)
+    register_as: str | None = None  # a Model Registry name: each evaluated run becomes a new version
 
 
 class Params(Section):

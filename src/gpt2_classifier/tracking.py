@@ -137,6 +137,26 @@ class Tracker:
 
     def __init__(self, run_id: str | None):
         self.run_id = run_id
+        self.model_uri: str | None = None
+
+    def log_classifier(self, folder: Path) -> None:
+        """The classifier as an MLflow model (pyfunc) of this run."""
+        if self.run_id:
+            from .mlflow_model import log_classifier
+
+            self.model_uri = log_classifier(folder)
+
+    def register(self, model_uri: str, name: str, test_accuracy: float) -> str | None:
+        """A new version of `name` in the Model Registry, tagged with its test accuracy."""
+        if not self.run_id:
+            return None
+        import mlflow
+
+        version = mlflow.register_model(model_uri, name).version
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
+        client.set_model_version_tag(name, version, "run_id", self.run_id)
+        return version
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.run_id:
@@ -194,7 +214,8 @@ def finetune_run(params: dict, run_file: Path) -> Iterator[Tracker]:
         tracker = Tracker(run.info.run_id)
         tracker.set_tags(lineage_tags() | {"stage": "finetune", "python": platform.python_version()})
         yield tracker
-        write_json(run_file, {"run_id": run.info.run_id, "tracking_uri": redact(uri), "experiment_id": experiment_id})
+        write_json(run_file, {"run_id": run.info.run_id, "tracking_uri": redact(uri), "experiment_id": experiment_id,
+                              "model_uri": tracker.model_uri})  # fmt: skip
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

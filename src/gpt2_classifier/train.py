@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -31,6 +31,8 @@ class TrainSettings:
     eval_freq: int = 50
     eval_iter: int = 5
     pool: str = "last"
+    accumulation_steps: int = 1
+    ignore_index: int = -100
 
 
 @dataclass
@@ -62,18 +64,32 @@ class Inputs(Protocol):
 
 
 class FullForward:
-    """Every batch through the whole model, as the reference does; the path that always applies."""
+    """Every batch through the whole model, as the reference does; the path that always applies.
 
-    def __init__(self, model: GPTModel, split: EncodedSplit, pool: str, device):
+    `unpadded`: each message is read at its own length (pad_encode.max_length: none), so padding
+    is never attended. Trailing padding is cut per batch wherever that cannot change the result.
+    """
+
+    def __init__(
+        self, model: GPTModel, split: EncodedSplit, pool: str, device, causal: bool = True, unpadded: bool = False
+    ):
         self.model, self.split, self.pool, self.device = model, split, pool, torch.device(device)
+        self.causal, self.unpadded = causal, unpadded
         self.labels = split.labels
+        # With a causal mask, padding after the pooled position never reaches it.
+        self.trim = unpadded or (causal and pool != "last")
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         ids, lengths = self.split.input_ids[idx].to(self.device), self.split.lengths[idx].to(self.device)
-        return classify(self.model, ids, lengths, self.pool)
+        if self.trim:
+            ids = ids[:, : int(lengths.max())]
+        key_mask = None
+        if self.unpadded and not self.causal:
+            key_mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
+        return classify(self.model, ids, lengths, self.pool, self.causal, key_mask)
 
 
 def index_batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
@@ -93,6 +109,13 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(settings.seed)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.history = History()
+        self.epoch = 0  # epochs done
+        self.step = -1  # the reference counts from -1, so its first estimate follows the first step
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the batch; rows labelled `ignore_index` do not count."""
+        return F.cross_entropy(logits, labels, ignore_index=self.s.ignore_index)
 
     def _train_batches(self) -> Iterator[torch.Tensor]:
         return index_batches(len(self.train_inputs), self.s.batch_size, self.generator)
@@ -110,7 +133,7 @@ class Trainer:
                 break
             logits = inputs.logits(idx)
             labels = inputs.labels[idx].to(self.device)
-            losses.append(F.cross_entropy(logits, labels).item())
+            losses.append(self.loss(logits, labels).item())
             correct += (logits.argmax(-1) == labels).sum().item()
             seen += len(labels)
         self.model.train()
@@ -119,27 +142,35 @@ class Trainer:
         return correct / max(seen, 1)
 
     def fit(
-        self, on_step: Callable[[dict], None] | None = None, on_epoch: Callable[[dict], None] | None = None
+        self,
+        on_step: Callable[[dict], None] | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+        on_checkpoint: Callable[[Trainer], None] | None = None,
     ) -> History:
-        history = History()
+        """Train for the remaining epochs (all, unless `load_state` restored some); after each
+        epoch `on_checkpoint(self)` may save `state()`."""
+        history = self.history
         steps_per_epoch = len(self.train_inputs) // self.s.batch_size
-        start = time.perf_counter()
+        start = time.perf_counter() - history.seconds
         self.model.train()
-        step = -1  # the reference counts from -1, so its first estimate follows the first step
-        progress = tqdm(total=steps_per_epoch * self.s.epochs, unit="step", disable=None, desc="finetune")
-        for epoch in range(1, self.s.epochs + 1):
-            for idx in self._train_batches():
-                self.optimizer.zero_grad(set_to_none=True)
+        total = steps_per_epoch * self.s.epochs
+        progress = tqdm(total=total, initial=self.step + 1, unit="step", disable=None, desc="finetune")
+        accumulate = self.s.accumulation_steps
+        for epoch in range(self.epoch + 1, self.s.epochs + 1):
+            self.optimizer.zero_grad(set_to_none=True)
+            for batch, idx in enumerate(self._train_batches(), start=1):
                 labels = self.train_inputs.labels[idx].to(self.device)
-                loss = F.cross_entropy(self.train_inputs.logits(idx), labels)
-                loss.backward()
-                self.optimizer.step()
+                loss = self.loss(self.train_inputs.logits(idx), labels)
+                (loss / accumulate).backward()
+                if batch % accumulate == 0 or batch == steps_per_epoch:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
                 history.examples_seen += len(labels)
-                step += 1
+                self.step += 1
                 progress.update()
-                if step % self.s.eval_freq == 0:
+                if self.step % self.s.eval_freq == 0:
                     record = {
-                        "step": step,
+                        "step": self.step,
                         "examples_seen": history.examples_seen,
                         "train_loss": self.estimate(self.train_inputs, self._train_batches(), "loss"),
                         "val_loss": self.estimate(self.val_inputs, self._val_batches(), "loss"),
@@ -150,21 +181,57 @@ class Trainer:
                         on_step(record)
             record = {
                 "epoch": epoch,
-                "step": step,
+                "step": self.step,
                 "train_accuracy": self.estimate(self.train_inputs, self._train_batches(), "accuracy"),
                 "val_accuracy": self.estimate(self.val_inputs, self._val_batches(), "accuracy"),
             }
             history.epochs.append(record)
+            self.epoch = epoch
+            history.seconds = time.perf_counter() - start
             if on_epoch:
                 on_epoch(record)
+            if on_checkpoint and epoch < self.s.epochs:
+                on_checkpoint(self)
         progress.close()
-        history.seconds = time.perf_counter() - start
         return history
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything a resumed run needs to continue bit for bit: trained parameters, optimizer
+        moments, both random generators, and the counters and history (JSON-able)."""
+        tensors = {f"param.{n}": p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        optimizer = self.optimizer.state_dict()
+        for index, moments in optimizer["state"].items():
+            for key, value in moments.items():
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu()
+        tensors["rng.batches"] = self.generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        info = {"epoch": self.epoch, "step": self.step, "history": asdict(self.history),
+                "param_groups": optimizer["param_groups"]}  # fmt: skip
+        return tensors, info
+
+    def load_state(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        trained = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key.startswith("param."):
+                    trained[key.removeprefix("param.")].copy_(value)
+        moments: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                moments.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": moments, "param_groups": info["param_groups"]})
+        self.generator.set_state(tensors["rng.batches"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.epoch, self.step = info["epoch"], info["step"]
+        self.history = History(**info["history"])
 
 
 @torch.no_grad()
-def predict_proba(model: GPTModel, inputs: Inputs, batch_size: int) -> torch.Tensor:
+def predict_proba(model: GPTModel, inputs: Inputs, batch_size: int, progress: bool = False) -> torch.Tensor:
     """Class probabilities for every row, in order."""
     model.eval()
-    probs = [torch.softmax(inputs.logits(idx), dim=-1).float().cpu() for idx in index_batches(len(inputs), batch_size)]
+    loader = tqdm(index_batches(len(inputs), batch_size), total=-(-len(inputs) // batch_size), unit="batch",
+                  disable=not progress, desc="classify")  # fmt: skip
+    probs = [torch.softmax(inputs.logits(idx), dim=-1).float().cpu() for idx in loader]
     return torch.cat(probs)

@@ -1,0 +1,95 @@
+"""`gpt2-classifier classify`: score messages with a fine-tuned classifier.
+
+gpt2-classifier classify "You won a prize! Reply now"
+gpt2-classifier classify --file messages.txt              # one message per line
+gpt2-classifier classify --file inbox.csv --column body   # a CSV column
+gpt2-classifier classify --run-id 3f2a... "text"          # the model of an MLflow run
+gpt2-classifier classify --registered spam-classifier/2 "text"   # from the Model Registry
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from .errors import PipelineError
+
+
+def _load(args: argparse.Namespace):
+    from .predict import TextClassifier
+
+    if args.run_id or args.registered:
+        from .mlflow_model import load_text_classifier
+
+        uri = f"runs:/{args.run_id}/model" if args.run_id else f"models:/{args.registered}"
+        return load_text_classifier(uri)
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise PipelineError(
+            f"{folder}: no classifier here; run `dvc repro` first, or pass --model, --run-id or --registered"
+        )
+    return TextClassifier.from_folder(folder, args.base)
+
+
+def _read_messages(path: Path, column: str | None) -> list[str]:
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such file")
+    if path.suffix.lower() == ".csv" or column:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            column = column or "text"
+            if column not in (reader.fieldnames or []):
+                raise PipelineError(
+                    f"{path}: no column '{column}' (it has {reader.fieldnames}); choose one with --column"
+                )
+            return [row[column] for row in reader]
+    return [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def classify(args: argparse.Namespace) -> None:
+    if bool(args.texts) == bool(args.file):
+        raise PipelineError("give messages as arguments or one --file, not both or neither")
+    classifier = _load(args)
+    if args.texts:
+        for text, result in zip(args.texts, classifier.predict(args.texts, args.batch_size), strict=True):
+            score = result.get("p_spam", max(v for k, v in result.items() if k.startswith("p_")))
+            print(f"{result['label']}\t{score:.4f}\t{text}")
+        return
+    path = Path(args.file)
+    texts = _read_messages(path, args.column)
+    results = classifier.predict(texts, args.batch_size, progress=True)
+    output = Path(args.output) if args.output else path.with_name(path.stem + ".scores.csv")
+    with open(output, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", *results[0]] if results else ["text", "label"])
+        writer.writeheader()
+        writer.writerows({"text": text, **result} for text, result in zip(texts, results, strict=True))
+    print(f"classify: {len(texts)} messages scored -> {output}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpt2-classifier", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("classify", help="print the label and spam probability of messages")
+    c.add_argument("texts", nargs="*", help="messages to score")
+    c.add_argument("--file", help="a text file (one message per line) or a CSV file")
+    c.add_argument("--column", help="the CSV column holding the messages (default: text)")
+    c.add_argument("--output", help="where --file's scores go (default: FILE.scores.csv)")
+    c.add_argument("--model", default="models/classifier", help="classifier folder (default: the pipeline's)")
+    c.add_argument("--base", help="base weights file, if not models/base/model.safetensors beside --model")
+    c.add_argument("--run-id", help="use the model logged by this MLflow run")
+    c.add_argument("--registered", help="use a Model Registry version: NAME/VERSION or NAME@ALIAS")
+    c.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    try:
+        classify(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

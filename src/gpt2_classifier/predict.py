@@ -1,0 +1,80 @@
+"""Use a fine-tuned classifier: score messages with the padding, truncation and pooling of training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .classifier import base_weights_for, load_classifier
+from .encode import pad, tokenize
+from .files import read_json
+from .train import FullForward, predict_proba
+from .weights import WEIGHTS_FILE, fetch_pretrained, random_model, save_hf
+
+BASE_CACHE = Path(os.environ.get("GPT2_CLASSIFIER_CACHE", Path.home() / ".cache" / "gpt2-classifier")) / "base"
+
+
+class TextClassifier:
+    """A loaded classifier and the way it reads text, from its saved config."""
+
+    def __init__(self, model, config: dict, device: str = "cpu"):
+        self.model, self.config, self.device = model, config, device
+        self.labels: list[str] = config["labels"]
+        self.unpadded = config.get("padding") == "none"
+        # Training padded to max_length; without padding, only the context limits a message.
+        self.max_length = model.cfg.context_length if self.unpadded else config["max_length"]
+
+    @classmethod
+    def from_folder(
+        cls, folder: str | os.PathLike, base_weights: str | os.PathLike | None = None, device: str = "cpu"
+    ) -> TextClassifier:
+        folder = Path(folder)
+        base = Path(base_weights) if base_weights else ensure_base_weights(folder)
+        model, config = load_classifier(folder, base, device)
+        return cls(model, config, device)
+
+    def predict_proba(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """(len(texts), classes) probabilities."""
+        split = pad(tokenize(list(texts)), [0] * len(texts), self.max_length, self.config["pad_id"])
+        inputs = FullForward(
+            self.model, split, self.config["pool"], self.device, self.config.get("causal_mask", True), self.unpadded
+        )
+        return predict_proba(self.model, inputs, batch_size, progress=progress)
+
+    def predict(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[dict]:
+        """Per message: the label and the probability of every label."""
+        probs = self.predict_proba(texts, batch_size, progress)
+        results = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            results.append(
+                {"label": self.labels[best], **{f"p_{label}": p for label, p in zip(self.labels, row, strict=True)}}
+            )
+        return results
+
+
+def ensure_base_weights(folder: Path) -> Path:
+    """The classifier's base weights, checked by SHA-256: the file in GPT2_CLASSIFIER_BASE, models/base
+    beside the classifier or in the working folder, the user cache; else rebuilt from the recorded
+    identity (seeded random weights are regenerated, pretrained ones downloaded) into the cache."""
+    config = read_json(folder / "config.json")
+    base = config["base"]
+    cached = BASE_CACHE / f"{base['sha256']}.safetensors"
+    candidates = [folder.parent / "base" / WEIGHTS_FILE, Path("models") / "base" / WEIGHTS_FILE, cached]
+    if os.environ.get("GPT2_CLASSIFIER_BASE"):
+        candidates.insert(0, Path(os.environ["GPT2_CLASSIFIER_BASE"]))
+    if any(path.is_file() for path in candidates):
+        try:
+            return base_weights_for(config, candidates)
+        except Exception:
+            pass
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    if base["weights"] == "random":
+        from .model import GPTConfig
+
+        save_hf(random_model(GPTConfig(**{**config["gpt"], "drop_rate": 0.0}), base["seed"]), cached)
+    else:
+        fetch_pretrained(base["name"], cached, base.get("revision") or "main")
+    return base_weights_for(config, [cached])

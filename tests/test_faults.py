@@ -1,0 +1,168 @@
+"""Interrupted runs: checkpoints resume bit for bit; killed stages leave nothing DVC takes as done."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_messages, make_project, run, stages_run, tiny_params, zip_bytes
+
+from gpt2_classifier import checkpoint
+from gpt2_classifier.classifier import replace_head, set_trainable
+from gpt2_classifier.encode import EncodedSplit
+from gpt2_classifier.model import GPTConfig
+from gpt2_classifier.train import FullForward, Trainer, TrainSettings
+from gpt2_classifier.weights import random_model
+
+CFG = GPTConfig(emb_dim=32, n_layers=2, n_heads=2, context_length=32)
+
+
+def toy(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    ids = torch.randint(0, 1000, (n, 10), generator=g)
+    ids[:, -1] = torch.where(labels == 1, 900, 901)
+    return EncodedSplit(ids, labels, torch.full((n,), 10))
+
+
+def trainer(blocks=1):
+    model = replace_head(random_model(CFG, 0), 2, seed=1)
+    set_trainable(model, blocks)
+    settings = TrainSettings(lr=1e-2, epochs=3, eval_freq=2, eval_iter=2)
+    train, val = FullForward(model, toy(48, 0), "last", "cpu"), FullForward(model, toy(16, 1), "last", "cpu")
+    return Trainer(model, train, val, settings, "cpu")
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("blocks", [1, "all"])
+def test_resumed_run_ends_with_the_same_weights_and_history(tmp_path, blocks):
+    torch.manual_seed(5)
+    whole = trainer(blocks)
+    expected = whole.fit()
+    expected_state = {n: p.clone() for n, p in whole.model.named_parameters()}
+
+    torch.manual_seed(5)
+    first = trainer(blocks)
+    path = tmp_path / "ckpt.safetensors"
+
+    def stop_in_epoch_two(record):
+        if record["epoch"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        first.fit(on_epoch=stop_in_epoch_two, on_checkpoint=lambda t: checkpoint.save(path, t, "fp", {"run_id": "r1"}))
+
+    torch.manual_seed(999)  # a resumed process starts with other random state; the checkpoint restores it
+    second = trainer(blocks)
+    assert checkpoint.resume(path, second, "fp") == {"run_id": "r1"}
+    assert second.epoch == 1
+    history = second.fit()
+    assert history.steps == expected.steps and history.epochs == expected.epochs
+    for name, param in second.model.named_parameters():
+        assert torch.equal(param, expected_state[name]), name
+
+
+def test_checkpoint_of_another_configuration_or_damaged_is_ignored(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    t = trainer()
+    checkpoint.save(path, t, "fingerprint-a", {})
+    assert checkpoint.resume(path, trainer(), "fingerprint-b") is None
+    path.write_bytes(path.read_bytes()[:50])
+    assert checkpoint.resume(path, trainer(), "fingerprint-a") is None
+
+
+def test_fingerprint_follows_params_and_file_content(tmp_path):
+    data = tmp_path / "train.safetensors"
+    data.write_bytes(b"a")
+    one = checkpoint.fingerprint({"lr": 1}, [data])
+    assert one == checkpoint.fingerprint({"lr": 1}, [data])
+    assert one != checkpoint.fingerprint({"lr": 2}, [data])
+    data.write_bytes(b"b")
+    assert one != checkpoint.fingerprint({"lr": 1}, [data])
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def slow_project(tmp_path) -> Path:
+    """A pipeline whose finetune takes seconds: all layers train, on the full-forward path."""
+    data = make_messages(n_ham=240, n_spam=80, seed=3)
+    archive = tmp_path / "sms.zip"
+    archive.write_bytes(zip_bytes({"SMSSpamCollection": data}))
+    params = tiny_params(archive.as_uri(), hashlib.sha256(data).hexdigest(),
+                         finetune={"epochs": 6, "trainable_blocks": "all", "eval_freq": 10})  # fmt: skip
+    params["model"]["config"] = {"emb_dim": 64, "n_layers": 4, "n_heads": 2, "context_length": 128}
+    return make_project(tmp_path / "p", params)
+
+
+def set_param(project: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def interrupt_after_first_checkpoint(project: Path, sig: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    process = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    checkpoints = project / ".cache" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not any(checkpoints.glob("*.safetensors")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "finetune ended before its first checkpoint could be interrupted"
+    os.killpg(process.pid, sig)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_killed_finetune_keeps_the_last_result_and_the_rerun_resumes(tmp_path, sig):
+    project = slow_project(tmp_path)
+    run(["dvc", "repro"], project)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    old = next(o for o in lock["stages"]["finetune"]["outs"] if o["path"] == "models/classifier")
+    cached = project / ".dvc" / "cache" / "files" / "md5" / old["md5"][:2] / old["md5"][2:]
+
+    set_param(project, "finetune", "lr", 0.002)
+    result = interrupt_after_first_checkpoint(project, sig)
+    assert result.returncode != 0
+    assert not (project / "models/classifier/model.safetensors").exists()  # nothing half-written as done
+    assert yaml.safe_load((project / "dvc.lock").read_text()) == lock  # DVC recorded nothing new
+    assert cached.is_file()  # the previous result is intact in the cache
+    if sig == signal.SIGINT:
+        assert "error: interrupted" in result.stderr
+
+    resumed = run(["dvc", "repro"], project)
+    assert stages_run(resumed.stdout) == ["finetune", "evaluate"]
+    assert "finetune: resuming after epoch" in resumed.stdout
+    assert not any((project / ".cache" / "checkpoints").glob("*.safetensors"))
+    resumed_digest = digest(project / "models/classifier/model.safetensors")
+
+    set_param(project, "finetune", "resume", False)  # the same training from scratch, uninterrupted
+    run(["dvc", "repro"], project)
+    assert digest(project / "models/classifier/model.safetensors") == resumed_digest
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gpt2-classifier").experiment_id])
+    resumed_runs = [r for r in runs if "resumed_after_epoch" in r.data.tags]
+    assert len(resumed_runs) == 1
+    interrupted_id = resumed_runs[0].data.tags["resumed_from_run"]
+    expected_status = "KILLED" if sig == signal.SIGINT else "RUNNING"  # SIGKILL leaves no chance to record it
+    assert client.get_run(interrupted_id).info.status == expected_status
+    assert len(client.get_metric_history(resumed_runs[0].info.run_id, "val_accuracy")) == 6
+    assert json.loads((project / "reports/train/mlflow_run.json").read_text())["run_id"] != interrupted_id
