@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import PROJECT
+from conftest import PROJECT, assert_same_parameters
 
 from gpt2_classifier.classifier import build_classifier, resolved_pool
 from gpt2_classifier.encode import EncodedSplit
@@ -121,8 +121,7 @@ def test_gradient_accumulation_keeps_the_effective_batch(base_weights):
         }
         train(model, data, batch_size=batch_size, accumulation_steps=steps, lr=1e-3)
         results.append(model)
-    for p, q in zip(results[0].parameters(), results[1].parameters(), strict=True):
-        assert torch.allclose(p, q, atol=1e-6)
+    assert_same_parameters(results[0], results[1], atol=1e-6)
 
 
 def test_three_classes_flow_through_head_and_training(base_weights):
