@@ -16,7 +16,7 @@ def test_queued_reference_rows_land_in_dvc_and_mlflow_with_their_params(tmp_path
     archive = tmp_path / "sms.zip"
     archive.write_bytes(zip_bytes({"SMSSpamCollection": data}))
     project = make_project(tmp_path / "p", tiny_params(archive.as_uri(), hashlib.sha256(data).hexdigest()))
-    run([sys.executable, "experiments/queue.py", "2", "14", "17"], project)
+    run([sys.executable, "experiments/queue_rows.py", "2", "14", "17"], project)
     run(["dvc", "exp", "run", "--run-all", "-j", "1"], project, timeout=900)
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
@@ -48,9 +48,9 @@ def test_queued_reference_rows_land_in_dvc_and_mlflow_with_their_params(tmp_path
 
 def test_an_unknown_row_or_invalid_override_queues_nothing(tmp_path):
     project = make_project(tmp_path / "p", tiny_params("file:///nowhere.zip", None))
-    result = run([sys.executable, "experiments/queue.py", "20"], project, check=False)
+    result = run([sys.executable, "experiments/queue_rows.py", "20"], project, check=False)
     assert result.returncode == 2 and "no row 20" in result.stderr
-    result = run([sys.executable, "experiments/queue.py", "2", "--set", "finetune.lr=-1"], project, check=False)
+    result = run([sys.executable, "experiments/queue_rows.py", "2", "--set", "finetune.lr=-1"], project, check=False)
     assert result.returncode == 2 and "finetune.lr" in result.stderr
     assert "row-02" not in run(["dvc", "queue", "status"], project).stdout
 

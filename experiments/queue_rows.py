@@ -1,9 +1,9 @@
 """Queue the reference's design-choice experiments as DVC experiments.
 
-    python experiments/queue.py                 # all 19 rows
-    python experiments/queue.py 2 16 19         # some rows
-    python experiments/queue.py --list          # the rows and their overrides
-    python experiments/queue.py 3 --set model.weights=random   # extra overrides for every row
+    python experiments/queue_rows.py                 # all 19 rows
+    python experiments/queue_rows.py 2 16 19         # some rows
+    python experiments/queue_rows.py --list          # the rows and their overrides
+    python experiments/queue_rows.py 3 --set model.weights=random   # extra overrides for every row
 
 Then run them with `dvc queue start -j 1` (or `dvc exp run --run-all`), and compare with
 `dvc exp show` or `mlflow ui`: each MLflow run is named after its row (row-02-first-token, ...).
