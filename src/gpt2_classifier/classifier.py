@@ -99,7 +99,8 @@ def save_classifier(model: GPTModel, folder: str | os.PathLike, config: dict) ->
     config = {**config, "gpt": model.cfg.to_dict()}
     config["lora"] = None if lora is None else {"rank": lora.A.shape[1], "alpha": lora.alpha}
     with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(trained, str(tmp), metadata={"format": "pt", "base_sha256": config["base"]["sha256"]})
+        # One metadata key: safetensors writes a map's keys in an order that varies between processes.
+        save_file(trained, str(tmp), metadata={"format": "pt"})
     write_json(folder / "config.json", config)
 
 
