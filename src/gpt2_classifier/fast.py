@@ -155,26 +155,34 @@ class PrefixForward:
         return tail_logits(self.model, self.n_frozen, x.to(self.device), visible.to(self.device), self.pool)
 
 
-def cache_key(model: GPTModel, split: EncodedSplit, n_frozen: int, visible: torch.Tensor) -> str:
-    """A digest of everything the prefix depends on: frozen weights, tokens, visible lengths."""
+def frozen_digest(model: GPTModel, n_frozen: int) -> str:
+    """A digest of the frozen part: embeddings and the first `n_frozen` blocks, with the config."""
     digest = hashlib.sha256(json.dumps([CACHE_VERSION, torch.__version__, model.cfg.to_dict(), n_frozen]).encode())
     frozen = ("tok_emb.", "pos_emb.", *(f"trf_blocks.{i}." for i in range(n_frozen)))
     for name, tensor in model.state_dict().items():
         if name.startswith(frozen):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(weights_digest: str, split: EncodedSplit, visible: torch.Tensor) -> str:
+    """A digest of everything the prefix depends on: frozen weights, tokens, visible lengths."""
+    digest = hashlib.sha256(weights_digest.encode())
     for tensor in (split.input_ids, visible):
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
 def cached_prefix(
-    model: GPTModel, split: EncodedSplit, n_frozen: int, pool: str, device, cache_dir: Path | None
-) -> Prefix:
+    model: GPTModel, split: EncodedSplit, n_frozen: int, pool: str, device, cache_dir: Path | None,
+    weights_digest: str | None = None,
+) -> Prefix:  # fmt: skip
     visible = visible_positions(split, pool)
     if cache_dir is None:
         return compute_prefix(model, split, n_frozen, visible, device)
-    path = Path(cache_dir) / f"{cache_key(model, split, n_frozen, visible)}.safetensors"
+    weights_digest = weights_digest or frozen_digest(model, n_frozen)
+    path = Path(cache_dir) / f"{cache_key(weights_digest, split, visible)}.safetensors"
     if path.is_file():
         try:
             tensors = load_file(str(path))
@@ -206,8 +214,9 @@ def build_inputs(
     if n_frozen is None:
         log.info("fast path off (all layers, dropout, LoRA or no causal mask): full forward every batch")
         return {name: FullForward(model, split, pool, device, causal, unpadded) for name, split in splits.items()}
+    digest = frozen_digest(model, n_frozen) if cache_dir is not None else None
     return {
-        name: PrefixForward(model, cached_prefix(model, split, n_frozen, pool, device, cache_dir), split.labels,
-                            n_frozen, pool, device)
+        name: PrefixForward(model, cached_prefix(model, split, n_frozen, pool, device, cache_dir, digest),
+                            split.labels, n_frozen, pool, device)
         for name, split in splits.items()
     }  # fmt: skip

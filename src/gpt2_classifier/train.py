@@ -108,7 +108,8 @@ class Trainer:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(settings.seed)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+        # The fused kernel does AdamW's update in one pass: the same update, several times faster on CPU.
+        self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
         self.history = History()
         self.epoch = 0  # epochs done
         self.step = -1  # the reference counts from -1, so its first estimate follows the first step

@@ -124,17 +124,15 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_into(model: GPTModel, path: str | os.PathLike) -> GPTModel:
-    """Copy a published-layout checkpoint into `model`; the output head is tied to the token embedding."""
+    """Copy a published-layout checkpoint into `model`, one tensor at a time (no second copy of the
+    model in memory); the output head is tied to the token embedding."""
     path = Path(path)
     check_checkpoint(path, model.cfg, "this model")
-    state = {}
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
         stored = {_published_name(k): k for k in f.keys()}  # noqa: SIM118
         for ours, (theirs, conv) in hf_layout(model.cfg).items():
             tensor = f.get_tensor(stored[theirs])
-            state[ours] = tensor.t() if conv else tensor
-    state["out_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, strict=True)
+            model.get_parameter(ours).copy_(tensor.t() if conv else tensor)
     model.out_head.weight = model.tok_emb.weight
     return model
 
@@ -157,7 +155,9 @@ def save_hf(model: GPTModel, path: str | os.PathLike) -> None:
 def load_model(cfg: GPTConfig, path: str | os.PathLike) -> GPTModel:
     with torch.device("meta"):
         model = GPTModel(cfg)
+        model.out_head.weight = model.tok_emb.weight  # allocate the tied head once
     model = model.to_empty(device="cpu")
+    model.out_head.weight = model.tok_emb.weight
     return load_into(model, path)
 
 
