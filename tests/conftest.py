@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import io
 import os
@@ -99,6 +100,19 @@ def make_messages(n_ham: int = 60, n_spam: int = 20, seed: int = 0) -> bytes:
     lines += [f"spam\t{' '.join(rng.choices(spam_words, k=rng.randint(4, 20)))}" for _ in range(n_spam)]
     rng.shuffle(lines)
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def made_zip(folder: Path, n_ham: int = 120, n_spam: int = 40, seed: int = 1) -> tuple[str, str]:
+    """A zip of test-made messages in `folder`: its file:// URL and the data file's SHA-256."""
+    data = make_messages(n_ham, n_spam, seed)
+    archive = folder / "sms+spam+collection.zip"
+    archive.write_bytes(zip_bytes({"SMSSpamCollection": data}))
+    return archive.as_uri(), hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def made_data(tmp_path) -> tuple[str, str]:
+    return made_zip(tmp_path)
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:

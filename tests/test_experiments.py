@@ -6,17 +6,14 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import make_messages, make_project, run, tiny_params, zip_bytes
+from conftest import made_zip, make_project, run, tiny_params, zip_bytes
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 
 def test_queued_reference_rows_land_in_dvc_and_mlflow_with_their_params(tmp_path):
-    data = make_messages(n_ham=90, n_spam=30, seed=4)
-    archive = tmp_path / "sms.zip"
-    archive.write_bytes(zip_bytes({"SMSSpamCollection": data}))
-    project = make_project(tmp_path / "p", tiny_params(archive.as_uri(), hashlib.sha256(data).hexdigest()))
+    project = make_project(tmp_path / "p", tiny_params(*made_zip(tmp_path, 90, 30, seed=4)))
     run([sys.executable, "experiments/queue_rows.py", "2", "14", "17"], project)
     run(["dvc", "exp", "run", "--run-all", "-j", "1"], project, timeout=900)
 

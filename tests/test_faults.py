@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_messages, make_project, run, stages_run, tiny_params, zip_bytes
+from conftest import made_zip, make_project, run, stages_run, tiny_params
 
 from gpt2_classifier import checkpoint
 from gpt2_classifier.classifier import replace_head, set_trainable
@@ -97,11 +97,9 @@ def digest(path: Path) -> str:
 
 def slow_project(tmp_path) -> Path:
     """A pipeline whose finetune takes seconds: all layers train, on the full-forward path."""
-    data = make_messages(n_ham=240, n_spam=80, seed=3)
-    archive = tmp_path / "sms.zip"
-    archive.write_bytes(zip_bytes({"SMSSpamCollection": data}))
-    params = tiny_params(archive.as_uri(), hashlib.sha256(data).hexdigest(),
-                         finetune={"epochs": 6, "trainable_blocks": "all", "eval_freq": 10})  # fmt: skip
+    finetune = {"epochs": 6, "trainable_blocks": "all", "eval_freq": 10}
+    params = tiny_params(*made_zip(tmp_path, 240, 80, seed=3), finetune=finetune)
+
     params["model"]["config"] = {"emb_dim": 64, "n_layers": 4, "n_heads": 2, "context_length": 128}
     return make_project(tmp_path / "p", params)
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from conftest import REAL_TSV_SHA256, make_messages, make_project, run, stages_run, tiny_params, zip_bytes
+from conftest import REAL_TSV_SHA256, make_project, run, stages_run, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +36,6 @@ def set_param(project, section, key, value):
 
 def repro(project, *args) -> list[str]:
     return stages_run(run(["dvc", "repro", *args], project).stdout)
-
-
-@pytest.fixture
-def made_data(tmp_path):
-    data = make_messages(n_ham=120, n_spam=40, seed=1)
-    archive = tmp_path / "sms+spam+collection.zip"
-    archive.write_bytes(zip_bytes({"SMSSpamCollection": data}))
-    return archive.as_uri(), hashlib.sha256(data).hexdigest()
 
 
 def test_full_pipeline_caches_and_reruns_only_what_changed(tmp_path, made_data):

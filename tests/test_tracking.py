@@ -1,6 +1,5 @@
 """MLflow: what a run records, the DVC experiment workflows, a real server, failures."""
 
-import hashlib
 import json
 import socket
 import subprocess
@@ -9,18 +8,10 @@ import time
 
 import pytest
 import yaml
-from conftest import make_messages, make_project, run, stages_run, tiny_params, zip_bytes
+from conftest import make_project, run, stages_run, tiny_params
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def made_data(tmp_path):
-    data = make_messages(n_ham=120, n_spam=40, seed=2)
-    archive = tmp_path / "sms.zip"
-    archive.write_bytes(zip_bytes({"SMSSpamCollection": data}))
-    return archive.as_uri(), hashlib.sha256(data).hexdigest()
 
 
 def client_for(project) -> MlflowClient:

@@ -1,7 +1,6 @@
 """Using the fine-tuned model: the CLI, the MLflow pyfunc model served over HTTP, the registry."""
 
 import csv
-import hashlib
 import json
 import os
 import socket
@@ -12,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 import requests
-from conftest import make_messages, make_project, run, tiny_params, zip_bytes
+from conftest import made_zip, make_project, run, tiny_params
 from safetensors import safe_open
 
 pytestmark = pytest.mark.slow
@@ -22,10 +21,7 @@ pytestmark = pytest.mark.slow
 def trained(tmp_path_factory):
     """A project after a tiny `dvc repro`, its model registered as spam-classifier."""
     tmp = tmp_path_factory.mktemp("use")
-    data = make_messages(n_ham=90, n_spam=30, seed=5)
-    archive = tmp / "sms.zip"
-    archive.write_bytes(zip_bytes({"SMSSpamCollection": data}))
-    params = tiny_params(archive.as_uri(), hashlib.sha256(data).hexdigest(), mlflow={"register_as": "spam-classifier"})
+    params = tiny_params(*made_zip(tmp, 90, 30, seed=5), mlflow={"register_as": "spam-classifier"})
     project = make_project(tmp / "p", params)
     run(["dvc", "repro"], project)
     return project
