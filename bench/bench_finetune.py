@@ -131,6 +131,7 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     """What the finetune and evaluate stages run, with the classifier saved and reloaded between them."""
     from gpt2_classifier.classifier import load_classifier, save_classifier
     from gpt2_classifier.fast import build_inputs
+    from gpt2_classifier.files import sha256_file
     from gpt2_classifier.metrics import classification_report
     from gpt2_classifier.train import Trainer, TrainSettings, predict_proba
 
@@ -139,10 +140,11 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     inputs = build_inputs(model, splits, pool, 1, "cpu", cache_dir)
     settings = TrainSettings(epochs=epochs, pool=pool)
     history = Trainer(model, inputs["train"], inputs["validation"], settings, "cpu").fit()
-    save_classifier(model, cache_dir.parent / "classifier", {"labels": ["ham", "spam"], "pool": pool})
+    base = {"sha256": sha256_file(folder / "model.safetensors")}
+    save_classifier(model, cache_dir.parent / "classifier", {"labels": ["ham", "spam"], "pool": pool, "base": base})
     train_seconds = time.perf_counter() - start
     del model, inputs
-    model, config = load_classifier(cache_dir.parent / "classifier")  # the evaluate stage's start
+    model, config = load_classifier(cache_dir.parent / "classifier", folder / "model.safetensors")  # evaluate
     inputs = build_inputs(model, splits, config["pool"], 1, "cpu", cache_dir)
     accuracy = {
         name: classification_report(split.labels, predict_proba(model, inputs[name], 32))["accuracy"]
