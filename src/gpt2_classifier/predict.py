@@ -9,6 +9,7 @@ import torch
 
 from .classifier import base_weights_for, load_classifier
 from .encode import pad, tokenize
+from .errors import WeightsError
 from .files import read_json
 from .train import FullForward, predict_proba
 from .weights import WEIGHTS_FILE, fetch_pretrained, random_model, save_hf
@@ -68,8 +69,8 @@ def ensure_base_weights(folder: Path) -> Path:
     if any(path.is_file() for path in candidates):
         try:
             return base_weights_for(config, candidates)
-        except Exception:
-            pass
+        except WeightsError:
+            pass  # present but not the right weights: rebuild them below
     cached.parent.mkdir(parents=True, exist_ok=True)
     if base["weights"] == "random":
         from .model import GPTConfig
