@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import subprocess
+import warnings
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -182,9 +183,11 @@ class Tracker:
         if self.run_id:
             import mlflow
 
-            for name, frame in frames.items():
-                dataset = mlflow.data.from_pandas(frame, source=sources[name], name=name, targets="label")
-                mlflow.log_input(dataset, context=name)
+            with warnings.catch_warnings():  # MLflow's hints about integer columns and ambiguous local sources
+                warnings.simplefilter("ignore", UserWarning)
+                for name, frame in frames.items():
+                    dataset = mlflow.data.from_pandas(frame, source=sources[name], name=name, targets="label")
+                    mlflow.log_input(dataset, context=name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id:
