@@ -20,12 +20,13 @@ import hashlib
 import json
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .classifier import pool as pool_positions
 from .encode import EncodedSplit
@@ -193,10 +194,32 @@ def cached_prefix(
     prefix = compute_prefix(model, split, n_frozen, visible, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({"hidden": prefix.hidden, "offsets": prefix.offsets, "visible": prefix.visible}, str(tmp))
+        write_safetensors(tmp, {"hidden": prefix.hidden, "offsets": prefix.offsets, "visible": prefix.visible})
     for old in sorted(path.parent.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[:-KEEP_CACHE_FILES]:
         old.unlink(missing_ok=True)
     return prefix
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written tensor by tensor from memory as it is. `save_file` first builds
+    the whole file in memory, which for a GPT-2 small prefix is 550 MB more at the peak."""
+    dtypes = {torch.float32: "F32", torch.int64: "I64"}
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": dtypes[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for tensor in tensors.values():
+            f.write(tensor.contiguous().numpy().data)
 
 
 def build_inputs(
