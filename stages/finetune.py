@@ -1,5 +1,6 @@
 """Stage finetune: new classification head, freeze, train with the reference loop, track in MLflow."""
 
+import gc
 from pathlib import Path
 
 import torch
@@ -76,7 +77,8 @@ def main(params: Params) -> None:
             keys = ("train_accuracy", "val_accuracy", "epoch")
             tracker.log_metrics({k: record[k] for k in keys}, step=record["step"])
 
-        inputs = build_inputs(model, splits, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, unpadded)
+        training = {name: splits[name] for name in ("train", "validation")}  # evaluate reads test
+        inputs = build_inputs(model, training, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, unpadded)
         trainer = Trainer(model, inputs["train"], inputs["validation"], settings, device)
         run_inputs = [*ENCODED.glob("*"), BASE / "config.json"]  # the base config holds the weights' SHA-256
         fingerprint = checkpoint.fingerprint({k: v for k, v in raw.items() if k != "mlflow"}, run_inputs)
@@ -121,6 +123,8 @@ def main(params: Params) -> None:
         tracker.log_metrics({"train_seconds": history.seconds, "examples_per_second": summary["examples_per_second"]})
         artifacts = ["loss.png", "accuracy.png", "loss.csv", "accuracy.csv", "summary.json"]
         tracker.log_artifacts([REPORTS / name for name in artifacts] + [Path("params.yaml")], "finetune")
+        del trainer, inputs, model  # logging the model loads it again: free the training copy first
+        gc.collect()
         tracker.log_classifier(OUT)
         saved.unlink(missing_ok=True)
     print(f"finetune: {history.examples_seen} examples in {history.seconds:.0f} s; model in {OUT}")
