@@ -37,7 +37,7 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _local_path(source: str) -> Path | None:
+def local_path(source: str) -> Path | None:
     """The filesystem path a source names, or None when it is a remote URL."""
     parts = urlsplit(source)
     if parts.scheme == "file":
@@ -70,7 +70,7 @@ def _http_get(url: str, folder: Path, timeout: float, retries: int) -> Path:
 
 def retrieve(source: str, folder: Path, timeout: float, retries: int) -> Path:
     """A local file holding the source's bytes (the source itself when it is local)."""
-    path = _local_path(source)
+    path = local_path(source)
     if path is None:
         return _http_get(source, folder, timeout, retries)
     if not path.is_file():

@@ -169,11 +169,11 @@ def fetch_pretrained(
     `source` may be a local file, a folder holding model.safetensors, or an http(s) URL;
     otherwise the Hugging Face Hub (or the endpoint in `endpoint` / HF_ENDPOINT) serves it.
     """
-    from .download import _local_path, redact, retrieve
+    from .download import local_path, redact, retrieve
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     if source is not None:
-        local = _local_path(source)
+        local = local_path(source)
         if local is not None and local.is_dir():
             source = str(local / WEIGHTS_FILE)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch.") as tmp:
