@@ -130,14 +130,15 @@ def plain_loop(folder: Path, epochs: int) -> dict:
 def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     """What the finetune and evaluate stages run, with the classifier saved and reloaded between them."""
     from gpt2_classifier.classifier import load_classifier, save_classifier
-    from gpt2_classifier.fast import build_inputs
+    from gpt2_classifier.fast import build_inputs, iter_inputs
     from gpt2_classifier.files import sha256_file
     from gpt2_classifier.metrics import classification_report
     from gpt2_classifier.train import Trainer, TrainSettings, predict_proba
 
     start = time.perf_counter()
     model, splits = load(folder)
-    inputs = build_inputs(model, splits, pool, 1, "cpu", cache_dir)
+    training = {name: splits[name] for name in ("train", "validation")}  # as the finetune stage does
+    inputs = build_inputs(model, training, pool, 1, "cpu", cache_dir)
     settings = TrainSettings(epochs=epochs, pool=pool)
     history = Trainer(model, inputs["train"], inputs["validation"], settings, "cpu").fit()
     base = {"sha256": sha256_file(folder / "model.safetensors")}
@@ -145,10 +146,9 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     train_seconds = time.perf_counter() - start
     del model, inputs
     model, config = load_classifier(cache_dir.parent / "classifier", folder / "model.safetensors")  # evaluate
-    inputs = build_inputs(model, splits, config["pool"], 1, "cpu", cache_dir)
     accuracy = {
-        name: classification_report(split.labels, predict_proba(model, inputs[name], 32))["accuracy"]
-        for name, split in splits.items()
+        name: classification_report(splits[name].labels, predict_proba(model, inputs, 32))["accuracy"]
+        for name, inputs in iter_inputs(model, splits, config["pool"], 1, "cpu", cache_dir)
     }
     seconds = time.perf_counter() - start
     losses = [(r["train_loss"], r["val_loss"]) for r in history.steps]

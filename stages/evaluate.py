@@ -5,7 +5,7 @@ from pathlib import Path
 from gpt2_classifier.classifier import load_classifier
 from gpt2_classifier.data import SPLITS
 from gpt2_classifier.encode import load_splits
-from gpt2_classifier.fast import build_inputs
+from gpt2_classifier.fast import iter_inputs
 from gpt2_classifier.files import read_json, write_json, write_rows
 from gpt2_classifier.metrics import classification_report, confusion_matrix, roc_auc, roc_curve
 from gpt2_classifier.params import Params
@@ -31,11 +31,11 @@ def main(params: Params) -> None:
         splits = load_splits(ENCODED)
         cache_dir = params.finetune.cache_dir()
         unpadded = config.get("padding") == "none"
-        inputs = build_inputs(
+        inputs = iter_inputs(
             model, splits, config["pool"], config["trainable_blocks"], device, cache_dir,
             config.get("causal_mask", True), unpadded,
         )  # fmt: skip
-        probs = {name: predict_proba(model, inputs[name], params.evaluate.batch_size) for name in SPLITS}
+        probs = {name: predict_proba(model, split, params.evaluate.batch_size) for name, split in inputs}
         metrics = {name: classification_report(splits[name].labels, probs[name]) for name in SPLITS}
 
         test_labels, test_probs = splits["test"].labels, probs["test"]

@@ -117,3 +117,41 @@ def test_damaged_cache_file_is_recomputed(tmp_path):
     cached.write_bytes(cached.read_bytes()[:100])
     again = build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)["s"].prefix.hidden
     assert torch.equal(again, expected)
+
+
+@pytest.mark.parametrize("chunk_tokens", [4096, 24])
+def test_packed_prefix_equals_each_row_through_the_blocks_alone(chunk_tokens, monkeypatch):
+    monkeypatch.setattr(fast, "CHUNK_TOKENS", chunk_tokens)  # 24: many chunks of mixed lengths
+    model, split = classifier(1), ragged_split()
+    visible = fast.visible_positions(split, "flexible")
+    prefix = fast.compute_prefix(model, split, 2, visible, "cpu")
+    with torch.no_grad():
+        for row in range(len(split.labels)):
+            x = model.embed(split.input_ids[row : row + 1, : int(visible[row])])
+            for block in model.trf_blocks[:2]:
+                x = block(x)
+            start = int(prefix.offsets[row])
+            assert (prefix.hidden[start : start + int(visible[row])] - x[0]).abs().max() < 1e-5, row
+
+
+def test_prefix_chunks_cover_every_row_once_within_bounds(monkeypatch):
+    monkeypatch.setattr(fast, "CHUNK_TOKENS", 20)
+    visible = ragged_split(200).lengths
+    chunks = fast.prefix_chunks(visible)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(200))
+    for chunk in chunks:
+        lengths = visible[chunk]
+        assert len(chunk) == 1 or int(lengths.sum()) <= 20
+        assert len(chunk) == 1 or len(chunk) * int(lengths.max()) <= 40
+
+
+@pytest.mark.skipif(not fast.onednn_linear_works("cpu"), reason="oneDNN's fused linear is not available here")
+def test_onednn_fused_block_equals_the_plain_ops():
+    model, split = classifier(1), ragged_split()
+    keep = torch.arange(16)[None, :] < split.lengths[:, None]
+    x = model.embed(split.input_ids)[keep]
+    with torch.no_grad():
+        fused = fast.packed_block(model.trf_blocks[0], x, keep, onednn=True)
+        plain = fast.packed_block(model.trf_blocks[0], x, keep, onednn=False)
+        padded = model.trf_blocks[0](model.embed(split.input_ids))[keep]
+    assert (fused - plain).abs().max() < 1e-5 and (plain - padded).abs().max() < 1e-5

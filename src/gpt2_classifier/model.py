@@ -52,14 +52,17 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = True, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`key_mask` (batch, seq_len), True where a key may be attended, is only used without the
         causal mask: with it, padding after a sequence never reaches the sequence's positions."""
-        batch, seq_len, emb_dim = x.shape
-        q, k, v = self.qkv(x).split(emb_dim, dim=2)
+        return self.out_proj(self.attend(self.qkv(x), causal, key_mask))
+
+    def attend(self, qkv: torch.Tensor, causal: bool = True, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention from projected queries, keys and values (batch, seq_len, 3 * emb_dim), before out_proj."""
+        batch, seq_len, emb_dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(emb_dim, dim=2)
         q, k, v = (t.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         dropout = self.drop_rate if self.training else 0.0
         mask = None if causal or key_mask is None else key_mask[:, None, None, :]
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
-        context = context.transpose(1, 2).reshape(batch, seq_len, emb_dim)
-        return self.out_proj(context)
+        return context.transpose(1, 2).reshape(batch, seq_len, emb_dim)
 
 
 class FeedForward(nn.Module):

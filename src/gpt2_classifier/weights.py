@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from .errors import WeightsError
 from .files import atomic_path, sha256_file
 from .model import PRESETS, GPTConfig, GPTModel
+from .tensorfile import TensorFile, TensorFileError
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +125,21 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_into(model: GPTModel, path: str | os.PathLike) -> GPTModel:
-    """Copy a published-layout checkpoint into `model`, one tensor at a time (no second copy of the
-    model in memory); the output head is tied to the token embedding."""
+    """Copy a published-layout checkpoint into `model`, one tensor at a time, straight from the file
+    (neither a second copy of the model nor the file mapped in memory); the head is tied to the token embedding."""
     path = Path(path)
     check_checkpoint(path, model.cfg, "this model")
-    with safe_open(str(path), framework="pt") as f, torch.no_grad():
-        stored = {_published_name(k): k for k in f.keys()}  # noqa: SIM118
-        for ours, (theirs, conv) in hf_layout(model.cfg).items():
-            tensor = f.get_tensor(stored[theirs])
-            model.get_parameter(ours).copy_(tensor.t() if conv else tensor)
+    try:
+        with TensorFile(path) as f, torch.no_grad():
+            stored = {_published_name(k): k for k in f.entries}
+            for ours, (theirs, conv) in hf_layout(model.cfg).items():
+                param = model.get_parameter(ours)
+                if conv:
+                    param.copy_(f.read(stored[theirs]).t())
+                else:
+                    f.read(stored[theirs], out=param.data)
+    except TensorFileError as exc:
+        raise WeightsError(f"{exc}; delete it and fetch again") from None
     model.out_head.weight = model.tok_emb.weight
     return model
 
