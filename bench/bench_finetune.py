@@ -138,7 +138,7 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     start = time.perf_counter()
     model, splits = load(folder)
     training = {name: splits[name] for name in ("train", "validation")}  # as the finetune stage does
-    inputs = build_inputs(model, training, pool, 1, "cpu", cache_dir)
+    inputs = build_inputs(model, training, pool, 1, "cpu", cache_dir, release=True)
     settings = TrainSettings(epochs=epochs, pool=pool)
     history = Trainer(model, inputs["train"], inputs["validation"], settings, "cpu").fit()
     base = {"sha256": sha256_file(folder / "model.safetensors")}
@@ -148,7 +148,7 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     model, config = load_classifier(cache_dir.parent / "classifier", folder / "model.safetensors")  # evaluate
     accuracy = {
         name: classification_report(splits[name].labels, predict_proba(model, inputs, 32))["accuracy"]
-        for name, inputs in iter_inputs(model, splits, config["pool"], 1, "cpu", cache_dir)
+        for name, inputs in iter_inputs(model, splits, config["pool"], 1, "cpu", cache_dir, release=True)
     }
     seconds = time.perf_counter() - start
     losses = [(r["train_loss"], r["val_loss"]) for r in history.steps]

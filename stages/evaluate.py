@@ -33,7 +33,7 @@ def main(params: Params) -> None:
         unpadded = config.get("padding") == "none"
         inputs = iter_inputs(
             model, splits, config["pool"], config["trainable_blocks"], device, cache_dir,
-            config.get("causal_mask", True), unpadded,
+            config.get("causal_mask", True), unpadded, release=True,
         )  # fmt: skip
         probs = {name: predict_proba(model, split, params.evaluate.batch_size) for name, split in inputs}
         metrics = {name: classification_report(splits[name].labels, probs[name]) for name in SPLITS}

@@ -78,7 +78,9 @@ def main(params: Params) -> None:
             tracker.log_metrics({k: record[k] for k in keys}, step=record["step"])
 
         training = {name: splits[name] for name in ("train", "validation")}  # evaluate reads test
-        inputs = build_inputs(model, training, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, unpadded)
+        inputs = build_inputs(
+            model, training, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, unpadded, release=True
+        )
         trainer = Trainer(model, inputs["train"], inputs["validation"], settings, device)
         run_inputs = [*ENCODED.glob("*"), BASE / "config.json"]  # the base config holds the weights' SHA-256
         fingerprint = checkpoint.fingerprint({k: v for k, v in raw.items() if k != "mlflow"}, run_inputs)
@@ -99,7 +101,7 @@ def main(params: Params) -> None:
 
         history = trainer.fit(on_step, on_epoch, on_checkpoint)
 
-        save_classifier(model.cpu(), OUT, {
+        save_classifier(model, OUT, {
             "labels": meta["labels"], "pool": pool, "max_length": meta["max_length"], "pad_id": meta["pad_id"],
             "padding": meta.get("padding", "fixed"), "causal_mask": f.causal_mask,
             # what evaluate may precompute: nothing of a model whose blocks all changed (LoRA, merged)

@@ -155,3 +155,19 @@ def test_onednn_fused_block_equals_the_plain_ops():
         plain = fast.packed_block(model.trf_blocks[0], x, keep, onednn=False)
         padded = model.trf_blocks[0](model.embed(split.input_ids))[keep]
     assert (fused - plain).abs().max() < 1e-5 and (plain - padded).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_released_frozen_weights_give_the_same_inputs_and_are_gone(cached, tmp_path):
+    model, splits = classifier(1), {"a": ragged_split(), "b": ragged_split(seed=3)}
+    kept = build_inputs(model, splits, "flexible", 1, "cpu", tmp_path)
+    if not cached:
+        for path in tmp_path.glob("*.safetensors"):
+            path.unlink()
+    released = build_inputs(model, splits, "flexible", 1, "cpu", tmp_path, release=True)
+    for name in splits:
+        assert torch.equal(released[name].prefix.hidden, kept[name].prefix.hidden)  # bit-identical
+        idx = torch.arange(10)
+        assert torch.equal(released[name].logits(idx), kept[name].logits(idx))
+    assert model.tok_emb.weight.is_meta and model.trf_blocks[1].att.qkv.weight.is_meta
+    assert not model.trf_blocks[2].att.qkv.weight.is_meta and not model.out_head.weight.is_meta

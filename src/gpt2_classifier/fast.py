@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +31,11 @@ import torch.nn.functional as F
 
 from .classifier import pool as pool_positions
 from .encode import EncodedSplit
+from .errors import PipelineError
 from .files import atomic_path
 from .lora import LinearWithLoRA
 from .model import GPTModel, TransformerBlock
-from .tensorfile import read_tensors, write_tensors
+from .tensorfile import TensorFile, read_tensors, write_tensors
 from .train import FullForward, Inputs
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,11 @@ def packed_block(block: TransformerBlock, x: torch.Tensor, keep: torch.Tensor, o
 
 
 @torch.no_grad()
-def compute_prefix(model: GPTModel, split: EncodedSplit, n_frozen: int, visible: torch.Tensor, device) -> Prefix:
-    """Run embeddings and the frozen blocks once over each row's visible positions."""
+def compute_prefix(
+    model: GPTModel, split: EncodedSplit, n_frozen: int, visible: torch.Tensor, device,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Prefix:  # fmt: skip
+    """Run embeddings (`model.embed` unless given) and the frozen blocks once over each row's visible positions."""
     was_training = model.training
     model.eval()
     onednn = onednn_linear_works(torch.device(device).type)
@@ -146,7 +150,7 @@ def compute_prefix(model: GPTModel, split: EncodedSplit, n_frozen: int, visible:
         length = int(visible[chunk[0]])
         keep = torch.arange(length)[None, :] < visible[chunk, None]
         device_keep = keep.to(device)
-        x = model.embed(split.input_ids[chunk, :length].to(device))[device_keep]
+        x = (embed or model.embed)(split.input_ids[chunk, :length].to(device))[device_keep]
         for block in model.trf_blocks[:n_frozen]:
             x = packed_block(block, x, device_keep, onednn)
         rows = offsets[chunk, None] + torch.arange(length)[None, :]
@@ -230,29 +234,55 @@ def cache_key(weights_digest: str, split: EncodedSplit, visible: torch.Tensor) -
     return digest.hexdigest()
 
 
-def cached_prefix(
-    model: GPTModel, split: EncodedSplit, n_frozen: int, pool: str, device, cache_dir: Path | None,
-    weights_digest: str | None = None,
-) -> Prefix:  # fmt: skip
-    visible = visible_positions(split, pool)
-    if cache_dir is None:
-        return compute_prefix(model, split, n_frozen, visible, device)
-    weights_digest = weights_digest or frozen_digest(model, n_frozen)
-    path = Path(cache_dir) / f"{cache_key(weights_digest, split, visible)}.safetensors"
-    if path.is_file():
-        try:
-            tensors = read_tensors(path)
-            os.utime(path)
-            return Prefix(tensors["hidden"], tensors["offsets"], tensors["visible"])
-        except Exception as exc:  # a damaged cache file is recomputed, never trusted
-            log.warning("ignoring unreadable prefix cache %s (%s)", path, exc)
-    prefix = compute_prefix(model, split, n_frozen, visible, device)
+def read_cached(path: Path) -> Prefix | None:
+    """A cached prefix, or None where there is none or it is damaged (then it is recomputed, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = read_tensors(path)
+    except Exception as exc:
+        log.warning("ignoring unreadable prefix cache %s (%s)", path, exc)
+        return None
+    os.utime(path)  # recently used: kept when old files are pruned
+    return Prefix(tensors["hidden"], tensors["offsets"], tensors["visible"])
+
+
+def is_readable(path: Path) -> bool:
+    try:
+        with TensorFile(path) as f:
+            return {"hidden", "offsets", "visible"} <= set(f.entries)
+    except (OSError, ValueError):
+        return False
+
+
+def store_cached(path: Path, prefix: Prefix) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         write_tensors(tmp, {"hidden": prefix.hidden, "offsets": prefix.offsets, "visible": prefix.visible})
     for old in sorted(path.parent.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[:-KEEP_CACHE_FILES]:
         old.unlink(missing_ok=True)
-    return prefix
+
+
+def compact_embedding(model: GPTModel, splits: list[EncodedSplit]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model.embed` (eval mode) from the rows of the token table that `splits` use only: with it the
+    whole table (154 MB for GPT-2) can be freed before the prefix is computed. Bit-identical."""
+    used = torch.unique(torch.cat([split.input_ids.flatten() for split in splits]))
+    table = model.tok_emb.weight.detach()[used.to(model.tok_emb.weight.device)]
+    positions = model.pos_emb.weight.detach().clone()
+
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        return table[torch.searchsorted(used.to(ids.device), ids)] + positions[: ids.shape[1]]
+
+    return embed
+
+
+def release_frozen(model: GPTModel, n_frozen: int, blocks: bool = True) -> None:
+    """Move the embeddings (and, with `blocks`, the first `n_frozen` blocks) to the meta device, which
+    frees their memory: once the prefix exists the fast path never reads them. Using them afterwards
+    fails loudly. A head tied to the token table keeps it."""
+    modules = [model.pos_emb] if model.out_head.weight is model.tok_emb.weight else [model.tok_emb, model.pos_emb]
+    for module in modules + (list(model.trf_blocks[:n_frozen]) if blocks else []):
+        module.to_empty(device="meta")
 
 
 def iter_inputs(
@@ -264,19 +294,44 @@ def iter_inputs(
     cache_dir: Path | None = None,
     causal: bool = True,
     unpadded: bool = False,
+    release: bool = False,
 ) -> Iterator[tuple[str, Inputs]]:
     """The fastest exact way to feed each split (prefix + tail where it applies, else the full
-    forward), one split at a time: a caller that is done with a split before the next one holds
-    only one split's prefix in memory."""
+    forward). Prefixes missing from the cache are computed first; cached ones are read as the
+    caller reaches their split, so a caller done with a split before the next holds one at a time.
+
+    `release`: free the frozen weights (see `release_frozen`): the token table before the prefix is
+    computed, the blocks after. The model then only runs through the inputs returned here.
+    """
     n_frozen = frozen_blocks(model, trainable_blocks, causal)
     if n_frozen is None:
         log.info("fast path off (all layers, dropout, LoRA or no causal mask): full forward every batch")
         for name, split in splits.items():
             yield name, FullForward(model, split, pool, device, causal, unpadded)
         return
-    digest = frozen_digest(model, n_frozen) if cache_dir is not None else None
+    visible = {name: visible_positions(split, pool) for name, split in splits.items()}
+    paths: dict[str, Path] = {}
+    if cache_dir is not None:
+        digest = frozen_digest(model, n_frozen)
+        paths = {name: Path(cache_dir) / f"{cache_key(digest, split, visible[name])}.safetensors"
+                 for name, split in splits.items()}  # fmt: skip
+    missing = [name for name in splits if name not in paths or not is_readable(paths[name])]
+    computed = {}
+    if missing:
+        embed = None
+        if release:
+            embed = compact_embedding(model, [splits[name] for name in missing])
+            release_frozen(model, n_frozen, blocks=False)
+        for name in missing:
+            computed[name] = compute_prefix(model, splits[name], n_frozen, visible[name], device, embed)
+            if name in paths:
+                store_cached(paths[name], computed[name])
+    if release:
+        release_frozen(model, n_frozen)
     for name, split in splits.items():
-        prefix = cached_prefix(model, split, n_frozen, pool, device, cache_dir, digest)
+        prefix = computed.pop(name, None) or read_cached(paths[name])
+        if prefix is None:
+            raise PipelineError(f"{paths[name]}: the prefix cache file went missing while in use; run again")
         yield name, PrefixForward(model, prefix, split.labels, n_frozen, pool, device)
 
 

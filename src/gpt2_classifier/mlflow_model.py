@@ -10,10 +10,13 @@ weights are regenerated, pretrained ones downloaded from the Hub) and checked.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 INPUT_EXAMPLE = pd.DataFrame({"text": ["WINNER! Claim your free prize now, reply WIN", "See you at lunch?"]})
@@ -38,15 +41,24 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(self.classifier.predict([str(t) for t in texts]))
 
 
+def signature(labels: list[str]) -> ModelSignature:
+    """`text` in; `label` and `p_<label>` per label out. Given rather than inferred, since inferring
+    loads the model once more while logging it (500 MB for GPT-2 small)."""
+    outputs = [ColSpec("string", "label"), *(ColSpec("double", f"p_{label}") for label in labels)]
+    return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
+
+
 def log_classifier(folder: Path, name: str = "model") -> str:
     """Log `folder` as a pyfunc model of the active run; returns the model URI."""
     requirements = [f"{r}=={importlib.metadata.version(r)}" for r in REQUIREMENTS]
+    labels = json.loads((Path(folder) / "config.json").read_text())["labels"]
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=ClassifierModel(),
         artifacts={"classifier": str(folder)},
         code_paths=[str(PACKAGE_DIR)],
         input_example=INPUT_EXAMPLE,
+        signature=signature(labels),
         pip_requirements=requirements,
     )
     return info.model_uri
