@@ -17,6 +17,7 @@ Everything here equals the full forward pass up to float rounding (tested).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import json
@@ -95,6 +96,23 @@ def prefix_chunks(visible: torch.Tensor) -> list[torch.Tensor]:
 
 
 @functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap memory that freed tensors leave behind back to the OS (glibc). Chunks of
+    different shapes fragment the heap, which then keeps hundreds of MB it never reuses: measured
+    with GPT-2 small and `flexible`, the prefix's peak drops by 300 MB at no measurable cost."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
 def onednn_linear_works(device: str) -> bool:
     """Whether oneDNN's linear with a fused bias and GELU (an internal op of PyTorch's CPU build)
     runs here and agrees with F.linear. It spares the extra passes over the output that addmm's bias
@@ -155,6 +173,8 @@ def compute_prefix(
             x = packed_block(block, x, device_keep, onednn)
         rows = offsets[chunk, None] + torch.arange(length)[None, :]
         hidden[rows[keep]] = x.float().cpu()
+        del x
+        return_freed_memory()
     model.train(was_training)
     return Prefix(hidden, offsets, visible)
 
@@ -328,6 +348,7 @@ def iter_inputs(
                 store_cached(paths[name], computed[name])
     if release:
         release_frozen(model, n_frozen)
+        return_freed_memory()
     for name, split in splits.items():
         prefix = computed.pop(name, None) or read_cached(paths[name])
         if prefix is None:
