@@ -8,9 +8,10 @@ training settings skip the work), then every step runs just the trained blocks.
 With a causal mask, the pooled position p sees positions 0..p only. So we keep just
 those: all padded positions for `last`, one for `first`, the real tokens for `flexible`
 and `mean`; padding beyond them never enters the computation. Rows of different lengths
-are packed back to back for the linear layers, so they work on real tokens only. In the last block, keys
-and values come from every kept position, but the query, the MLP, the final
-LayerNorm and the head only for p (except for `mean`, which reads every position).
+are packed back to back for the linear layers, so they work on kept positions only. In
+the last block, keys and values come from every kept position, but the query, the MLP,
+the final LayerNorm and the head only for p (except for `mean`, which reads every
+position).
 
 Everything here equals the full forward pass up to float rounding (tested).
 """
