@@ -17,7 +17,9 @@ from conftest import made_zip, make_project, run, stages_run, tiny_params
 from gpt2_classifier import checkpoint
 from gpt2_classifier.classifier import replace_head, set_trainable
 from gpt2_classifier.encode import EncodedSplit
+from gpt2_classifier.files import atomic_path, interrupted
 from gpt2_classifier.model import GPTConfig
+from gpt2_classifier.stage import run_stage
 from gpt2_classifier.train import FullForward, Trainer, TrainSettings
 from gpt2_classifier.weights import random_model
 
@@ -91,6 +93,40 @@ def test_fingerprint_follows_params_and_file_content(tmp_path):
     assert one != checkpoint.fingerprint({"lr": 1}, [data])
 
 
+class InterruptedWhileFinalized:
+    """Ctrl-C arriving while Python runs a finalizer: the KeyboardInterrupt is printed and dropped."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost Ctrl-C, on purpose
+def test_ctrl_c_lost_in_a_finalizer_still_fails_the_stage_and_commits_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(*made_zip(tmp_path, 20, 10, seed=1))))
+    survived = []
+
+    def main(params):
+        InterruptedWhileFinalized()  # collected at once; its KeyboardInterrupt never reaches us
+        survived.append(True)
+        with atomic_path(tmp_path / "out.json") as tmp:
+            tmp.write_text("{}")
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground process
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_stage(main)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # run_stage put it back
+        assert not interrupted()  # and later writes in this process commit again
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert survived  # the exception really was lost
+    assert exit_.value.code == 130
+    assert not (tmp_path / "out.json").exists()
+    assert not list(tmp_path.glob(".out.json.*"))
+    assert "error: interrupted" in capsys.readouterr().err
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -113,8 +149,10 @@ def set_param(project: Path, section: str, key: str, value) -> None:
 def interrupt_after_first_checkpoint(project: Path, sig: int) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "MLFLOW_TRACKING_URI")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    # A shell starts background jobs with Ctrl-C ignored, and children inherit that: undo it here.
     process = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     checkpoints = project / ".cache" / "checkpoints"
     deadline = time.monotonic() + 300
     while not any(checkpoints.glob("*.safetensors")) and process.poll() is None and time.monotonic() < deadline:
@@ -136,7 +174,7 @@ def test_killed_finetune_keeps_the_last_result_and_the_rerun_resumes(tmp_path, s
 
     set_param(project, "finetune", "lr", 0.002)
     result = interrupt_after_first_checkpoint(project, sig)
-    assert result.returncode != 0
+    assert result.returncode != 0, result.stderr[-3000:]
     assert not (project / "models/classifier/model.safetensors").exists()  # nothing half-written as done
     assert yaml.safe_load((project / "dvc.lock").read_text()) == lock  # DVC recorded nothing new
     assert cached.is_file()  # the previous result is intact in the cache

@@ -13,10 +13,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Set by a stage's Ctrl-C handler. Python drops an exception raised while a finalizer runs, so a
+# KeyboardInterrupt can be lost; outputs are then still never committed after the Ctrl-C.
+_interrupted = False
+
+
+def mark_interrupted() -> None:
+    global _interrupted
+    _interrupted = True
+
+
+def clear_interrupted() -> None:
+    global _interrupted
+    _interrupted = False
+
+
+def interrupted() -> bool:
+    return _interrupted
+
+
+def _raise_if_interrupted() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only on success."""
+    """Yield a temporary path beside `path`; rename it onto `path` only on success (not after a Ctrl-C)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,6 +47,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _raise_if_interrupted()
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -37,6 +61,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _raise_if_interrupted()
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)
