@@ -17,7 +17,7 @@ from conftest import made_zip, make_project, run, stages_run, tiny_params
 from gpt2_classifier import checkpoint
 from gpt2_classifier.classifier import replace_head, set_trainable
 from gpt2_classifier.encode import EncodedSplit
-from gpt2_classifier.files import atomic_path, interrupted
+from gpt2_classifier.files import INTERRUPTED, atomic_path
 from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.stage import run_stage
 from gpt2_classifier.train import FullForward, Trainer, TrainSettings
@@ -117,7 +117,7 @@ def test_ctrl_c_lost_in_a_finalizer_still_fails_the_stage_and_commits_nothing(tm
         with pytest.raises(SystemExit) as exit_:
             run_stage(main)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # run_stage put it back
-        assert not interrupted()  # and later writes in this process commit again
+        assert not INTERRUPTED.is_set()  # and later writes in this process commit again
     finally:
         signal.signal(signal.SIGINT, previous)
     assert survived  # the exception really was lost

@@ -9,31 +9,18 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 # Set by a stage's Ctrl-C handler. Python drops an exception raised while a finalizer runs, so a
 # KeyboardInterrupt can be lost; outputs are then still never committed after the Ctrl-C.
-_interrupted = False
-
-
-def mark_interrupted() -> None:
-    global _interrupted
-    _interrupted = True
-
-
-def clear_interrupted() -> None:
-    global _interrupted
-    _interrupted = False
-
-
-def interrupted() -> bool:
-    return _interrupted
+INTERRUPTED = threading.Event()
 
 
 def _raise_if_interrupted() -> None:
-    if _interrupted:
+    if INTERRUPTED.is_set():
         raise KeyboardInterrupt
 
 

@@ -8,12 +8,12 @@ import sys
 from collections.abc import Callable
 
 from .errors import PipelineError
-from .files import clear_interrupted, interrupted, mark_interrupted
+from .files import INTERRUPTED
 from .params import Params, load_params
 
 
 def _on_interrupt(signum: int, frame: object) -> None:
-    mark_interrupted()
+    INTERRUPTED.set()
     raise KeyboardInterrupt
 
 
@@ -21,13 +21,12 @@ def run_stage(main: Callable[[Params], None], params_path: str = "params.yaml") 
     """Run a stage's `main`: a PipelineError or Ctrl-C ends it with a one-line error and a
     failing exit status, and after a Ctrl-C no output is committed (see `files.atomic_path`)."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    clear_interrupted()
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.default_int_handler:  # not where the parent had Ctrl-C ignored
         signal.signal(signal.SIGINT, _on_interrupt)
     try:
         main(load_params(params_path))
-        if interrupted():
+        if INTERRUPTED.is_set():
             raise KeyboardInterrupt  # the Ctrl-C's exception was lost on the way (see files.py)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -37,4 +36,4 @@ def run_stage(main: Callable[[Params], None], params_path: str = "params.yaml") 
         sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous)
-        clear_interrupted()  # the guard belongs to this run (tests call run_stage in-process)
+        INTERRUPTED.clear()  # the guard belongs to this run (tests call run_stage in-process)
