@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from gpt2_classifier.classifier import build_classifier, save_classifier
+from gpt2_classifier.classifier import ClassifierConfig, build_classifier, save_classifier
 from gpt2_classifier.files import sha256_file
 from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.predict import TextClassifier
-from gpt2_classifier.weights import random_model, save_hf
+from gpt2_classifier.weights import BaseIdentity, random_model, save_hf
 
 MESSAGES = [
     "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121 to receive entry",
@@ -41,8 +41,9 @@ def main() -> None:
         base = Path(tmp) / "base" / "model.safetensors"
         save_hf(random_model(GPTConfig(), 123), base)
         model, _ = build_classifier(GPTConfig(), base, 2, seed=123, trainable_blocks=1)
-        config = {"labels": ["ham", "spam"], "pool": "last", "max_length": 120, "pad_id": 50256,
-                  "base": {"sha256": sha256_file(base)}}  # fmt: skip
+        identity = BaseIdentity(name="gpt2-small", weights="random", sha256=sha256_file(base))
+        config = ClassifierConfig(labels=["ham", "spam"], pool="last", max_length=120, pad_id=50256,
+                                  trainable_blocks=1, base=identity, gpt=model.cfg)  # fmt: skip
         save_classifier(model, Path(tmp) / "classifier", config)
         start = time.perf_counter()
         classifier = TextClassifier.from_folder(Path(tmp) / "classifier")

@@ -51,11 +51,11 @@ def prepare(folder: Path, quick: bool) -> str:
     if quick:
         parts = {"train": parts["train"].iloc[:120], "validation": parts["validation"].iloc[:40],
                  "test": parts["test"].iloc[:80]}  # fmt: skip
-    encoded, meta = pad_encode(parts)
+    encoded, meta = pad_encode(parts, ["ham", "spam"])
     for name in SPLITS:
         save_split(encoded[name], folder / f"{name}.safetensors")
     save_hf(random_model(GPTConfig(), SEED), folder / "model.safetensors")
-    return f"{source}: " + ", ".join(f"{n} {len(parts[n])}" for n in SPLITS) + f", padded to {meta['max_length']}"
+    return f"{source}: " + ", ".join(f"{n} {len(parts[n])}" for n in SPLITS) + f", padded to {meta.max_length}"
 
 
 def made_up_messages():
@@ -129,11 +129,12 @@ def plain_loop(folder: Path, epochs: int) -> dict:
 
 def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     """What the finetune and evaluate stages run, with the classifier saved and reloaded between them."""
-    from gpt2_classifier.classifier import load_classifier, save_classifier
+    from gpt2_classifier.classifier import ClassifierConfig, load_classifier, save_classifier
     from gpt2_classifier.fast import build_inputs, iter_inputs
     from gpt2_classifier.files import sha256_file
     from gpt2_classifier.metrics import classification_report
     from gpt2_classifier.train import Trainer, TrainSettings, predict_proba
+    from gpt2_classifier.weights import BaseIdentity
 
     start = time.perf_counter()
     model, splits = load(folder)
@@ -141,14 +142,16 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     inputs = build_inputs(model, training, pool, 1, "cpu", cache_dir, release=True)
     settings = TrainSettings(epochs=epochs, pool=pool)
     history = Trainer(model, inputs["train"], inputs["validation"], settings, "cpu").fit()
-    base = {"sha256": sha256_file(folder / "model.safetensors")}
-    save_classifier(model, cache_dir.parent / "classifier", {"labels": ["ham", "spam"], "pool": pool, "base": base})
+    base = BaseIdentity(name="gpt2-small", weights="random", sha256=sha256_file(folder / "model.safetensors"))
+    config = ClassifierConfig(labels=["ham", "spam"], pool=pool, max_length=splits["train"].input_ids.shape[1],
+                              pad_id=50256, trainable_blocks=1, base=base, gpt=model.cfg)  # fmt: skip
+    save_classifier(model, cache_dir.parent / "classifier", config)
     train_seconds = time.perf_counter() - start
     del model, inputs
     model, config = load_classifier(cache_dir.parent / "classifier", folder / "model.safetensors")  # evaluate
     accuracy = {
         name: classification_report(splits[name].labels, predict_proba(model, inputs, 32))["accuracy"]
-        for name, inputs in iter_inputs(model, splits, config["pool"], 1, "cpu", cache_dir, release=True)
+        for name, inputs in iter_inputs(model, splits, config.pool, 1, "cpu", cache_dir, release=True)
     }
     seconds = time.perf_counter() - start
     losses = [(r["train_loss"], r["val_loss"]) for r in history.steps]

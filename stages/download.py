@@ -1,19 +1,16 @@
 """Stage download: fetch the SMS Spam Collection and verify the data file's SHA-256."""
 
-from pathlib import Path
-
 from gpt2_classifier.download import fetch_data_file, redact
 from gpt2_classifier.params import Params
+from gpt2_classifier.paths import RAW
 from gpt2_classifier.stage import run_stage
-
-OUT = Path("data/raw/messages.tsv")
 
 
 def main(params: Params) -> None:
     data = params.data
     max_bytes = int(data.max_unzipped_mb * 2**20)
-    source = fetch_data_file(data.sources, data.member, data.sha256, OUT, data.timeout, data.retries, max_bytes)
-    print(f"download: wrote {OUT} from {redact(source)}")
+    source = fetch_data_file(data.sources, data.member, data.sha256, RAW, data.timeout, data.retries, max_bytes)
+    print(f"download: wrote {RAW} from {redact(source)}")
 
 
 if __name__ == "__main__":

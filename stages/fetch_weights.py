@@ -1,19 +1,16 @@
 """Stage fetch-weights: the base GPT-2 weights, pretrained (downloaded) or seeded random."""
 
-from pathlib import Path
-
 from gpt2_classifier.files import atomic_dir, sha256_file, write_json
 from gpt2_classifier.params import Params
+from gpt2_classifier.paths import BASE
 from gpt2_classifier.stage import run_stage
-from gpt2_classifier.weights import WEIGHTS_FILE, check_checkpoint, fetch_pretrained, random_model, save_hf
-
-OUT = Path("models/base")
+from gpt2_classifier.weights import CONFIG_FILE, WEIGHTS_FILE, check_checkpoint, fetch_pretrained, random_model, save_hf
 
 
 def main(params: Params) -> None:
     m = params.model
     cfg = m.gpt_config()
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(BASE) as tmp:
         weights = tmp / WEIGHTS_FILE
         if m.weights == "random":
             save_hf(random_model(cfg, m.seed), weights)
@@ -24,8 +21,8 @@ def main(params: Params) -> None:
         architecture = {k: v for k, v in cfg.to_dict().items() if k != "drop_rate"}
         info = {"name": m.name, "weights": m.weights, "source": source, "sha256": sha256_file(weights),
                 "revision": m.revision, "seed": m.seed}  # fmt: skip
-        write_json(tmp / "config.json", {**info, "gpt": architecture})
-    print(f"fetch-weights: {m.name} from {source} -> {OUT / WEIGHTS_FILE}")
+        write_json(tmp / CONFIG_FILE, {**info, "gpt": architecture})
+    print(f"fetch-weights: {m.name} from {source} -> {BASE / WEIGHTS_FILE}")
 
 
 if __name__ == "__main__":

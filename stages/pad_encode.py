@@ -1,28 +1,23 @@
 """Stage pad-encode: GPT-2 BPE, padded with <|endoftext|> to one length for every split."""
 
-from pathlib import Path
-
 from gpt2_classifier.data import SPLITS, read_csv
-from gpt2_classifier.encode import pad_encode, save_split
+from gpt2_classifier.encode import META_FILE, pad_encode, save_split
 from gpt2_classifier.files import atomic_dir, write_json
 from gpt2_classifier.params import Params
+from gpt2_classifier.paths import ENCODED, SPLIT_DIR
 from gpt2_classifier.stage import run_stage
-
-SPLIT_DIR = Path("data/split")
-OUT = Path("data/encoded")
 
 
 def main(params: Params) -> None:
     splits = {name: read_csv(SPLIT_DIR / f"{name}.csv") for name in SPLITS}
     context = params.model.gpt_config().context_length
-    encoded, meta = pad_encode(splits, params.pad_encode.max_length, context)
-    meta["labels"] = params.balance.labels
-    with atomic_dir(OUT) as tmp:
+    encoded, meta = pad_encode(splits, params.balance.labels, params.pad_encode.max_length, context)
+    with atomic_dir(ENCODED) as tmp:
         for name, split in encoded.items():
             save_split(split, tmp / f"{name}.safetensors")
-        write_json(tmp / "meta.json", meta)
-    how = "no padding (stored to" if meta["padding"] == "none" else "padded to"
-    print(f"pad-encode: {how} {meta['max_length']} tokens; longest training sequence {meta['longest_train']}")
+        write_json(tmp / META_FILE, meta.model_dump(mode="json"))
+    how = "no padding (stored to" if meta.unpadded else "padded to"
+    print(f"pad-encode: {how} {meta.max_length} tokens; longest training sequence {meta.longest_train}")
 
 
 if __name__ == "__main__":

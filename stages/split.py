@@ -1,20 +1,16 @@
 """Stage split: seeded shuffle, then train / validation / test by fractions."""
 
-from pathlib import Path
-
 from gpt2_classifier.data import read_csv, split, write_csv
 from gpt2_classifier.files import atomic_dir
 from gpt2_classifier.params import Params
+from gpt2_classifier.paths import BALANCED, SPLIT_DIR
 from gpt2_classifier.stage import run_stage
-
-BALANCED = Path("data/balanced.csv")
-OUT = Path("data/split")
 
 
 def main(params: Params) -> None:
     p = params.split
     parts = split(read_csv(BALANCED), p.train, p.validation, p.test, p.seed)
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(SPLIT_DIR) as tmp:
         for name, frame in parts.items():
             write_csv(frame, tmp / f"{name}.csv")
     print("split: " + ", ".join(f"{name} {len(frame)}" for name, frame in parts.items()))

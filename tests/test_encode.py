@@ -52,18 +52,18 @@ def frames():
 
 
 def test_pads_every_split_to_the_longest_training_sequence():
-    encoded, meta = pad_encode(frames())
-    assert meta["max_length"] == meta["longest_train"] == 4
+    encoded, meta = pad_encode(frames(), ["ham", "spam"])
+    assert meta.max_length == meta.longest_train == 4
     assert {name: tuple(s.input_ids.shape) for name, s in encoded.items()} == {
         "train": (2, 4), "validation": (1, 4), "test": (1, 4)
     }  # fmt: skip
-    assert meta["splits"]["validation"]["truncated"] == 1
+    assert meta.splits["validation"].truncated == 1
     assert encoded["train"].input_ids[1, 1:].eq(END_OF_TEXT_ID).all()
 
 
 def test_fixed_length_and_safetensors_round_trip(tmp_path):
-    encoded, meta = pad_encode(frames(), max_length=16)
-    assert meta["max_length"] == 16 and encoded["test"].input_ids.shape == (1, 16)
+    encoded, meta = pad_encode(frames(), ["ham", "spam"], max_length=16)
+    assert meta.max_length == 16 and encoded["test"].input_ids.shape == (1, 16)
     save_split(encoded["train"], tmp_path / "train.safetensors")
     loaded = load_split(tmp_path / "train.safetensors")
     assert torch.equal(loaded.input_ids, encoded["train"].input_ids)

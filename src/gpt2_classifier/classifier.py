@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -13,9 +15,46 @@ from .errors import WeightsError
 from .files import atomic_path, read_json, sha256_file, write_json
 from .lora import LinearWithLoRA, add_lora, merge_lora
 from .model import GPTConfig, GPTModel
-from .weights import WEIGHTS_FILE, load_model
+from .weights import CONFIG_FILE, WEIGHTS_FILE, BaseConfig, BaseIdentity, load_model
 
 POOLS = ("last", "first", "flexible", "mean")
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rank: int
+    alpha: float
+
+
+class ClassifierConfig(BaseModel):
+    """A classifier folder's config.json: how it reads text and what it was built on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    labels: list[str]  # class i is labels[i]
+    pool: Literal["last", "first", "flexible", "mean"]
+    max_length: int  # tokens per message in training (the context, without padding)
+    pad_id: int
+    padding: Literal["fixed", "none"] = "fixed"  # none: each message read at its own length
+    causal_mask: bool = True
+    trainable_blocks: int | Literal["all"]  # what evaluate may precompute: "all" for LoRA (merged)
+    base: BaseIdentity  # the base weights, found by their SHA-256 when the classifier loads
+    gpt: GPTConfig
+    lora: LoraSpec | None = None
+
+    @property
+    def unpadded(self) -> bool:
+        return self.padding == "none"
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> ClassifierConfig:
+        path = Path(folder) / CONFIG_FILE
+        try:
+            return cls.model_validate(read_json(path))
+        except (OSError, ValueError, ValidationError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise WeightsError(f"{path}: not a classifier config ({reason}); run `dvc repro finetune`") from None
 
 
 def replace_head(model: GPTModel, num_classes: int, seed: int) -> GPTModel:
@@ -89,30 +128,38 @@ def classify(
     return model.out_head(pool(model.hidden_states(input_ids, causal, key_mask), lengths, how))
 
 
-def save_classifier(model: GPTModel, folder: str | os.PathLike, config: dict) -> None:
+def lora_spec(model: GPTModel) -> LoraSpec | None:
+    lora = next((m for m in model.modules() if isinstance(m, LinearWithLoRA)), None)
+    return None if lora is None else LoraSpec(rank=lora.A.shape[1], alpha=lora.alpha)
+
+
+def save_classifier(model: GPTModel, folder: str | os.PathLike, config: ClassifierConfig) -> None:
     """Only what training changed (the tensors that required gradients: trained blocks, LayerNorm,
-    head, LoRA adapters) in safetensors, and a JSON config naming the base weights by SHA-256."""
+    head, LoRA adapters) in safetensors, and its config naming the base weights by SHA-256."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     trained = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    lora = next((m for m in model.modules() if isinstance(m, LinearWithLoRA)), None)
-    config = {**config, "gpt": model.cfg.to_dict()}
-    config["lora"] = None if lora is None else {"rank": lora.A.shape[1], "alpha": lora.alpha}
-    with atomic_path(folder / "model.safetensors") as tmp:
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
         # One metadata key: safetensors writes a map's keys in an order that varies between processes.
         save_file(trained, str(tmp), metadata={"format": "pt"})
-    write_json(folder / "config.json", config)
+    write_json(folder / CONFIG_FILE, config.model_dump(mode="json"))
 
 
-def base_weights_for(config: dict, candidates: list[Path]) -> Path:
+def _recorded_sha256(folder: Path) -> str | None:
+    try:
+        return BaseConfig.read(folder).sha256
+    except WeightsError:
+        return None
+
+
+def base_weights_for(config: ClassifierConfig, candidates: list[Path]) -> Path:
     """The first candidate file holding the classifier's base weights, checked by SHA-256 (a
     DVC-written models/base/config.json that records the same hash is trusted without rehashing)."""
-    expected = config["base"]["sha256"]
+    expected = config.base.sha256
     for path in candidates:
         if not path.is_file():
             continue
-        recorded = path.parent / "config.json"
-        if recorded.is_file() and read_json(recorded).get("sha256") == expected:
+        if (path.parent / CONFIG_FILE).is_file() and _recorded_sha256(path.parent) == expected:
             return path
         if sha256_file(path) == expected:
             return path
@@ -125,22 +172,21 @@ def base_weights_for(config: dict, candidates: list[Path]) -> Path:
 
 def load_classifier(
     folder: str | os.PathLike, base_weights: str | os.PathLike | None = None, device: str = "cpu"
-) -> tuple[GPTModel, dict]:
+) -> tuple[GPTModel, ClassifierConfig]:
     """Rebuild the full classifier: base weights, then the stored trained tensors (adapters merged).
     The base is `base_weights`, else models/base beside the classifier's folder."""
     folder = Path(folder)
-    config = read_json(folder / "config.json")
+    config = ClassifierConfig.read(folder)
     candidates = [Path(base_weights)] if base_weights else [folder.parent / "base" / WEIGHTS_FILE]
-    cfg = GPTConfig(**config["gpt"])
-    model = replace_head(load_model(cfg, base_weights_for(config, candidates)), len(config["labels"]), seed=0)
-    if config.get("lora"):
-        add_lora(model, config["lora"]["rank"], config["lora"]["alpha"], seed=0)
-    trained = load_file(str(folder / "model.safetensors"))
+    model = replace_head(load_model(config.gpt, base_weights_for(config, candidates)), len(config.labels), seed=0)
+    if config.lora is not None:
+        add_lora(model, config.lora.rank, config.lora.alpha, seed=0)
+    trained = load_file(str(folder / WEIGHTS_FILE))
     unexpected = set(trained) - set(model.state_dict())
     missing_head = {"out_head.weight", "out_head.bias"} - set(trained)
     if unexpected or missing_head:
         name = sorted(unexpected or missing_head)[0]
-        raise WeightsError(f"{folder / 'model.safetensors'}: tensor '{name}' does not fit this classifier's config")
+        raise WeightsError(f"{folder / WEIGHTS_FILE}: tensor '{name}' does not fit this classifier's config")
     model.load_state_dict(trained, strict=False)
     merge_lora(model)
     model.requires_grad_(False)

@@ -5,13 +5,52 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 
 from .data import SPLITS
+from .errors import PipelineError
+from .files import read_json
 from .tokenizer import END_OF_TEXT_ID, gpt2_encoding
+
+META_FILE = "meta.json"
+
+
+class SplitStats(BaseModel):
+    messages: int
+    tokens: int
+    longest: int
+    truncated: int
+
+
+class EncodingInfo(BaseModel):
+    """data/encoded/meta.json: how pad-encode encoded the splits."""
+
+    model_config = ConfigDict(frozen=True)
+
+    padding: Literal["fixed", "none"]  # none: stored padded, read at each message's own length
+    max_length: int
+    pad_id: int
+    longest_train: int
+    splits: dict[str, SplitStats]
+    labels: list[str]
+
+    @property
+    def unpadded(self) -> bool:
+        return self.padding == "none"
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> EncodingInfo:
+        path = Path(folder) / META_FILE
+        try:
+            return cls.model_validate(read_json(path))
+        except (OSError, ValueError, ValidationError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise PipelineError(f"{path}: not pad-encode's output ({reason}); run `dvc repro pad-encode`") from None
 
 
 @dataclass
@@ -43,8 +82,8 @@ def pad(token_lists: list[list[int]], labels: list[int], max_length: int, pad_id
 
 
 def pad_encode(
-    splits: dict[str, pd.DataFrame], max_length: int | str = "longest", context_length: int = 1024
-) -> tuple[dict[str, EncodedSplit], dict]:
+    splits: dict[str, pd.DataFrame], labels: list[str], max_length: int | str = "longest", context_length: int = 1024
+) -> tuple[dict[str, EncodedSplit], EncodingInfo]:
     """Encode every split and pad (truncating to the model's context) to one length:
 
     - "longest": the longest training sequence, as the reference does;
@@ -59,22 +98,23 @@ def pad_encode(
     wanted = {"longest": longest_train, "context": context_length, "none": longest_any}.get(max_length, max_length)
     length = min(int(wanted), context_length)
     encoded = {name: pad(tokens[name], splits[name]["label"].tolist(), length) for name in SPLITS}
-    meta = {
-        "padding": "none" if max_length == "none" else "fixed",
-        "max_length": length,
-        "pad_id": END_OF_TEXT_ID,
-        "longest_train": longest_train,
-        "splits": {
-            name: {
-                "messages": len(tokens[name]),
-                "tokens": sum(len(t) for t in tokens[name]),
-                "longest": max(len(t) for t in tokens[name]),
-                "truncated": sum(len(t) > length for t in tokens[name]),
-            }
+    info = EncodingInfo(
+        padding="none" if max_length == "none" else "fixed",
+        max_length=length,
+        pad_id=END_OF_TEXT_ID,
+        longest_train=longest_train,
+        splits={
+            name: SplitStats(
+                messages=len(tokens[name]),
+                tokens=sum(len(t) for t in tokens[name]),
+                longest=max(len(t) for t in tokens[name]),
+                truncated=sum(len(t) > length for t in tokens[name]),
+            )
             for name in SPLITS
         },
-    }
-    return encoded, meta
+        labels=labels,
+    )
+    return encoded, info
 
 
 def save_split(split: EncodedSplit, path: str | os.PathLike) -> None:

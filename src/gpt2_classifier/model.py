@@ -38,6 +38,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def architecture_name(cfg: GPTConfig) -> str:
+    """The preset's name when `cfg` is one (dropout aside), else layers, width and heads:
+    'gpt2-small', 'gpt2-custom-2L-64d-2h'."""
+    for name, preset in PRESETS.items():
+        if cfg.to_dict() | {"drop_rate": 0.0} == GPTConfig(**preset).to_dict():
+            return name
+    return f"gpt2-custom-{cfg.n_layers}L-{cfg.emb_dim}d-{cfg.n_heads}h"
+
+
 class MultiHeadAttention(nn.Module):
     """Causal self-attention with one fused query/key/value projection."""
 

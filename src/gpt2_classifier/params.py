@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ParamsError
 from .files import project_root
 from .model import PRESETS, GPTConfig
+from .paths import CHECKPOINTS, PREFIX_CACHE
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -120,10 +121,10 @@ class FinetuneParams(Section):
 
     def cache_dir(self) -> Path | None:
         """Where frozen-prefix activations are kept between runs (None: recompute every run)."""
-        return project_root() / ".cache" / "prefix" if self.prefix_cache else None
+        return project_root() / PREFIX_CACHE if self.prefix_cache else None
 
     def checkpoint_dir(self) -> Path:
-        return project_root() / ".cache" / "checkpoints"
+        return project_root() / CHECKPOINTS
 
 
 class EvaluateParams(Section):
@@ -134,6 +135,7 @@ class MlflowParams(Section):
     enabled: bool = True
     experiment_name: str = Field("gpt2-classifier", min_length=1)
     register_as: str | None = None  # a Model Registry name: each evaluated run becomes a new version
+    system_metrics: bool = True  # CPU, memory (and GPU) use sampled during finetune and evaluate
 
 
 class Params(Section):

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
-from .classifier import base_weights_for, load_classifier
+from .classifier import ClassifierConfig, base_weights_for, load_classifier
 from .encode import pad, tokenize
 from .errors import WeightsError
-from .files import read_json
+from .paths import BASE
 from .train import FullForward, predict_proba
 from .weights import WEIGHTS_FILE, fetch_pretrained, random_model, save_hf
 
@@ -20,12 +21,11 @@ BASE_CACHE = Path(os.environ.get("GPT2_CLASSIFIER_CACHE", Path.home() / ".cache"
 class TextClassifier:
     """A loaded classifier and the way it reads text, from its saved config."""
 
-    def __init__(self, model, config: dict, device: str = "cpu"):
+    def __init__(self, model, config: ClassifierConfig, device: str = "cpu"):
         self.model, self.config, self.device = model, config, device
-        self.labels: list[str] = config["labels"]
-        self.unpadded = config.get("padding") == "none"
+        self.labels = config.labels
         # Training padded to max_length; without padding, only the context limits a message.
-        self.max_length = model.cfg.context_length if self.unpadded else config["max_length"]
+        self.max_length = model.cfg.context_length if config.unpadded else config.max_length
 
     @classmethod
     def from_folder(
@@ -38,10 +38,9 @@ class TextClassifier:
 
     def predict_proba(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         """(len(texts), classes) probabilities."""
-        split = pad(tokenize(list(texts)), [0] * len(texts), self.max_length, self.config["pad_id"])
-        inputs = FullForward(
-            self.model, split, self.config["pool"], self.device, self.config.get("causal_mask", True), self.unpadded
-        )
+        c = self.config
+        split = pad(tokenize(list(texts)), [0] * len(texts), self.max_length, c.pad_id)
+        inputs = FullForward(self.model, split, c.pool, self.device, c.causal_mask, c.unpadded)
         return predict_proba(self.model, inputs, batch_size, progress=progress)
 
     def predict(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[dict]:
@@ -60,10 +59,10 @@ def ensure_base_weights(folder: Path) -> Path:
     """The classifier's base weights, checked by SHA-256: the file in GPT2_CLASSIFIER_BASE, models/base
     beside the classifier or in the working folder, the user cache; else rebuilt from the recorded
     identity (seeded random weights are regenerated, pretrained ones downloaded) into the cache."""
-    config = read_json(folder / "config.json")
-    base = config["base"]
-    cached = BASE_CACHE / f"{base['sha256']}.safetensors"
-    candidates = [folder.parent / "base" / WEIGHTS_FILE, Path("models") / "base" / WEIGHTS_FILE, cached]
+    config = ClassifierConfig.read(folder)
+    base = config.base
+    cached = BASE_CACHE / f"{base.sha256}.safetensors"
+    candidates = [folder.parent / "base" / WEIGHTS_FILE, BASE / WEIGHTS_FILE, cached]
     if os.environ.get("GPT2_CLASSIFIER_BASE"):
         candidates.insert(0, Path(os.environ["GPT2_CLASSIFIER_BASE"]))
     if any(path.is_file() for path in candidates):
@@ -72,10 +71,8 @@ def ensure_base_weights(folder: Path) -> Path:
         except WeightsError:
             pass  # present but not the right weights: rebuild them below
     cached.parent.mkdir(parents=True, exist_ok=True)
-    if base["weights"] == "random":
-        from .model import GPTConfig
-
-        save_hf(random_model(GPTConfig(**{**config["gpt"], "drop_rate": 0.0}), base["seed"]), cached)
+    if base.weights == "random":
+        save_hf(random_model(dataclasses.replace(config.gpt, drop_rate=0.0), base.seed), cached)
     else:
-        fetch_pretrained(base["name"], cached, base.get("revision") or "main")
+        fetch_pretrained(base.name, cached, base.revision)
     return base_weights_for(config, [cached])

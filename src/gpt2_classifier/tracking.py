@@ -12,18 +12,18 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import warnings
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pydantic import BaseModel, ValidationError
 
 from .download import redact
 from .errors import PipelineError
 from .files import project_root, read_json, write_json
+from .lineage import baseline_params, changed_params, code_differs, git_head
+from .params import MlflowParams
 
 log = logging.getLogger(__name__)
 DEFAULT_DB = "mlflow.db"
@@ -36,52 +36,6 @@ class TrackingError(PipelineError):
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_DB}"
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists and other leaves are kept as values."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat |= flatten(value, f"{name}.")
-        else:
-            flat[name] = value
-    return flat
-
-
-def _git(*args: str) -> str | None:
-    try:
-        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip()
-
-
-def lineage_tags() -> dict[str, str]:
-    """Git commit and dirtiness, DVC experiment, and the content hashes DVC recorded for the inputs."""
-    tags = {"mlflow.source.git.commit": _git("rev-parse", "HEAD") or "unknown"}
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    if os.environ.get("DVC_EXP_BASELINE_REV"):
-        tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
-    tags |= {f"dvc.md5.{path}": md5 for path, md5 in dvc_out_hashes().items()}
-    return tags
-
-
-def dvc_out_hashes(lock_path: str | os.PathLike = "dvc.lock") -> dict[str, str]:
-    """Output path -> content hash, as DVC recorded them in dvc.lock for the finished stages."""
-    try:
-        lock = yaml.safe_load(Path(lock_path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    return {
-        out["path"]: out.get("md5") or out.get("hash", "")
-        for stage in lock.get("stages", {}).values()
-        for out in stage.get("outs", [])
-    }
 
 
 @contextlib.contextmanager
@@ -99,10 +53,21 @@ def _quick_http_failures() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _quiet_mlflow() -> None:
+    """Stage output says what the stage did: MLflow's info lines (table creation, input example
+    validation, system metrics start and stop) and artifact progress bars stay out of it; its
+    warnings still show."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def _use_experiment(uri: str, name: str) -> str:
     """Set the tracking URI and experiment (creating it, with artifacts beside a local store)."""
     import mlflow
     from filelock import FileLock
+
+    _quiet_mlflow()
 
     mlflow.set_tracking_uri(uri)
     local = uri.startswith("sqlite:///")
@@ -126,11 +91,53 @@ def _use_experiment(uri: str, name: str) -> str:
     return experiment_id
 
 
-def default_run_name(params: dict) -> str:
-    exp = os.environ.get("DVC_EXP_NAME")
-    if exp:
-        return exp
-    return f"{params['model']['name']}-{params['model']['weights']}-{datetime.now():%Y%m%d-%H%M%S}"
+SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples of CPU, memory and GPU use (MLflow's default: 10)
+
+
+class RunRecord(BaseModel):
+    """reports/train/mlflow_run.json: the run that `finetune` made, for `evaluate` to continue."""
+
+    run_id: str | None = None  # None: tracking was off
+    tracking_uri: str | None = None  # redacted of credentials
+    experiment_id: str | None = None
+    model_id: str | None = None  # the logged model (MLflow 3), which carries the final metrics
+    model_uri: str | None = None
+    step: int = 0  # the last training step: the model's metrics are logged at it
+
+    @classmethod
+    def read(cls, path: Path) -> RunRecord:
+        try:
+            return cls.model_validate(read_json(path))
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError, ValidationError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise TrackingError(f"{path}: not finetune's run record ({reason}); rerun finetune") from None
+
+
+def run_tags(params: dict, validate: Callable[[dict], dict] | None = None) -> dict[str, str]:
+    """Where the run's code came from and what it changed: the commit and whether code differs
+    from it, the DVC experiment and its baseline, and the params that differ from the baseline's
+    params.yaml (as `changed_params` and the run's description)."""
+    dirty = code_differs()
+    tags = {"mlflow.source.git.commit": git_head() or "unknown", "python": platform.python_version(),
+            "git.dirty": "unknown" if dirty is None else str(dirty).lower()}  # fmt: skip
+    for variable, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
+    baseline_rev = os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
+    baseline = baseline_params(baseline_rev)
+    if baseline is not None:
+        if validate is not None:
+            with contextlib.suppress(Exception):  # a baseline of an older schema is compared as written
+                baseline = validate(baseline)
+        changes = changed_params({k: v for k, v in params.items() if k != "mlflow"},
+                                 {k: v for k, v in baseline.items() if k != "mlflow"})  # fmt: skip
+        tags["changed_params"] = "; ".join(changes) or "none"
+        where = f"baseline {baseline_rev[:7]}" if baseline_rev != "HEAD" else "the committed params.yaml"
+        listed = "\n".join(f"- `{change}`" for change in changes) or "none"
+        tags["mlflow.note.content"] = f"Params changed from {where}:\n{listed}"
+    return tags
 
 
 class Tracker:
@@ -138,14 +145,18 @@ class Tracker:
 
     def __init__(self, run_id: str | None):
         self.run_id = run_id
+        self.model_id: str | None = None
         self.model_uri: str | None = None
+        self.step = 0  # the logged model's step
 
-    def log_classifier(self, folder: Path) -> None:
-        """The classifier as an MLflow model (pyfunc) of this run."""
+    def log_classifier(self, folder: Path, step: int, tags: dict[str, str]) -> None:
+        """The classifier as an MLflow model (pyfunc) of this run; it carries the metrics logged at `step`."""
+        self.step = step
         if self.run_id:
             from .mlflow_model import log_classifier
 
-            self.model_uri = log_classifier(folder)
+            info = log_classifier(folder, step=step, tags=tags)
+            self.model_id, self.model_uri = info.model_id, info.model_uri
 
     def register(self, model_uri: str, name: str, test_accuracy: float) -> str | None:
         """A new version of `name` in the Model Registry, tagged with its test accuracy."""
@@ -165,11 +176,11 @@ class Tracker:
 
             mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in params.items()})
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None) -> None:
         if self.run_id:
             import mlflow
 
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, model_id=model_id)
 
     def log_artifacts(self, paths: list[Path], folder: str | None = None) -> None:
         if self.run_id:
@@ -189,6 +200,24 @@ class Tracker:
                     dataset = mlflow.data.from_pandas(frame, source=sources[name], name=name, targets="label")
                     mlflow.log_input(dataset, context=name)
 
+    def log_lineage(self, stage: str, inputs: dict[str, Path], outputs: dict[str, Path]) -> None:
+        """A tag `lineage.<name>` per input and output, holding DVC's hash of it as this run found or
+        wrote it, and the hash of every file in `lineage/<stage>.json`."""
+        if not self.run_id:
+            return
+        import mlflow
+
+        from .lineage import dvc_md5, file_hashes
+
+        tags, record = {}, {"inputs": {}, "outputs": {}}
+        for kind, paths in (("inputs", inputs), ("outputs", outputs)):
+            for name, path in paths.items():
+                md5 = dvc_md5(path)
+                tags[f"lineage.{name}"] = md5
+                record[kind][path.as_posix()] = {"md5": md5, "files": file_hashes(path)}
+        mlflow.set_tags(tags)
+        mlflow.log_dict(record, f"lineage/{stage}.json")
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id:
             import mlflow
@@ -196,57 +225,67 @@ class Tracker:
             mlflow.set_tags(tags)
 
 
+def _start_system_metrics(enabled: bool) -> bool:
+    if enabled:
+        os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", str(SYSTEM_METRICS_INTERVAL))
+        os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    return enabled
+
+
 @contextlib.contextmanager
-def finetune_run(params: dict, run_file: Path) -> Iterator[Tracker]:
-    """A new run for this training; its id is written to `run_file` when training succeeds.
+def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: dict[str, str]) -> Iterator[Tracker]:
+    """A new run for this training; its record is written to `run_file` when training succeeds.
 
     A failure inside marks the run FAILED; Ctrl-C marks it KILLED.
     """
-    settings = params.get("mlflow", {})
-    if not settings.get("enabled", True):
+    if not settings.enabled:
         yield Tracker(None)
-        write_json(run_file, {"run_id": None, "tracking_uri": None})
+        write_json(run_file, RunRecord().model_dump())
         return
     import mlflow
 
     uri = tracking_uri()
-    experiment_id = _use_experiment(uri, settings.get("experiment_name", "gpt2-classifier"))
-    run = mlflow.start_run(run_name=default_run_name(params))
+    experiment_id = _use_experiment(uri, settings.experiment_name)
+    run = mlflow.start_run(
+        run_name=run_name, tags=tags, log_system_metrics=_start_system_metrics(settings.system_metrics)
+    )
     status = "FAILED"
     try:
         tracker = Tracker(run.info.run_id)
-        tracker.set_tags(lineage_tags() | {"stage": "finetune", "python": platform.python_version()})
         yield tracker
-        write_json(run_file, {"run_id": run.info.run_id, "tracking_uri": redact(uri), "experiment_id": experiment_id,
-                              "model_uri": tracker.model_uri})  # fmt: skip
+        record = RunRecord(run_id=run.info.run_id, tracking_uri=redact(uri), experiment_id=experiment_id,
+                           model_id=tracker.model_id, model_uri=tracker.model_uri, step=tracker.step)  # fmt: skip
+        write_json(run_file, record.model_dump())
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         mlflow.end_run(status=status)
-        log.info("MLflow run %s %s in %s", run.info.run_id, status.lower(), redact(uri))
+        log.debug("MLflow run %s %s in %s", run.info.run_id, status.lower(), redact(uri))
+    if status == "FINISHED":
+        print(f"finetune: MLflow run {run_name} ({run.info.run_id}) in {redact(uri)}")
 
 
 @contextlib.contextmanager
-def continue_run(params: dict, run_file: Path) -> Iterator[Tracker]:
-    """Reopen the run that `finetune` wrote to `run_file`, so evaluation lands on it."""
-    settings = params.get("mlflow", {})
-    recorded = read_json(run_file) if Path(run_file).exists() else {}
-    run_id = recorded.get("run_id")
-    if not settings.get("enabled", True) or run_id is None:
-        yield Tracker(None)
+def continue_run(settings: MlflowParams, run_file: Path) -> Iterator[tuple[Tracker, RunRecord]]:
+    """Reopen the run that `finetune` recorded in `run_file`, so evaluation lands on it."""
+    record = RunRecord.read(run_file)
+    if not settings.enabled or record.run_id is None:
+        yield Tracker(None), record
         return
     import mlflow
 
     uri = tracking_uri()
-    _use_experiment(uri, settings.get("experiment_name", "gpt2-classifier"))
+    _use_experiment(uri, settings.experiment_name)
     try:
-        mlflow.get_run(run_id)
+        mlflow.get_run(record.run_id)
     except Exception:
         raise TrackingError(
-            f"{run_file}: run {run_id} is not in {redact(uri)}; rerun finetune (dvc repro -f -s finetune) "
+            f"{run_file}: run {record.run_id} is not in {redact(uri)}; rerun finetune (dvc repro -f -s finetune) "
             "or point MLFLOW_TRACKING_URI at the store that holds it"
         ) from None
-    with mlflow.start_run(run_id=run_id):
-        yield Tracker(run_id)
+    with mlflow.start_run(run_id=record.run_id, log_system_metrics=_start_system_metrics(settings.system_metrics)):
+        tracker = Tracker(record.run_id)
+        tracker.model_id, tracker.model_uri = record.model_id, record.model_uri
+        yield tracker, record

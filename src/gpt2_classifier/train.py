@@ -7,6 +7,7 @@ pass over the training set (training, or a loss/accuracy estimate) draws a new o
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from .classifier import classify
 from .encode import EncodedSplit
 from .model import GPTModel
+from .params import FinetuneParams
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,18 @@ class TrainSettings:
     accumulation_steps: int = 1
     ignore_index: int = -100
 
+    @classmethod
+    def from_params(cls, f: FinetuneParams, pool: str) -> TrainSettings:
+        """The loop's settings from params.yaml's finetune section (`pool` as resolved for the data)."""
+        names = [field.name for field in dataclasses.fields(cls) if field.name != "pool"]
+        return cls(**{name: getattr(f, name) for name in names}, pool=pool)
+
 
 @dataclass
 class History:
+    # Estimates over `eval_iter` batches, as the reference makes them (evaluate measures the full sets):
     steps: list[dict] = field(default_factory=list)  # step, examples_seen, train_loss, val_loss
-    epochs: list[dict] = field(default_factory=list)  # epoch, step, train_accuracy, val_accuracy
+    epochs: list[dict] = field(default_factory=list)  # epoch, step, examples_seen, {train,val}_accuracy_estimate
     examples_seen: int = 0
     seconds: float = 0.0
 
@@ -183,8 +192,9 @@ class Trainer:
             record = {
                 "epoch": epoch,
                 "step": self.step,
-                "train_accuracy": self.estimate(self.train_inputs, self._train_batches(), "accuracy"),
-                "val_accuracy": self.estimate(self.val_inputs, self._val_batches(), "accuracy"),
+                "examples_seen": history.examples_seen,
+                "train_accuracy_estimate": self.estimate(self.train_inputs, self._train_batches(), "accuracy"),
+                "val_accuracy_estimate": self.estimate(self.val_inputs, self._val_batches(), "accuracy"),
             }
             history.epochs.append(record)
             self.epoch = epoch

@@ -15,11 +15,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import WeightsError
-from .files import atomic_path, sha256_file
+from .files import atomic_path, read_json, sha256_file
 from .model import PRESETS, GPTConfig, GPTModel
 from .tensorfile import TensorFile, TensorFileError
 
@@ -32,8 +33,40 @@ HF_REPOS = {
     "gpt2-xl": "openai-community/gpt2-xl",
 }
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 # Saved by some exports beside the weights: the causal-mask buffers and the tied LM head.
 IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
+
+
+class BaseIdentity(BaseModel):
+    """Which base weights these are: enough to find them by hash, or to rebuild them."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str  # gpt2-small ... gpt2-xl
+    weights: str  # pretrained | random
+    sha256: str  # of model.safetensors
+    revision: str = "main"
+    seed: int = 123  # of random weights
+
+
+class BaseConfig(BaseIdentity):
+    """models/base/config.json, written by fetch-weights beside model.safetensors."""
+
+    source: str  # where pretrained weights came from, or "random (seed N)"
+    gpt: GPTConfig  # the architecture (drop_rate is the fine-tuning's, not the weights')
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> BaseConfig:
+        path = Path(folder) / CONFIG_FILE
+        try:
+            return cls.model_validate(read_json(path))
+        except (OSError, ValueError, ValidationError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise WeightsError(f"{path}: not a base weights config ({reason}); run `dvc repro fetch-weights`") from None
+
+    def identity(self) -> BaseIdentity:
+        return BaseIdentity(**self.model_dump(include=set(BaseIdentity.model_fields)))
 
 
 def hf_layout(cfg: GPTConfig) -> dict[str, tuple[str, bool]]:

@@ -1,0 +1,153 @@
+"""The finetune stage's work: build the classifier on the base weights, train it with the reference
+loop (resuming an interrupted run), save what changed, write the curves, and track it all in MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .classifier import ClassifierConfig, build_classifier, lora_spec, resolved_pool, save_classifier
+from .data import SPLITS, read_csv
+from .encode import EncodingInfo, load_splits
+from .errors import PipelineError
+from .fast import build_inputs
+from .files import write_json, write_rows
+from .lineage import flatten
+from .model import architecture_name
+from .params import Params, parse_params
+from .paths import BASE, CLASSIFIER, ENCODED, RUN_FILE, SPLIT_DIR, TRAIN_REPORTS
+from .plots import plot_curves
+from .tracking import Tracker, finetune_run, run_tags
+from .train import History, Trainer, TrainSettings, pick_device
+from .weights import WEIGHTS_FILE, BaseConfig
+
+STEP_METRICS = ("train_loss", "val_loss", "examples_seen")  # every eval_freq steps
+EPOCH_METRICS = ("train_accuracy_estimate", "val_accuracy_estimate", "examples_seen", "epoch")
+REPORT_FILES = ("loss.csv", "accuracy.csv", "loss.png", "accuracy.png", "summary.json")
+
+
+def run_name(name: str, weights: str) -> str:
+    """The DVC experiment's name when DVC runs one, else what was trained, and when."""
+    return os.environ.get("DVC_EXP_NAME") or f"{name}-{weights}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def finetune(params: Params) -> History:
+    f = params.finetune
+    meta = EncodingInfo.read(ENCODED)
+    base = BaseConfig.read(BASE)
+    cfg = dataclasses.replace(base.gpt, drop_rate=params.model.drop_rate)
+    if meta.max_length > cfg.context_length:
+        raise PipelineError(
+            f"{ENCODED}: sequences of {meta.max_length} tokens exceed the model's context of "
+            f"{cfg.context_length}; set pad_encode.max_length to at most {cfg.context_length}"
+        )
+    pool = resolved_pool(f.pool, meta.unpadded)
+    settings = TrainSettings.from_params(f, pool)
+    raw = params.model_dump(mode="json")
+    trained = architecture_name(cfg)
+    tags = run_tags(raw, lambda p: parse_params(p).model_dump(mode="json")) | {"architecture": trained}
+    # Fails here, before training, if the tracking store cannot be used.
+    with finetune_run(params.mlflow, RUN_FILE, run_name(trained, base.weights), tags) as tracker:
+        torch.manual_seed(f.seed)  # dropout, when model.drop_rate > 0
+        device = pick_device(f.device)
+        lora_rank = f.lora.rank if f.lora.enabled else None
+        model, trainable = build_classifier(
+            cfg, BASE / WEIGHTS_FILE, len(meta.labels), f.seed, f.trainable_blocks, lora_rank, f.lora.alpha
+        )
+        model.to(device)
+        resolved = {
+            "resolved.architecture": trained, "resolved.device": str(device),
+            "resolved.trainable_parameters": trainable, "resolved.max_length": meta.max_length,
+            "resolved.num_classes": len(meta.labels), "resolved.torch_version": torch.__version__,
+            "resolved.base_sha256": base.sha256, "resolved.pool": pool, "resolved.padding": meta.padding,
+        }  # fmt: skip
+        tracker.log_params(flatten({k: v for k, v in raw.items() if k != "mlflow"}) | resolved)
+        tracker.log_datasets({s: read_csv(SPLIT_DIR / f"{s}.csv") for s in SPLITS},
+                             {s: str(SPLIT_DIR / f"{s}.csv") for s in SPLITS})  # fmt: skip
+        print(f"finetune: {trained} on {device}, {trainable:,} trainable parameters, "
+              f"{meta.splits['train'].messages} examples, {f.epochs} epochs")  # fmt: skip
+
+        splits = load_splits(ENCODED)
+        training = {name: splits[name] for name in ("train", "validation")}  # evaluate reads test
+        inputs = build_inputs(
+            model, training, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, meta.unpadded, release=True
+        )
+        trainer = Trainer(model, inputs["train"], inputs["validation"], settings, device)
+        history = train_resumably(trainer, params, tracker)
+
+        config = ClassifierConfig(
+            labels=meta.labels, pool=pool, max_length=meta.max_length, pad_id=meta.pad_id, padding=meta.padding,
+            causal_mask=f.causal_mask, trainable_blocks="all" if f.lora.enabled else f.trainable_blocks,
+            base=base.identity(), gpt=cfg, lora=lora_spec(model),
+        )  # fmt: skip
+        save_classifier(model, CLASSIFIER, config)
+        summary = write_reports(history, trainable, f.eval_iter)
+        final_step = trainer.step
+        speed = {"train_seconds": summary["seconds"], "examples_per_second": summary["examples_per_second"]}
+        tracker.log_metrics(speed, step=final_step)
+        tracker.log_artifacts([TRAIN_REPORTS / name for name in REPORT_FILES] + [Path("params.yaml")], "finetune")
+        tracker.log_lineage("finetune", inputs={"splits": SPLIT_DIR, "encoded": ENCODED, "base_weights": BASE},
+                            outputs={"classifier": CLASSIFIER})  # fmt: skip
+        del trainer, inputs, model  # logging the model loads it again: free the training copy first
+        gc.collect()
+        tracker.log_classifier(CLASSIFIER, final_step, {"architecture": trained})
+    print(f"finetune: {history.examples_seen} examples in {history.seconds:.0f} s; model in {CLASSIFIER}")
+    return history
+
+
+def train_resumably(trainer: Trainer, params: Params, tracker: Tracker) -> History:
+    """Train, saving a checkpoint after each epoch; an interrupted run of the same params and data
+    resumes from its last one (and says so in MLflow). The checkpoint is deleted once training ends."""
+    f = params.finetune
+    raw = {k: v for k, v in params.model_dump(mode="json").items() if k != "mlflow"}
+    run_inputs = [*ENCODED.glob("*"), BASE / "config.json"]  # the base config holds the weights' SHA-256
+    fingerprint = checkpoint.fingerprint(raw, run_inputs)
+    saved = f.checkpoint_dir() / f"{fingerprint}.safetensors"
+
+    def on_step(record: dict) -> None:
+        tracker.log_metrics({k: record[k] for k in STEP_METRICS}, step=record["step"])
+
+    def on_epoch(record: dict) -> None:
+        tracker.log_metrics({k: record[k] for k in EPOCH_METRICS}, step=record["step"])
+
+    interrupted = checkpoint.resume(saved, trainer, fingerprint) if f.resume else None
+    if interrupted is not None:
+        print(f"finetune: resuming after epoch {trainer.epoch} from {saved}")
+        tracker.set_tags({"resumed_after_epoch": str(trainer.epoch), "resumed_from_run": str(interrupted["run_id"])})
+        for record in trainer.history.steps:
+            on_step(record)
+        for record in trainer.history.epochs:
+            on_epoch(record)
+    history = trainer.fit(
+        on_step, on_epoch, lambda t: checkpoint.save(saved, t, fingerprint, {"run_id": tracker.run_id})
+    )
+    saved.unlink(missing_ok=True)
+    return history
+
+
+def write_reports(history: History, trainable: int, eval_iter: int) -> dict:
+    """The curves as CSV (for dvc plots) and PNG, and summary.json (for dvc metrics); returns the summary."""
+    TRAIN_REPORTS.mkdir(parents=True, exist_ok=True)
+    write_rows(TRAIN_REPORTS / "loss.csv", history.steps)
+    write_rows(TRAIN_REPORTS / "accuracy.csv", history.epochs)
+    estimate = f"estimate over {eval_iter} batches"
+    plot_curves(history.steps, "step", ["train_loss", "val_loss"], f"loss ({estimate})", TRAIN_REPORTS / "loss.png")
+    plot_curves(history.epochs, "epoch", ["train_accuracy_estimate", "val_accuracy_estimate"], f"accuracy ({estimate})",
+                TRAIN_REPORTS / "accuracy.png")  # fmt: skip
+    last_loss, last_epoch = history.steps[-1], history.epochs[-1]
+    summary = {
+        "train_loss": last_loss["train_loss"], "val_loss": last_loss["val_loss"],
+        "train_accuracy_estimate": last_epoch["train_accuracy_estimate"],
+        "val_accuracy_estimate": last_epoch["val_accuracy_estimate"],
+        "examples_seen": history.examples_seen, "seconds": round(history.seconds, 1),
+        "examples_per_second": round(history.examples_seen / max(history.seconds, 1e-9), 2),
+        "trainable_parameters": trainable,
+    }  # fmt: skip
+    write_json(TRAIN_REPORTS / "summary.json", summary)
+    return summary

@@ -1,0 +1,131 @@
+"""What a run is made of: content hashes of what it read and wrote, the commit of its code,
+and the params it changed from its baseline.
+
+Hashes are DVC's (MD5 of a file; of a folder, MD5 of its sorted file list, with `.dir`), so
+each one can be compared with the `md5` that `dvc.lock` records for the same path, and they
+are computed from the files the run actually used, never read from a lock file that may
+describe another run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+LOCK_FILE = "dvc.lock"
+PIPELINE_FILE = "dvc.yaml"
+
+
+def dvc_md5(path: str | os.PathLike) -> str:
+    """DVC's hash of a file or a folder, as `dvc.lock` records it (`.dvcignore` aside)."""
+    from dvc_data.hashfile.hash import file_md5
+
+    path = Path(path)
+    if path.is_file():
+        return file_md5(str(path))
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
+    from dvc_data.hashfile.tree import Tree
+
+    tree = Tree()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        tree.add(file.relative_to(path).parts, Meta(size=file.stat().st_size), HashInfo("md5", file_md5(str(file))))
+    tree.digest()
+    return tree.hash_info.value
+
+
+def file_hashes(path: str | os.PathLike) -> dict[str, str]:
+    """Every file of a folder (or the file itself) with its MD5, by path relative to the project."""
+    from dvc_data.hashfile.hash import file_md5
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {file.as_posix(): file_md5(str(file)) for file in files}
+
+
+def git_output(*args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout
+
+
+def git_head() -> str | None:
+    head = git_output("rev-parse", "HEAD")
+    return head.strip() if head else None
+
+
+def pipeline_outputs(pipeline: str | os.PathLike = PIPELINE_FILE) -> list[str]:
+    """Every path that a stage of dvc.yaml writes (outs, metrics, plots)."""
+    try:
+        stages = (yaml.safe_load(Path(pipeline).read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return []
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                paths.append(entry if isinstance(entry, str) else next(iter(entry)))
+    return paths
+
+
+def code_differs() -> bool | None:
+    """Whether a tracked file other than params.yaml, dvc.lock and the pipeline's outputs differs
+    from the commit: `dvc exp run -S` edits params.yaml, and a run rewrites its committed reports,
+    but neither is a change of code. None outside a git repository."""
+    status = git_output("status", "--porcelain", "--untracked-files=no")
+    if status is None:
+        return None
+    outputs = [p.rstrip("/") for p in pipeline_outputs()]
+    for line in status.splitlines():
+        path = line[3:].split(" -> ")[-1].strip('"')
+        if path in (PARAMS_FILE, LOCK_FILE) or any(path == out or path.startswith(out + "/") for out in outputs):
+            continue
+        return True
+    return False
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and other leaves are kept as values."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+def baseline_params(rev: str) -> dict | None:
+    """params.yaml as committed at `rev` (None where git or the file is missing)."""
+    text = git_output("show", f"{rev}:{PARAMS_FILE}")
+    if text is None:
+        return None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def changed_params(current: dict, baseline: dict) -> list[str]:
+    """'finetune.lr: 5e-05 -> 0.0001' for every param whose value differs, in params.yaml order.
+
+    Both sides are compared after validation, so defaults that a file leaves out count as set."""
+    now, before = flatten(current), flatten(baseline)
+    return [f"{key}: {_show(before.get(key))} -> {_show(now.get(key))}"
+            for key in [*now, *(k for k in before if k not in now)] if now.get(key) != before.get(key)]  # fmt: skip
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    return json.dumps(value) if isinstance(value, bool | list | dict) else str(value)
