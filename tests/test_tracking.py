@@ -23,39 +23,68 @@ def all_runs(client: MlflowClient):
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-def assert_complete_run(client: MlflowClient, run_id: str, metrics_file) -> None:
+def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["finetune.lr"] == "0.001" and params["model.name"] == "gpt2-small"
+    assert params["resolved.architecture"] == "gpt2-custom-2L-32d-2h"  # what was trained, not the preset's name
     assert params["resolved.device"] == "cpu" and int(params["resolved.trainable_parameters"]) > 0
     assert "resolved.torch_version" in params and "resolved.max_length" in params
     assert len(client.get_metric_history(run_id, "val_loss")) > 1
-    assert len(client.get_metric_history(run_id, "val_accuracy")) == 1  # one epoch
-    test_accuracy = json.loads(metrics_file.read_text())["test"]["accuracy"]
+    assert len(client.get_metric_history(run_id, "val_accuracy_estimate")) == 1  # one epoch
+    assert not {"val_accuracy", "train_accuracy"} & set(run.data.metrics)  # estimates never pose as full-set values
+    summary = json.loads((project / "reports/train/summary.json").read_text())
+    assert run.data.metrics["examples_seen"] == summary["examples_seen"]  # one true value everywhere
+    test_accuracy = json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"]
     assert run.data.metrics["test/accuracy"] == pytest.approx(test_accuracy)
     for key in ("validation/accuracy", "train/accuracy", "test/precision", "test/recall", "test/f1"):
         assert key in run.data.metrics
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)  # system metrics
     tags = run.data.tags
-    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
-    assert tags["dvc.md5.data/encoded"].endswith(".dir") and tags["dvc.md5.models/base"].endswith(".dir")
-    artifacts = {a.path for folder in ("finetune", "evaluate") for a in client.list_artifacts(run_id, folder)}
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git.dirty"] == "false"
+    assert tags["lineage.encoded"].endswith(".dir") and tags["lineage.base_weights"].endswith(".dir")
+    assert not any(key.startswith("dvc.md5.") for key in tags)
+    folders = ("finetune", "evaluate", "lineage")
+    artifacts = {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
     for path in ("finetune/loss.png", "finetune/accuracy.png", "finetune/params.yaml", "evaluate/metrics.json",
-                 "evaluate/confusion.png"):  # fmt: skip
+                 "evaluate/confusion.png", "lineage/finetune.json", "lineage/evaluate.json"):  # fmt: skip
         assert path in artifacts, path
     inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "validation", "test"} and all(d.digest for d in inputs.values())
+    # The logged model carries the final metrics (those at the last step), not the first ones.
+    (model,) = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
+    model_metrics = {m.key: m.value for m in model.metrics}
+    assert model_metrics["test/accuracy"] == pytest.approx(test_accuracy)
+    assert model_metrics["examples_seen"] == summary["examples_seen"]
+    assert model.tags["architecture"] == "gpt2-custom-2L-32d-2h"
+
+
+def lineage_matches_dvc_lock(run, project) -> None:
+    """Every hash the run records is DVC's hash of the path it read or wrote, as dvc.lock has it now."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    locked = {entry["path"]: entry["md5"] for stage in lock.values() for entry in stage.get("outs", [])}
+    names = {"splits": "data/split", "encoded": "data/encoded", "base_weights": "models/base",
+             "classifier": "models/classifier", "metrics": "reports/metrics.json"}  # fmt: skip
+    recorded = {k.removeprefix("lineage."): v for k, v in run.data.tags.items() if k.startswith("lineage.")}
+    assert set(recorded) == set(names)
+    for name, path in names.items():
+        assert recorded[name] == locked[path], (name, path)
+
+
+FAST_SAMPLES = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}  # a tiny run lasts seconds
 
 
 def test_repro_records_one_complete_run_and_evaluate_reruns_continue_it(tmp_path, made_data):
     project = make_project(tmp_path / "p", tiny_params(*made_data))
-    run(["dvc", "repro"], project)
+    run(["dvc", "repro"], project, extra_env=FAST_SAMPLES)
     client = client_for(project)
     runs = all_runs(client)
     assert len(runs) == 1
     run_id = json.loads((project / "reports/train/mlflow_run.json").read_text())["run_id"]
     assert runs[0].info.run_id == run_id
-    assert_complete_run(client, run_id, project / "reports/metrics.json")
+    assert_complete_run(client, run_id, project)
+    lineage_matches_dvc_lock(client.get_run(run_id), project)
     assert (project / "mlartifacts").is_dir()  # artifacts beside the local store, not in a temp folder
 
     assert stages_run(run(["dvc", "repro", "--force", "--single-item", "evaluate"], project).stdout) == ["evaluate"]
@@ -63,10 +92,11 @@ def test_repro_records_one_complete_run_and_evaluate_reruns_continue_it(tmp_path
     assert len(client.get_metric_history(run_id, "test/accuracy")) == 2
 
 
-def test_experiments_make_runs_that_differ_in_the_changed_key(tmp_path, made_data):
+def test_two_experiments_in_a_row_each_record_their_own_lineage_and_changes(tmp_path, made_data):
     project = make_project(tmp_path / "p", tiny_params(*made_data))
     run(["dvc", "exp", "run", "-n", "lr-high", "-S", "finetune.lr=0.002"], project)
-    run(["dvc", "exp", "run", "-n", "lr-low", "-S", "finetune.lr=0.0005"], project)
+    first_lock = (project / "dvc.lock").read_text()
+    run(["dvc", "exp", "run", "-n", "lr-low", "-S", "finetune.lr=0.0005"], project)  # applied to the workspace
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     names = {exp.get("name") for rev in shown for exp in (rev.get("experiments") or []) for exp in exp["revs"]}
     assert {"lr-high", "lr-low"} <= names
@@ -76,6 +106,34 @@ def test_experiments_make_runs_that_differ_in_the_changed_key(tmp_path, made_dat
     assert runs["lr-high"].data.tags["dvc.exp_name"] == "lr-high"
     high, low = runs["lr-high"].data.params, runs["lr-low"].data.params
     assert {k for k in high.keys() | low.keys() if high.get(k) != low.get(k)} == {"finetune.lr"}
+
+    # What changed from the baseline, at a glance; -S edits params.yaml, which is not a code change.
+    tags = runs["lr-low"].data.tags
+    assert tags["changed_params"] == "finetune.lr: 0.001 -> 0.0005"
+    assert "finetune.lr: 0.001 -> 0.0005" in tags["mlflow.note.content"]
+    assert tags["git.dirty"] == "false" and runs["lr-high"].data.tags["git.dirty"] == "false"
+
+    # The second run's hashes are those of what it read and wrote (dvc.lock now describes it), and its
+    # own outputs differ from the first run's, which the first lock recorded.
+    lineage_matches_dvc_lock(runs["lr-low"], project)
+    assert tags["lineage.classifier"] != runs["lr-high"].data.tags["lineage.classifier"]
+    assert runs["lr-high"].data.tags["lineage.classifier"] in first_lock
+    assert tags["lineage.encoded"] == runs["lr-high"].data.tags["lineage.encoded"]  # same data, same hash
+
+    # dvc plots diff: one chart per plot overlaying both experiments, drawn from the declared columns.
+    plots = json.loads(run(["dvc", "plots", "diff", "lr-high", "lr-low", "--json"], project).stdout)["data"]
+    for name in ("loss", "accuracy", "confusion", "roc"):
+        (chart,) = plots[name]
+        assert chart["type"] == "vega" and sorted(chart["revisions"]) == ["lr-high", "lr-low"], name
+        assert {v["rev"] for v in chart["content"]["data"]["values"]} == {"lr-high", "lr-low"}, name
+    curves = {name: {v["field"] for v in plots[name][0]["content"]["data"]["values"]} for name in ("loss", "accuracy")}
+    assert curves == {
+        "loss": {"train_loss", "val_loss"},
+        "accuracy": {"train_accuracy_estimate", "val_accuracy_estimate"},
+    }
+    assert all({"actual", "predicted"} <= set(v) for v in plots["confusion"][0]["content"]["data"]["values"])
+    for name, x_title in (("loss", "optimizer step"), ("roc", "false positive rate")):
+        assert plots[name][0]["content"]["encoding"]["x"]["title"] == x_title  # labelled axes, not "x"
 
 
 def test_queued_sweep_runs_in_parallel_and_every_run_lands(tmp_path, made_data):
@@ -120,13 +178,13 @@ def mlflow_server(tmp_path):
 
 def test_team_setup_logs_to_a_real_mlflow_server(tmp_path, made_data, mlflow_server, monkeypatch):
     project = make_project(tmp_path / "p", tiny_params(*made_data))
-    run(["dvc", "repro"], project, extra_env={"MLFLOW_TRACKING_URI": mlflow_server})
+    run(["dvc", "repro"], project, extra_env={"MLFLOW_TRACKING_URI": mlflow_server, **FAST_SAMPLES})
     assert not (project / "mlflow.db").exists()
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     client = MlflowClient(mlflow_server)
     runs = all_runs(client)
     assert len(runs) == 1
-    assert_complete_run(client, runs[0].info.run_id, project / "reports/metrics.json")
+    assert_complete_run(client, runs[0].info.run_id, project)
 
 
 def test_unreachable_server_fails_before_training(tmp_path, made_data):
@@ -138,7 +196,7 @@ def test_unreachable_server_fails_before_training(tmp_path, made_data):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and uri in errors[0] and "MLFLOW_TRACKING_URI" in errors[0]
     assert not (project / "models/classifier").exists()
-    assert "finetune: gpt2-small on" not in result.stdout  # training never started
+    assert "finetune: gpt2-custom" not in result.stdout  # training never started
     assert time.monotonic() - start < 120
 
 
@@ -150,11 +208,11 @@ def test_tracking_can_be_switched_off(tmp_path, made_data):
 
 
 def test_a_crash_marks_the_run_failed(tmp_path, monkeypatch):
+    from gpt2_classifier.params import MlflowParams
     from gpt2_classifier.tracking import finetune_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
-    params = yaml.safe_load(yaml.safe_dump({"model": {"name": "gpt2-small", "weights": "random"}, "mlflow": {}}))
-    with pytest.raises(RuntimeError), finetune_run(params, tmp_path / "run.json") as tracker:
+    with pytest.raises(RuntimeError), finetune_run(MlflowParams(), tmp_path / "run.json", "crash", {}) as tracker:
         tracker.log_metrics({"train_loss": 1.0}, step=0)
         raise RuntimeError("out of memory")
     runs = all_runs(MlflowClient(f"sqlite:///{tmp_path / 'store.db'}"))
@@ -164,10 +222,10 @@ def test_a_crash_marks_the_run_failed(tmp_path, monkeypatch):
 
 WRITER = """
 import sys
+from gpt2_classifier.params import MlflowParams
 from gpt2_classifier.tracking import finetune_run
 from pathlib import Path
-params = {"model": {"name": "gpt2-small", "weights": "random"}, "mlflow": {}}
-with finetune_run(params, Path(sys.argv[1])) as tracker:
+with finetune_run(MlflowParams(), Path(sys.argv[1]), "writer", {}) as tracker:
     tracker.log_params({"writer": sys.argv[2]})
     for step in range(200):
         tracker.log_metrics({"val_loss": 1.0 / (step + 1)}, step=step)

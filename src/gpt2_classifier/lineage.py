@@ -119,8 +119,8 @@ def baseline_params(rev: str) -> dict | None:
 def changed_params(current: dict, baseline: dict) -> list[str]:
     """'finetune.lr: 5e-05 -> 0.0001' for every param whose value differs, in params.yaml order.
 
-    Both sides are compared after validation, so defaults that a file leaves out count as set."""
-    now, before = flatten(current), flatten(baseline)
+    An empty mapping (`config: {}`) holds no value of its own: its keys are compared instead."""
+    now, before = ({k: v for k, v in flatten(tree).items() if v != {}} for tree in (current, baseline))
     return [f"{key}: {_show(before.get(key))} -> {_show(now.get(key))}"
             for key in [*now, *(k for k in before if k not in now)] if now.get(key) != before.get(key)]  # fmt: skip
 

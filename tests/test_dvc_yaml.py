@@ -1,5 +1,6 @@
-"""dvc.yaml lists exactly the code each stage runs, so editing a module reruns exactly the stages
-that import it: each stage's import closure inside src/ is derived from the source with `ast`."""
+"""dvc.yaml: each stage lists exactly the code it runs (its import closure inside src/, derived with
+`ast`), so editing a module reruns exactly the stages that import it; each plot is declared once,
+with its fields, labels and title; the paths agree with paths.py."""
 
 import ast
 from pathlib import Path
@@ -62,3 +63,39 @@ def test_the_closure_follows_imports_inside_functions():
     assert f"src/{PACKAGE}/tensorfile.py" in closure(PROJECT / "stages" / "fetch_weights.py")
     assert f"src/{PACKAGE}/weights.py" in closure(PROJECT / "stages" / "evaluate.py")
     assert f"src/{PACKAGE}/pyfunc_entry.py" in closure(PROJECT / "stages" / "finetune.py")  # run by file name
+
+
+def test_each_plot_is_declared_once_with_fields_and_labels():
+    pipeline = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
+    assert not any("plots" in stage for stage in pipeline["stages"].values())  # else DVC draws them twice
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in pipeline["stages"].values() for o in s["outs"]}
+    declared = []
+    for entry in pipeline["plots"]:
+        if isinstance(entry, str):  # an image
+            declared.append(entry)
+            continue
+        ((name, plot),) = entry.items()
+        assert {"title", "template", "x", "y", "x_label", "y_label"} <= set(plot), name
+        ((path, columns),) = plot["y"].items()
+        declared.append(path)
+        header = None
+        if (PROJECT / path).is_file():  # committed reports of a run: the columns must exist
+            header = (PROJECT / path).read_text().splitlines()[0].split(",")
+            ys = columns if isinstance(columns, list) else [columns]
+            assert {plot["x"], *ys} <= set(header), (name, header)
+    assert len(declared) == len(set(declared))
+    assert set(declared) <= outs  # every plotted file is a stage's output
+
+
+def test_stage_outputs_are_the_paths_of_paths_py():
+    from gpt2_classifier import paths
+
+    pipeline = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
+    written = set()
+    for stage in pipeline["stages"].values():
+        for kind in ("outs", "metrics"):
+            written |= {next(iter(o)) if isinstance(o, dict) else o for o in stage.get(kind, [])}
+    top = {str(value) for name, value in vars(paths).items() if name.isupper() and not str(value).startswith(".")}
+    folders = {str(paths.SPLIT_DIR), str(paths.ENCODED), str(paths.BASE), str(paths.CLASSIFIER)}
+    files = top - folders - {str(paths.TRAIN_REPORTS), str(paths.EVAL_REPORTS)}
+    assert files | folders <= written
