@@ -1,4 +1,5 @@
 # Two entry points: `make pipeline` and `make test`. Each sets up .venv first if needed.
+SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 SET ?=
@@ -21,11 +22,14 @@ setup: $(VENV)/.installed
 
 # make pipeline                      -> dvc repro with params.yaml as it is
 # make pipeline SET="k=v k2=v2"      -> dvc exp run -S k=v -S k2=v2 (an experiment with those changes)
+# Before the first run there is no dvc.lock, and `dvc exp run` warns once per output that it has
+# no hash to check out: nothing to act on, so those lines are left out.
 pipeline: $(VENV)/.installed
 ifeq ($(strip $(SET)),)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 else
-	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp run $(foreach s,$(SET),-S '$(s)')
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp run $(foreach s,$(SET),-S '$(s)') \
+	  2> >(sed -u '/No file hash info found/d' >&2)
 endif
 
 lint: $(VENV)/.installed-test

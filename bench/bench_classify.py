@@ -41,9 +41,11 @@ def main() -> None:
         base = Path(tmp) / "base" / "model.safetensors"
         save_hf(random_model(GPTConfig(), 123), base)
         model, _ = build_classifier(GPTConfig(), base, 2, seed=123, trainable_blocks=1)
-        identity = BaseIdentity(name="gpt2-small", weights="random", sha256=sha256_file(base))
+        identity = BaseIdentity(name="gpt2-small", weights="random", sha256=sha256_file(base), revision="main",
+                                seed=123)  # fmt: skip
         config = ClassifierConfig(labels=["ham", "spam"], pool="last", max_length=120, pad_id=50256,
-                                  trainable_blocks=1, base=identity, gpt=model.cfg)  # fmt: skip
+                                  padding="fixed", causal_mask=True, trainable_blocks=1, base=identity,
+                                  gpt=model.cfg, lora=None)  # fmt: skip
         save_classifier(model, Path(tmp) / "classifier", config)
         start = time.perf_counter()
         classifier = TextClassifier.from_folder(Path(tmp) / "classifier")

@@ -142,9 +142,11 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     inputs = build_inputs(model, training, pool, 1, "cpu", cache_dir, release=True)
     settings = TrainSettings(epochs=epochs, pool=pool)
     history = Trainer(model, inputs["train"], inputs["validation"], settings, "cpu").fit()
-    base = BaseIdentity(name="gpt2-small", weights="random", sha256=sha256_file(folder / "model.safetensors"))
+    weights = sha256_file(folder / "model.safetensors")
+    base = BaseIdentity(name="gpt2-small", weights="random", sha256=weights, revision="main", seed=SEED)
     config = ClassifierConfig(labels=["ham", "spam"], pool=pool, max_length=splits["train"].input_ids.shape[1],
-                              pad_id=50256, trainable_blocks=1, base=base, gpt=model.cfg)  # fmt: skip
+                              pad_id=50256, padding="fixed", causal_mask=True, trainable_blocks=1, base=base,
+                              gpt=model.cfg, lora=None)  # fmt: skip
     save_classifier(model, cache_dir.parent / "classifier", config)
     train_seconds = time.perf_counter() - start
     del model, inputs

@@ -131,9 +131,9 @@ def test_batches_drop_last_when_shuffled_and_keep_all_in_order():
 
 
 def config_for(model, base_sha256: str) -> ClassifierConfig:
-    base = BaseIdentity(name="gpt2-small", weights="random", sha256=base_sha256, seed=0)
-    return ClassifierConfig(labels=["ham", "spam"], pool="last", max_length=8, pad_id=50256, trainable_blocks=1,
-                            base=base, gpt=model.cfg)  # fmt: skip
+    base = BaseIdentity(name="gpt2-small", weights="random", sha256=base_sha256, revision="main", seed=0)
+    return ClassifierConfig(labels=["ham", "spam"], pool="last", max_length=8, pad_id=50256, padding="fixed",
+                            causal_mask=True, trainable_blocks=1, base=base, gpt=model.cfg, lora=None)  # fmt: skip
 
 
 def test_saved_classifier_stores_the_change_and_reloads_on_its_base(tmp_path):

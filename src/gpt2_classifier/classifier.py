@@ -36,12 +36,12 @@ class ClassifierConfig(BaseModel):
     pool: Literal["last", "first", "flexible", "mean"]
     max_length: int  # tokens per message in training (the context, without padding)
     pad_id: int
-    padding: Literal["fixed", "none"] = "fixed"  # none: each message read at its own length
-    causal_mask: bool = True
+    padding: Literal["fixed", "none"]  # none: each message read at its own length
+    causal_mask: bool
     trainable_blocks: int | Literal["all"]  # what evaluate may precompute: "all" for LoRA (merged)
     base: BaseIdentity  # the base weights, found by their SHA-256 when the classifier loads
     gpt: GPTConfig
-    lora: LoraSpec | None = None
+    lora: LoraSpec | None
 
     @property
     def unpadded(self) -> bool:

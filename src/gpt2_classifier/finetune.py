@@ -97,7 +97,8 @@ def finetune(params: Params) -> History:
         del trainer, inputs, model  # logging the model loads it again: free the training copy first
         gc.collect()
         tracker.log_classifier(CLASSIFIER, final_step, {"architecture": trained})
-    print(f"finetune: {history.examples_seen} examples in {history.seconds:.0f} s; model in {CLASSIFIER}")
+    done = f"{history.examples_seen} examples in {history.seconds:.0f} s"
+    print(f"finetune: {done}; model in {CLASSIFIER}; {tracker.where}")
     return history
 
 

@@ -143,8 +143,9 @@ def run_tags(params: dict, validate: Callable[[dict], dict] | None = None) -> di
 class Tracker:
     """Logs to one MLflow run, or does nothing when tracking is off."""
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, where: str = "MLflow off"):
         self.run_id = run_id
+        self.where = where  # for the stage's last line
         self.model_id: str | None = None
         self.model_uri: str | None = None
         self.step = 0  # the logged model's step
@@ -251,7 +252,7 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
     )
     status = "FAILED"
     try:
-        tracker = Tracker(run.info.run_id)
+        tracker = Tracker(run.info.run_id, f"MLflow run {run_name} ({run.info.run_id}) in {redact(uri)}")
         yield tracker
         record = RunRecord(run_id=run.info.run_id, tracking_uri=redact(uri), experiment_id=experiment_id,
                            model_id=tracker.model_id, model_uri=tracker.model_uri, step=tracker.step)  # fmt: skip
@@ -263,8 +264,6 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
     finally:
         mlflow.end_run(status=status)
         log.debug("MLflow run %s %s in %s", run.info.run_id, status.lower(), redact(uri))
-    if status == "FINISHED":
-        print(f"finetune: MLflow run {run_name} ({run.info.run_id}) in {redact(uri)}")
 
 
 @contextlib.contextmanager

@@ -46,8 +46,8 @@ class BaseIdentity(BaseModel):
     name: str  # gpt2-small ... gpt2-xl
     weights: str  # pretrained | random
     sha256: str  # of model.safetensors
-    revision: str = "main"
-    seed: int = 123  # of random weights
+    revision: str
+    seed: int  # of random weights
 
 
 class BaseConfig(BaseIdentity):

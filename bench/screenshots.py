@@ -1,0 +1,154 @@
+"""Screenshots of what a user sees after two experiments: MLflow's run list, the compare page
+with "Show diff only", a metric chart of both runs, the Models tab, and `dvc plots diff`.
+
+    python bench/screenshots.py [--out DIR]
+
+Runs two tiny experiments that differ in `finetune.lr` (real data when ../shared has it, else
+made-up messages) in a temporary copy of the project, starts `mlflow ui` on 127.0.0.1, and
+drives headless Chromium with Selenium. Needs Debian's `chromium` and `chromium-driver`, and
+`pip install selenium`; the vega scripts of the `dvc plots` page come from the npm registry
+(`npm pack`), inlined into an HTML template, since the page's default CDN is not reachable
+offline. Prints the path of each PNG; look at them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT / "tests"))
+from conftest import SHARED_DATA, made_zip, make_project, run, tiny_params  # noqa: E402
+
+VEGA = ["vega@5.20.2", "vega-lite@5.2.0", "vega-embed@6.18.2"]  # the versions DVC's page names
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def offline_template(folder: Path) -> Path:
+    """DVC's plots page with vega, vega-lite and vega-embed inlined instead of loaded from a CDN."""
+    scripts = []
+    for package in VEGA:
+        tarball = subprocess.run(["npm", "pack", package, "--silent"], cwd=folder, capture_output=True, text=True,
+                                 check=True, timeout=300).stdout.split()[-1]  # fmt: skip
+        with tarfile.open(folder / tarball) as tar:
+            name = package.split("@")[0]
+            member = tar.extractfile(f"package/build/{name}.min.js")
+            scripts.append(f"<script>{member.read().decode()}</script>")
+    template = folder / "offline.html"
+    template.write_text(
+        '<!DOCTYPE html><html><head>{refresh_tag}<meta charset="utf-8"><title>DVC Plot</title>'
+        + "".join(scripts)
+        + "<style>table { border-spacing: 15px; }</style></head><body>{plot_divs}</body></html>"
+    )
+    return template
+
+
+def two_experiments(folder: Path) -> Path:
+    if (SHARED_DATA / "sms+spam+collection.zip").is_file():
+        data = SHARED_DATA / "sms+spam+collection.zip"
+        url, sha = data.as_posix(), hashlib.sha256((SHARED_DATA / "SMSSpamCollection").read_bytes()).hexdigest()
+    else:
+        url, sha = made_zip(folder)
+    params = tiny_params(url, sha, finetune={"epochs": 3, "eval_freq": 20, "eval_iter": 5})
+    params["model"]["config"] = {"emb_dim": 64, "n_layers": 2, "n_heads": 2, "context_length": 256}
+    project = make_project(folder / "project", params)
+    for name, lr in (("lr-low", "5e-4"), ("lr-high", "2e-3")):
+        print(f"dvc exp run -n {name} -S finetune.lr={lr}", flush=True)
+        run(["dvc", "exp", "run", "-n", name, "-S", f"finetune.lr={lr}"], project, timeout=1200)
+    return project
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "gpt2-classifier-screenshots")
+    args = parser.parse_args()
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.common.by import By
+    except ImportError:
+        sys.exit("needs selenium (pip install selenium) and Debian's chromium and chromium-driver")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="screenshots-"))
+    project = two_experiments(work)
+    template = offline_template(work)
+    run(["dvc", "plots", "diff", "lr-low", "lr-high", "--html-template", str(template), "-o", "dvc_plots"], project)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gpt2-classifier").experiment_id
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([experiment])}
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    ui = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--port", str(port)],
+                          cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,1100"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base, timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sys.exit("mlflow ui did not start within 120 s")
+                time.sleep(1)
+        driver = webdriver.Chrome(options=options)
+        ids = json.dumps(list(runs.values()))
+        pages = {
+            "1-run-list": f"{base}/#/experiments/{experiment}",
+            "2-compare": f"{base}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments=%5B%22{experiment}%22%5D",
+            "3-metric-val_loss": f"{base}/#/metric?runs={urllib.parse.quote(ids)}&metric=%22val_loss%22"
+            f"&experiments=%5B%22{experiment}%22%5D&plot_metric_keys=%5B%22val_loss%22%5D",
+            "4-models": f"{base}/#/experiments/{experiment}/models",
+            "5-run-page": f"{base}/#/experiments/{experiment}/runs/{runs['lr-high']}",
+            "6-dvc-plots-diff": (project / "dvc_plots" / "index.html").as_uri(),
+        }
+        for name, url in pages.items():
+            driver.get(url)
+            time.sleep(6)
+            if name == "2-compare":
+                toggles = driver.find_elements(By.XPATH, "//*[contains(text(), 'Show diff only')]")
+                if toggles:
+                    toggles[0].click()
+                    time.sleep(2)
+                else:
+                    print("  (no 'Show diff only' toggle found on the compare page)")
+            if name == "6-dvc-plots-diff":
+                height = driver.execute_script("return document.body.scrollHeight")
+                driver.set_window_size(1600, min(max(height, 1100), 4000))
+                time.sleep(2)
+            path = args.out / f"{name}.png"
+            driver.save_screenshot(str(path))
+            print(path)
+    finally:
+        if driver is not None:
+            driver.quit()
+        ui.terminate()
+        ui.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

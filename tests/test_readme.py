@@ -1,0 +1,160 @@
+"""Every command line the README shows works as written: the `dvc`, `make pipeline` and
+experiment commands run here, literally, in a copy of the project with the tiny model; the
+others name the test that runs them. A new command in the README fails this test until it
+is listed here."""
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import yaml
+from conftest import PROJECT, make_project, run, tiny_params
+
+pytestmark = pytest.mark.slow
+
+RUN_HERE = [
+    "dvc repro",
+    "dvc metrics show",
+    "dvc plots show",
+    "dvc exp run -S finetune.lr=1e-4",
+    "dvc exp run -S finetune.trainable_blocks=2",
+    "dvc exp show --only-changed --drop 'Created|.*/|train|.*estimate|seconds|examples|.*\\.(precision|recall)$' "
+    "--keep '(validation|test)\\.accuracy'",
+    "dvc plots diff $(dvc exp ls --name-only)",
+    "dvc exp run -S model.weights=random -S '++model.config={emb_dim: 64, n_layers: 2, n_heads: 2}'",
+    "dvc exp run --queue -S 'finetune.lr=5e-5,1e-4,2e-4'",
+    "dvc queue start -j 2",
+    "dvc queue status",
+    "dvc exp show",
+    "python experiments/queue_rows.py --list",
+    "python experiments/queue_rows.py 2 16 19",
+    "dvc queue start -j 1",
+    "mlflow ui --backend-store-uri sqlite:///mlflow.db",
+]
+TEAM = "test_tracking.py::test_team_setup_logs_to_a_real_mlflow_server"
+ELSEWHERE = {
+    "make pipeline": "the clean-clone check (downloads data and weights; offline it fails with one line)",
+    "make test": ".ci/run",
+    'make pipeline SET="data.url=/path/to/sms+spam+collection.zip model.weights=random"': "test_make_pipeline_set",
+    "source .venv/bin/activate": "(PATH set by the tests)",
+    "mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///team.db "
+    "--artifacts-destination ./team-artifacts": TEAM,
+    "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 dvc repro": TEAM,
+}
+CLASSIFY_AND_SERVE = ("gpt2-classifier classify", "python -c", "mlflow models serve", "curl -s")  # test_use.py
+
+
+def readme_commands() -> list[str]:
+    """Each command of the README's bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (PROJECT / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line:
+                commands.append(re.sub(r"\s+", " ", line))
+    return commands
+
+
+def test_every_readme_command_is_run_by_a_test():
+    for command in readme_commands():
+        known = command in RUN_HERE or command in ELSEWHERE or command.startswith(CLASSIFY_AND_SERVE)
+        assert known, f"README command not run by any test: {command}"
+    assert set(RUN_HERE) <= set(readme_commands())  # and nothing listed here has left the README
+
+
+def shell(command: str, project, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run(["bash", "-c", command], project, timeout=timeout, extra_env={"COLUMNS": "120", **(env or {})})
+
+
+MAKE_INPUTS = ("Makefile", "pyproject.toml", "constraints.txt")  # the last two make the venv
+
+
+def project_with_make(tmp_path, made_data):
+    project = make_project(tmp_path / "p", tiny_params(*made_data))
+    for name in MAKE_INPUTS:
+        shutil.copy2(PROJECT / name, project / name)  # mtimes kept: make sees the venv as up to date
+    (project / ".venv").symlink_to(PROJECT / ".venv")
+    run(["git", "add", "Makefile", "pyproject.toml", "constraints.txt"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "make"], project)
+    return project
+
+
+def test_make_pipeline_set(tmp_path, made_data):
+    stamp = PROJECT / ".venv" / ".installed"
+    if not stamp.is_file() or any((PROJECT / f).stat().st_mtime > stamp.stat().st_mtime for f in MAKE_INPUTS[1:]):
+        pytest.skip("needs the project's .venv made by make and up to date (make test makes it)")
+    url, _ = made_data
+    project = project_with_make(tmp_path, made_data)
+    # The README's offline command, with this test's data in place of /path/to/...
+    result = shell(f'make pipeline SET="data.url={url} model.weights=random"', project)
+    assert "Ran experiment(s)" in result.stdout
+    assert "No file hash info found" not in result.stdout + result.stderr  # nothing the user must act on
+    assert "python -m pip" not in result.stdout  # the venv was reused, not rebuilt
+    assert json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"] >= 0
+
+
+def test_readme_dvc_commands_work_as_written(tmp_path, made_data):
+    project = make_project(tmp_path / "p", tiny_params(*made_data))
+    for command in RUN_HERE[:3]:
+        shell(command, project)
+    assert (project / "dvc_plots" / "index.html").is_file()
+    for command in RUN_HERE[3:5]:
+        shell(command, project)
+    table = shell(RUN_HERE[5], project).stdout
+    assert max(len(line) for line in table.splitlines()) <= 120  # fits a normal terminal
+    assert "finetune.lr" in table and "test.accuracy" in table and "Created" not in table
+    assert "src/" not in table and "data/" not in table  # no dependency hash columns
+    shell(RUN_HERE[6], project)
+    assert (project / "dvc_plots" / "index.html").is_file()
+
+    shell(RUN_HERE[7], project)
+    config = yaml.safe_load((project / "params.yaml").read_text())["model"]["config"]
+    assert config["emb_dim"] == 64 and config["n_layers"] == 2 and config["n_heads"] == 2
+
+    for command in RUN_HERE[8:10]:
+        shell(command, project)
+    wait_for_queue(project)
+    assert shell(RUN_HERE[11], project).stdout.count("finetune.lr") >= 1
+    rows = shell(RUN_HERE[12], project).stdout
+    assert "row" in rows.lower()
+    shell(RUN_HERE[13], project)
+    shell(RUN_HERE[14], project)
+    wait_for_queue(project)
+    names = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
+    for row in ("row-02", "row-16", "row-19"):
+        assert row in names
+
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 5000)) == 0:
+            pytest.skip("port 5000 is taken: cannot try `mlflow ui` on its default port")
+    ui = subprocess.Popen(["bash", "-c", f"exec {RUN_HERE[15]}"], cwd=project, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:5000/", timeout=5) as page:
+                    assert page.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow ui did not answer on 127.0.0.1:5000 within 90 s"
+                time.sleep(1)
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+
+
+def wait_for_queue(project, limit: float = 900) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        status = shell("dvc queue status", project).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            assert "Failed" not in status, status
+            return
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
