@@ -168,3 +168,15 @@ def test_loss_is_cross_entropy_of_the_last_position():
         expected = F.cross_entropy(model(split.input_ids)[:, -1], split.labels)
         got = F.cross_entropy(classify(model, split.input_ids, split.lengths, "last"), split.labels)
     assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_a_broken_classifier_config_is_named_with_its_field(tmp_path):
+    model, _ = fit(epochs=1)
+    save_classifier(model, tmp_path / "clf", config_for(model, "0" * 64))
+    config = tmp_path / "clf" / "config.json"
+    config.write_text(config.read_text().replace('"pool": "last"', '"pool": "middle"'))
+    with pytest.raises(WeightsError, match=r"clf/config.json: pool: Input should be 'last'.*; not a classifier"):
+        load_classifier(tmp_path / "clf")
+    config.unlink()
+    with pytest.raises(WeightsError, match=r"clf/config.json: not found; not a classifier's config"):
+        load_classifier(tmp_path / "clf")

@@ -78,6 +78,7 @@ def test_pyfunc_model_loads_and_predicts_probabilities(trained):
     assert model.metadata.signature is not None
     out = model.predict(pd.DataFrame({"text": ["FREE prize, txt WIN", "home soon"]}))
     assert list(out.columns) == ["label", "p_ham", "p_spam"] and len(out) == 2
+    assert out.equals(model.predict(["FREE prize, txt WIN", "home soon"]))  # a list, as the README shows
     assert ((out.p_ham + out.p_spam) - 1).abs().max() < 1e-5
 
 
@@ -109,7 +110,7 @@ def test_mlflow_models_serve_answers_invocations(trained):
         deadline, answer = time.monotonic() + 180, None
         while time.monotonic() < deadline and server.poll() is None:
             try:
-                records = {"dataframe_records": [{"text": "WIN cash"}, {"text": "at home"}]}
+                records = {"inputs": ["WIN cash", "at home"]}  # as the README's curl sends them
                 answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=records, timeout=30)
                 break
             except requests.ConnectionError:

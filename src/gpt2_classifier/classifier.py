@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import WeightsError
-from .files import atomic_path, read_json, sha256_file, write_json
+from .files import atomic_path, read_validated, sha256_file, write_json
 from .lora import LinearWithLoRA, add_lora, merge_lora
 from .model import GPTConfig, GPTModel
 from .weights import CONFIG_FILE, WEIGHTS_FILE, BaseConfig, BaseIdentity, load_model
@@ -49,12 +49,8 @@ class ClassifierConfig(BaseModel):
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> ClassifierConfig:
-        path = Path(folder) / CONFIG_FILE
-        try:
-            return cls.model_validate(read_json(path))
-        except (OSError, ValueError, ValidationError) as exc:
-            reason = str(exc).splitlines()[0]
-            raise WeightsError(f"{path}: not a classifier config ({reason}); run `dvc repro finetune`") from None
+        fix = "not a classifier's config: run `dvc repro finetune`, or pass a classifier folder"
+        return read_validated(cls, Path(folder) / CONFIG_FILE, WeightsError, fix)
 
 
 def replace_head(model: GPTModel, num_classes: int, seed: int) -> GPTModel:

@@ -9,12 +9,12 @@ from typing import Literal
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
 from .data import SPLITS
 from .errors import PipelineError
-from .files import read_json
+from .files import read_validated
 from .tokenizer import END_OF_TEXT_ID, gpt2_encoding
 
 META_FILE = "meta.json"
@@ -45,12 +45,7 @@ class EncodingInfo(BaseModel):
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> EncodingInfo:
-        path = Path(folder) / META_FILE
-        try:
-            return cls.model_validate(read_json(path))
-        except (OSError, ValueError, ValidationError) as exc:
-            reason = str(exc).splitlines()[0]
-            raise PipelineError(f"{path}: not pad-encode's output ({reason}); run `dvc repro pad-encode`") from None
+        return read_validated(cls, Path(folder) / META_FILE, PipelineError, "run `dvc repro pad-encode`")
 
 
 @dataclass

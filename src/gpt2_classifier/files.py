@@ -12,7 +12,9 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Set by a stage's Ctrl-C handler. Python drops an exception raised while a finalizer runs, so a
 # KeyboardInterrupt can be lost; outputs are then still never committed after the Ctrl-C.
@@ -59,6 +61,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def project_root() -> Path:
     """The DVC project folder: DVC_ROOT when DVC runs the stage (queued runs use a temp copy)."""
     return Path(os.environ.get("DVC_ROOT", ".")).resolve()
+
+
+def read_validated(model: type[T], path: str | os.PathLike, error: type[Exception], fix: str) -> T:
+    """A JSON file validated by a pydantic `model`; a missing, unreadable or invalid file raises
+    `error` with one line naming the file, what is wrong and `fix` (pydantic's errors are ValueErrors)."""
+    try:
+        return model.model_validate(read_json(path))
+    except FileNotFoundError:
+        raise error(f"{path}: not found; {fix}") from None
+    except (OSError, ValueError) as exc:
+        if callable(getattr(exc, "errors", None)):  # pydantic: the first field at fault
+            first = exc.errors()[0]
+            reason = f"{'.'.join(str(part) for part in first['loc']) or 'the file'}: {first['msg']}"
+        else:
+            reason = str(exc).splitlines()[0]
+        raise error(f"{path}: {reason}; {fix}") from None
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from .download import redact
 from .errors import PipelineError
-from .files import project_root, read_json, write_json
+from .files import project_root, read_validated, write_json
 from .lineage import baseline_params, changed_params, code_differs, git_head
 from .params import MlflowParams
 
@@ -106,13 +106,9 @@ class RunRecord(BaseModel):
 
     @classmethod
     def read(cls, path: Path) -> RunRecord:
-        try:
-            return cls.model_validate(read_json(path))
-        except FileNotFoundError:
+        if not Path(path).exists():
             return cls()
-        except (OSError, ValueError, ValidationError) as exc:
-            reason = str(exc).splitlines()[0]
-            raise TrackingError(f"{path}: not finetune's run record ({reason}); rerun finetune") from None
+        return read_validated(cls, path, TrackingError, "rerun finetune (dvc repro -f -s finetune)")
 
 
 def run_tags(params: dict, validate: Callable[[dict], dict] | None = None) -> dict[str, str]:

@@ -15,12 +15,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import WeightsError
-from .files import atomic_path, read_json, sha256_file
+from .files import atomic_path, read_validated, sha256_file
 from .model import PRESETS, GPTConfig, GPTModel
 from .tensorfile import TensorFile, TensorFileError
 
@@ -58,12 +58,7 @@ class BaseConfig(BaseIdentity):
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> BaseConfig:
-        path = Path(folder) / CONFIG_FILE
-        try:
-            return cls.model_validate(read_json(path))
-        except (OSError, ValueError, ValidationError) as exc:
-            reason = str(exc).splitlines()[0]
-            raise WeightsError(f"{path}: not a base weights config ({reason}); run `dvc repro fetch-weights`") from None
+        return read_validated(cls, Path(folder) / CONFIG_FILE, WeightsError, "run `dvc repro fetch-weights`")
 
     def identity(self) -> BaseIdentity:
         return BaseIdentity(**self.model_dump(include=set(BaseIdentity.model_fields)))
