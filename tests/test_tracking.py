@@ -136,17 +136,6 @@ def test_two_experiments_in_a_row_each_record_their_own_lineage_and_changes(tmp_
         assert plots[name][0]["content"]["encoding"]["x"]["title"] == x_title  # labelled axes, not "x"
 
 
-def test_queued_sweep_runs_in_parallel_and_every_run_lands(tmp_path, made_data):
-    project = make_project(tmp_path / "p", tiny_params(*made_data))
-    run(["dvc", "exp", "run", "--queue", "-S", "finetune.lr=0.001,0.002,0.003"], project)
-    run(["dvc", "exp", "run", "--run-all", "-j", "2"], project, timeout=900)
-    runs = all_runs(client_for(project))
-    assert sorted(r.data.params["finetune.lr"] for r in runs) == ["0.001", "0.002", "0.003"]
-    for r in runs:
-        assert r.info.status == "FINISHED" and "test/accuracy" in r.data.metrics
-        assert len(client_for(project).get_metric_history(r.info.run_id, "val_loss")) > 1
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
