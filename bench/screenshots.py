@@ -60,6 +60,18 @@ def offline_template(folder: Path) -> Path:
     return template
 
 
+def click(driver, by, xpath: str) -> bool:
+    """Click the first element that `xpath` finds, if any; say whether one was clicked."""
+    for element in driver.find_elements(by.XPATH, xpath):
+        try:
+            element.click()
+            time.sleep(1.5)
+            return True
+        except Exception:  # hidden or covered: try the next one
+            continue
+    return False
+
+
 def two_experiments(folder: Path) -> Path:
     if (SHARED_DATA / "sms+spam+collection.zip").is_file():
         data = SHARED_DATA / "sms+spam+collection.zip"
@@ -81,7 +93,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
         from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
     except ImportError:
         sys.exit("needs selenium (pip install selenium) and Debian's chromium and chromium-driver")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,6 +115,7 @@ def main() -> None:
                           cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or ""
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,1100"):
         options.add_argument(flag)
     driver = None
@@ -114,31 +129,36 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     sys.exit("mlflow ui did not start within 120 s")
                 time.sleep(1)
-        driver = webdriver.Chrome(options=options)
+        driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
         ids = json.dumps(list(runs.values()))
+        training = "workflowType=machine_learning"  # the "Model training" side of the UI
         pages = {
-            "1-run-list": f"{base}/#/experiments/{experiment}",
+            "1-run-list": f"{base}/#/experiments/{experiment}/runs?{training}",
             "2-compare": f"{base}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments=%5B%22{experiment}%22%5D",
             "3-metric-val_loss": f"{base}/#/metric?runs={urllib.parse.quote(ids)}&metric=%22val_loss%22"
             f"&experiments=%5B%22{experiment}%22%5D&plot_metric_keys=%5B%22val_loss%22%5D",
-            "4-models": f"{base}/#/experiments/{experiment}/models",
+            "4-models": f"{base}/#/experiments/{experiment}/models?{training}",
             "5-run-page": f"{base}/#/experiments/{experiment}/runs/{runs['lr-high']}",
             "6-dvc-plots-diff": (project / "dvc_plots" / "index.html").as_uri(),
         }
         for name, url in pages.items():
             driver.get(url)
             time.sleep(6)
+            click(driver, By, "//button[@aria-label='Close']")  # the assistant panel
+            driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)  # feature tours
+            if name == "1-run-list" and click(driver, By, "//*[normalize-space(text())='Columns']"):
+                click(driver, By, "//*[normalize-space(text())='changed_params']")
+                driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
             if name == "2-compare":
-                toggles = driver.find_elements(By.XPATH, "//*[contains(text(), 'Show diff only')]")
-                if toggles:
-                    toggles[0].click()
-                    time.sleep(2)
-                else:
+                if not click(driver, By, "//*[contains(text(), 'Show diff only')]"):
                     print("  (no 'Show diff only' toggle found on the compare page)")
+                heading = driver.find_elements(By.XPATH, "//*[normalize-space(text())='Parameters']")
+                if heading:
+                    driver.execute_script("arguments[0].scrollIntoView();", heading[-1])
             if name == "6-dvc-plots-diff":
                 height = driver.execute_script("return document.body.scrollHeight")
                 driver.set_window_size(1600, min(max(height, 1100), 4000))
-                time.sleep(2)
+            time.sleep(2)
             path = args.out / f"{name}.png"
             driver.save_screenshot(str(path))
             print(path)

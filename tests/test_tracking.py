@@ -43,7 +43,7 @@ def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)  # system metrics
     tags = run.data.tags
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git.dirty"] == "false"
-    assert tags["lineage.encoded"].endswith(".dir") and tags["lineage.base_weights"].endswith(".dir")
+    assert tags["input.encoded"].endswith(".dir") and tags["input.base"].endswith(".dir")
     assert not any(key.startswith("dvc.md5.") for key in tags)
     folders = ("finetune", "evaluate", "lineage")
     artifacts = {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
@@ -57,16 +57,16 @@ def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     model_metrics = {m.key: m.value for m in model.metrics}
     assert model_metrics["test/accuracy"] == pytest.approx(test_accuracy)
     assert model_metrics["examples_seen"] == summary["examples_seen"]
-    assert model.tags["architecture"] == "gpt2-custom-2L-32d-2h"
+    assert model.tags["architecture"] == "gpt2-custom-2L-32d-2h" and model.name == "gpt2-custom-2L-32d-2h-classifier"
 
 
 def lineage_matches_dvc_lock(run, project) -> None:
     """Every hash the run records is DVC's hash of the path it read or wrote, as dvc.lock has it now."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     locked = {entry["path"]: entry["md5"] for stage in lock.values() for entry in stage.get("outs", [])}
-    names = {"splits": "data/split", "encoded": "data/encoded", "base_weights": "models/base",
-             "classifier": "models/classifier", "metrics": "reports/metrics.json"}  # fmt: skip
-    recorded = {k.removeprefix("lineage."): v for k, v in run.data.tags.items() if k.startswith("lineage.")}
+    names = {"input.splits": "data/split", "input.encoded": "data/encoded", "input.base": "models/base",
+             "output.model": "models/classifier", "output.metrics": "reports/metrics.json"}  # fmt: skip
+    recorded = {k: v for k, v in run.data.tags.items() if k.startswith(("input.", "output."))}
     assert set(recorded) == set(names)
     for name, path in names.items():
         assert recorded[name] == locked[path], (name, path)
@@ -116,9 +116,9 @@ def test_two_experiments_in_a_row_each_record_their_own_lineage_and_changes(tmp_
     # The second run's hashes are those of what it read and wrote (dvc.lock now describes it), and its
     # own outputs differ from the first run's, which the first lock recorded.
     lineage_matches_dvc_lock(runs["lr-low"], project)
-    assert tags["lineage.classifier"] != runs["lr-high"].data.tags["lineage.classifier"]
-    assert runs["lr-high"].data.tags["lineage.classifier"] in first_lock
-    assert tags["lineage.encoded"] == runs["lr-high"].data.tags["lineage.encoded"]  # same data, same hash
+    assert tags["output.model"] != runs["lr-high"].data.tags["output.model"]
+    assert runs["lr-high"].data.tags["output.model"] in first_lock
+    assert tags["input.encoded"] == runs["lr-high"].data.tags["input.encoded"]  # same data, same hash
 
     # dvc plots diff: one chart per plot overlaying both experiments, drawn from the declared columns.
     plots = json.loads(run(["dvc", "plots", "diff", "lr-high", "lr-low", "--json"], project).stdout)["data"]

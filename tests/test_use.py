@@ -74,6 +74,7 @@ def test_pyfunc_model_loads_and_predicts_probabilities(trained):
 
     run_info = json.loads((trained / "reports/train/mlflow_run.json").read_text())
     mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
+    assert run_info["model_uri"].startswith("models:/m-")
     model = mlflow.pyfunc.load_model(run_info["model_uri"])
     assert model.metadata.signature is not None
     out = model.predict(pd.DataFrame({"text": ["FREE prize, txt WIN", "home soon"]}))
@@ -93,6 +94,11 @@ def test_registered_version_carries_test_accuracy_and_serves_the_cli(trained):
     cmd = [sys.executable, "-m", "gpt2_classifier.cli", "classify", "--registered", "spam-classifier/1", "hi there"]
     out = run(cmd, trained, extra_env=store)
     assert out.stdout.split("\t")[0] in ("ham", "spam")
+    run_id = json.loads((trained / "reports/train/mlflow_run.json").read_text())["run_id"]
+    by_run = run([*cmd[:4], "--run-id", run_id, "hi there"], trained, extra_env=store)
+    assert by_run.stdout == out.stdout  # the run's logged model is the registered version
+    missing = run([*cmd[:4], "--run-id", "0" * 32, "hi"], trained, check=False, extra_env=store)
+    assert missing.returncode == 1 and missing.stderr.startswith(f"error: MLflow run {'0' * 32} not found")
 
 
 def test_mlflow_models_serve_answers_invocations(trained):

@@ -21,10 +21,9 @@ def _load(args: argparse.Namespace):
     from .predict import TextClassifier
 
     if args.run_id or args.registered:
-        from .mlflow_model import load_text_classifier
+        from .mlflow_model import load_text_classifier, run_model_uri
 
-        uri = f"runs:/{args.run_id}/model" if args.run_id else f"models:/{args.registered}"
-        return load_text_classifier(uri)
+        return load_text_classifier(run_model_uri(args.run_id) if args.run_id else f"models:/{args.registered}")
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         raise PipelineError(

@@ -92,11 +92,11 @@ def finetune(params: Params) -> History:
         speed = {"train_seconds": summary["seconds"], "examples_per_second": summary["examples_per_second"]}
         tracker.log_metrics(speed, step=final_step)
         tracker.log_artifacts([TRAIN_REPORTS / name for name in REPORT_FILES] + [Path("params.yaml")], "finetune")
-        tracker.log_lineage("finetune", inputs={"splits": SPLIT_DIR, "encoded": ENCODED, "base_weights": BASE},
-                            outputs={"classifier": CLASSIFIER})  # fmt: skip
+        tracker.log_lineage("finetune", inputs={"splits": SPLIT_DIR, "encoded": ENCODED, "base": BASE},
+                            outputs={"model": CLASSIFIER})  # fmt: skip
         del trainer, inputs, model  # logging the model loads it again: free the training copy first
         gc.collect()
-        tracker.log_classifier(CLASSIFIER, final_step, {"architecture": trained})
+        tracker.log_classifier(CLASSIFIER, f"{trained}-classifier", final_step, {"architecture": trained})
     done = f"{history.examples_seen} examples in {history.seconds:.0f} s"
     print(f"finetune: {done}; model in {CLASSIFIER}; {tracker.where}")
     return history

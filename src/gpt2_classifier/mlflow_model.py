@@ -39,9 +39,10 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(self.classifier.predict([str(text) for text in model_input]))
 
 
-def log_classifier(folder: Path, step: int = 0, tags: dict | None = None, name: str = "model") -> ModelInfo:
-    """Log `folder` as a pyfunc model of the active run. The model carries the run's metrics logged at
-    `step` (MLflow links them to it), so log it at the final step, after the final metrics."""
+def log_classifier(folder: Path, name: str, step: int = 0, tags: dict | None = None) -> ModelInfo:
+    """Log `folder` as a pyfunc model of the active run, named `name` (what was trained). The model
+    carries the run's metrics logged at `step` (MLflow links them to it), so log it at the final
+    step, after the final metrics."""
     requirements = [f"{r}=={importlib.metadata.version(r)}" for r in REQUIREMENTS]
     ClassifierConfig.read(folder)  # a clear error for a folder that holds no classifier
     return mlflow.pyfunc.log_model(
@@ -57,6 +58,22 @@ def log_classifier(folder: Path, step: int = 0, tags: dict | None = None, name: 
     )
 
 
+def run_model_uri(run_id: str) -> str:
+    """`models:/<id>` of the classifier that an MLflow run logged (its latest, if several)."""
+    from gpt2_classifier.errors import PipelineError
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise PipelineError(f"MLflow run {run_id} not found in {mlflow.get_tracking_uri()}; check the id") from None
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+    )
+    if not models:
+        raise PipelineError(f"MLflow run {run_id} logged no model; pick a finished finetune run")
+    return f"models:/{max(models, key=lambda m: m.creation_timestamp).model_id}"
+
+
 def load_text_classifier(uri: str):
-    """The TextClassifier inside a logged model (`runs:/ID/model`, `models:/NAME/VERSION`)."""
+    """The TextClassifier inside a logged model (`models:/m-ID`, `models:/NAME/VERSION`)."""
     return mlflow.pyfunc.load_model(uri).unwrap_python_model().classifier

@@ -118,7 +118,7 @@ def run_tags(params: dict, validate: Callable[[dict], dict] | None = None) -> di
     dirty = code_differs()
     tags = {"mlflow.source.git.commit": git_head() or "unknown", "python": platform.python_version(),
             "git.dirty": "unknown" if dirty is None else str(dirty).lower()}  # fmt: skip
-    for variable, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
+    for variable, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline")):
         if os.environ.get(variable):
             tags[tag] = os.environ[variable]
     baseline_rev = os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
@@ -146,13 +146,13 @@ class Tracker:
         self.model_uri: str | None = None
         self.step = 0  # the logged model's step
 
-    def log_classifier(self, folder: Path, step: int, tags: dict[str, str]) -> None:
+    def log_classifier(self, folder: Path, name: str, step: int, tags: dict[str, str]) -> None:
         """The classifier as an MLflow model (pyfunc) of this run; it carries the metrics logged at `step`."""
         self.step = step
         if self.run_id:
             from .mlflow_model import log_classifier
 
-            info = log_classifier(folder, step=step, tags=tags)
+            info = log_classifier(folder, name, step=step, tags=tags)
             self.model_id, self.model_uri = info.model_id, info.model_uri
 
     def register(self, model_uri: str, name: str, test_accuracy: float) -> str | None:
@@ -198,8 +198,8 @@ class Tracker:
                     mlflow.log_input(dataset, context=name)
 
     def log_lineage(self, stage: str, inputs: dict[str, Path], outputs: dict[str, Path]) -> None:
-        """A tag `lineage.<name>` per input and output, holding DVC's hash of it as this run found or
-        wrote it, and the hash of every file in `lineage/<stage>.json`."""
+        """A tag `input.<name>` or `output.<name>` per path (short keys: MLflow's UI cuts long ones), holding
+        DVC's hash of it as this run found or wrote it, and the hash of every file in `lineage/<stage>.json`."""
         if not self.run_id:
             return
         import mlflow
@@ -210,7 +210,7 @@ class Tracker:
         for kind, paths in (("inputs", inputs), ("outputs", outputs)):
             for name, path in paths.items():
                 md5 = dvc_md5(path)
-                tags[f"lineage.{name}"] = md5
+                tags[f"{kind.removesuffix('s')}.{name}"] = md5
                 record[kind][path.as_posix()] = {"md5": md5, "files": file_hashes(path)}
         mlflow.set_tags(tags)
         mlflow.log_dict(record, f"lineage/{stage}.json")
