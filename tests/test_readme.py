@@ -118,6 +118,9 @@ def test_readme_dvc_commands_work_as_written(tmp_path, made_data):
     config = yaml.safe_load((project / "params.yaml").read_text())["model"]["config"]
     assert config["emb_dim"] == 64 and config["n_layers"] == 2 and config["n_heads"] == 2
 
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gpt2-classifier").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment])}
     for command in RUN_HERE[8:10]:
         shell(command, project)
     wait_for_queue(project)
@@ -125,9 +128,7 @@ def test_readme_dvc_commands_work_as_written(tmp_path, made_data):
     shown = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
     assert all(f'"lr": {lr}' in shown for lr in ("5e-05", "0.0001", "0.0002"))  # the sweep's three runs
     # Each queued run, in its own copy of the project, landed whole in the one mlflow.db.
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("gpt2-classifier").experiment_id])
-    swept = [r for r in runs if r.data.params.get("finetune.lr") in ("5e-05", "0.0001", "0.0002")]
+    swept = [r for r in client.search_runs([experiment]) if r.info.run_id not in before]
     assert sorted(r.data.params["finetune.lr"] for r in swept) == ["0.0001", "0.0002", "5e-05"]
     for r in swept:
         assert r.info.status == "FINISHED" and "test/accuracy" in r.data.metrics

@@ -77,7 +77,13 @@ FAST_SAMPLES = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}  # a tiny run 
 
 def test_repro_records_one_complete_run_and_evaluate_reruns_continue_it(tmp_path, made_data):
     project = make_project(tmp_path / "p", tiny_params(*made_data))
-    run(["dvc", "repro"], project, extra_env=FAST_SAMPLES)
+    result = run(["dvc", "repro"], project, extra_env=FAST_SAMPLES)
+    output = result.stdout + result.stderr
+    # Quiet: what each stage did in a line or two, no progress bars, colour codes or warnings to ignore.
+    for noise in ("Downloading artifacts", "\x1b[", "WARNING", "Warning", "No file hash info found", "INFO mlflow"):
+        assert noise not in output, noise
+    assert len([line for line in result.stdout.splitlines() if line.startswith("finetune: ")]) == 2
+    assert len([line for line in result.stdout.splitlines() if line.startswith("evaluate: ")]) == 1
     client = client_for(project)
     runs = all_runs(client)
     assert len(runs) == 1
