@@ -27,13 +27,28 @@ def test_parse_accepts_crlf_and_no_final_newline(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "content",
+    [
+        b"\xef\xbb\xbfham\ta\nspam\tb\n",
+        b"ham\ta\nspam\tb\n\n",
+        b"ham\ta\r\nspam\tb\r\n\r\n  \r\n",
+        b"ham\ta\rspam\tb\r",
+    ],
+    ids=["utf-8 byte-order mark", "blank line at the end", "blank CRLF lines at the end", "old Mac CR-only"],
+)
+def test_parse_reads_files_as_editors_save_them(tmp_path, content):
+    frame = parse_tsv(write(tmp_path, content), LABELS)
+    assert frame["text"].tolist() == ["a", "b"] and frame["label"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
     ("content", "message"),
     [
         (b"ham\tok\nspam no tab here\n", "messages.tsv:2: no tab"),
         (b"ham\tok\nspam\tok\neggs\tok\n", "messages.tsv:3: unknown label 'eggs'"),
         (b"ham\tok\nspam\t  \n", "messages.tsv:2: empty message text"),
         (b"ham\tok\nspam\t\xff\xfe bad\n", "messages.tsv:2: not valid UTF-8"),
-        (b"ham\tok\n\nspam\tok\n", "messages.tsv:2: no tab"),
+        (b"ham\tok\n\nspam\tok\n", "messages.tsv:2: blank line"),
         (b"", "the file is empty"),
     ],
 )

@@ -91,6 +91,18 @@ def test_bad_zips_are_refused(tmp_path, archive, message):
         fetch([str(path)], tmp_path / "out" / "messages.tsv")
 
 
+def test_two_members_of_the_same_name_are_refused_and_a_full_path_picks_one(tmp_path, server):
+    archive = zip_bytes({"backup/SMSSpamCollection": b"ham\told copy\n", "sms/SMSSpamCollection": DATA})
+    url = server.serve("/two.zip", archive)
+    with pytest.raises(DownloadError) as info:
+        fetch([url], tmp_path / "out" / "messages.tsv")
+    message = str(info.value)
+    assert "zip holds 2 members named 'SMSSpamCollection' (backup/SMSSpamCollection, sms/SMSSpamCollection)" in message
+    assert url in message and ".download." not in message  # the user's URL, not where it was downloaded to
+    fetch_data_file([url], "backup/SMSSpamCollection", None, tmp_path / "out" / "messages.tsv", retries=0)
+    assert (tmp_path / "out" / "messages.tsv").read_bytes() == b"ham\told copy\n"
+
+
 def test_zip_bomb_is_bounded(tmp_path):
     path = tmp_path / "bomb.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:

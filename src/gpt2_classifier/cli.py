@@ -35,6 +35,15 @@ def _load(args: argparse.Namespace):
 def _read_messages(path: Path, column: str | None) -> list[str]:
     if not path.is_file():
         raise PipelineError(f"{path}: no such file")
+    try:
+        return _read_utf8_messages(path, column)
+    except UnicodeDecodeError as exc:
+        raise PipelineError(
+            f"{path}: not UTF-8 text (byte {exc.start}); convert it, e.g. iconv -f latin1 -t utf-8 {path}"
+        ) from None
+
+
+def _read_utf8_messages(path: Path, column: str | None) -> list[str]:
     if path.suffix.lower() == ".csv" or column:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -50,21 +59,31 @@ def _read_messages(path: Path, column: str | None) -> list[str]:
 def classify(args: argparse.Namespace) -> None:
     if bool(args.texts) == bool(args.file):
         raise PipelineError("give messages as arguments or one --file, not both or neither")
-    classifier = _load(args)
     if args.texts:
+        classifier = _load(args)
         for text, result in zip(args.texts, classifier.predict(args.texts, args.batch_size), strict=True):
             score = result.get("p_spam", max(v for k, v in result.items() if k.startswith("p_")))
             print(f"{result['label']}\t{score:.4f}\t{text}")
         return
     path = Path(args.file)
-    texts = _read_messages(path, args.column)
-    results = classifier.predict(texts, args.batch_size, progress=True)
+    texts = _read_messages(path, args.column)  # a bad file is reported before the model loads
+    results = _load(args).predict(texts, args.batch_size, progress=True)
     output = Path(args.output) if args.output else path.with_name(path.stem + ".scores.csv")
     with open(output, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["text", *results[0]] if results else ["text", "label"])
         writer.writeheader()
         writer.writerows({"text": text, **result} for text, result in zip(texts, results, strict=True))
     print(f"classify: {len(texts)} messages scored -> {output}", file=sys.stderr)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {text!r})")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--base", help="base weights file, if not models/base/model.safetensors beside --model")
     c.add_argument("--run-id", help="use the model logged by this MLflow run")
     c.add_argument("--registered", help="use a Model Registry version: NAME/VERSION or NAME@ALIAS")
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--batch-size", type=_positive_int, default=32, help="messages per forward pass (default: 32)")
     args = parser.parse_args(argv)
     try:
         classify(args)

@@ -15,16 +15,17 @@ SPLITS = ("train", "validation", "test")
 def parse_tsv(path: str | os.PathLike, labels: list[str]) -> pd.DataFrame:
     """Read `label<TAB>text` lines exactly: no quoting, tabs after the first belong to the text.
 
-    Returns a frame with columns `text`, `label` (the label's index in `labels`) and
-    `line` (1-based line number in the file). Any malformed line is an error naming it.
+    Lines end in LF, CRLF, or (old Mac files) CR alone; a UTF-8 byte-order mark and blank lines
+    at the end are ignored. Returns a frame with columns `text`, `label` (the label's index in
+    `labels`) and `line` (1-based). Any other malformed line is an error naming it.
     """
     path = Path(path)
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # editors save UTF-8 with a BOM
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; expected lines of 'label<TAB>text'")
     label_ids = {label: i for i, label in enumerate(labels)}
-    lines = raw.split(b"\n")
-    if lines[-1] == b"":
+    lines = raw.split(b"\n") if b"\n" in raw else raw.split(b"\r")
+    while lines and not lines[-1].strip():
         lines.pop()
     texts, targets = [], []
     for number, line_bytes in enumerate(lines, start=1):
@@ -32,6 +33,8 @@ def parse_tsv(path: str | os.PathLike, labels: list[str]) -> pd.DataFrame:
             line = line_bytes.decode("utf-8").removesuffix("\r")
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}:{number}: not valid UTF-8 at byte {exc.start}") from None
+        if not line.strip():
+            raise DataError(f"{path}:{number}: blank line; remove it (or give it 'label<TAB>text')")
         label, tab, text = line.partition("\t")
         if not tab:
             raise DataError(f"{path}:{number}: no tab; expected 'label<TAB>text'")

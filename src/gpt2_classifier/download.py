@@ -78,35 +78,48 @@ def retrieve(source: str, folder: Path, timeout: float, retries: int) -> Path:
     return path
 
 
-def extract_member(archive: Path, member: str, out: Path, max_bytes: int) -> None:
-    """Copy `member` out of a zip (or the file itself when it is no zip), at most `max_bytes`."""
+def extract_member(archive: Path, member: str, out: Path, max_bytes: int, label: str | None = None) -> None:
+    """Copy `member` out of a zip (or the file itself when it is no zip), at most `max_bytes`.
+
+    `member` is a member's full path, or a file name that exactly one member has. Errors name
+    the archive as `label` (the user's URL or file) rather than where it was downloaded to."""
+    label = label or str(archive)
     with open(archive, "rb") as f:
         is_zip = f.read(4) == ZIP_MAGIC
     if not is_zip:
         if archive.stat().st_size > max_bytes:
-            raise DownloadError(f"{archive}: larger than data.max_unzipped_mb")
+            raise DownloadError(f"{label}: larger than data.max_unzipped_mb")
         shutil.copyfile(archive, out)
         return
     try:
         with zipfile.ZipFile(archive) as zf:
-            matches = [info for info in zf.infolist() if PurePosixPath(info.filename).name == member]
+            members = zf.infolist()
+            matches = [i for i in members if i.filename == member] or [
+                i for i in members if PurePosixPath(i.filename).name == member
+            ]
             if not matches:
-                names = [info.filename for info in zf.infolist()][:10]
-                raise DownloadError(f"{archive}: zip has no member '{member}' (data.member); it holds {names}")
+                names = [info.filename for info in members][:10]
+                raise DownloadError(f"{label}: zip has no member '{member}' (data.member); it holds {names}")
+            if len(matches) > 1:
+                names = ", ".join(info.filename for info in matches)
+                raise DownloadError(
+                    f"{label}: zip holds {len(matches)} members named '{member}' ({names}); "
+                    "set data.member to the full path of the one to use"
+                )
             info = matches[0]
             name = PurePosixPath(info.filename)
             if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
-                raise DownloadError(f"{archive}: member '{info.filename}' would extract outside its folder")
+                raise DownloadError(f"{label}: member '{info.filename}' would extract outside its folder")
             if info.file_size > max_bytes:
                 raise DownloadError(
-                    f"{archive}: member '{member}' expands to {info.file_size} bytes, over data.max_unzipped_mb"
+                    f"{label}: member '{member}' expands to {info.file_size} bytes, over data.max_unzipped_mb"
                 )
-            _copy_bounded(zf, info, out, max_bytes, archive)
+            _copy_bounded(zf, info, out, max_bytes, label)
     except zipfile.BadZipFile as exc:
-        raise DownloadError(f"{archive}: corrupt or truncated zip ({exc})") from None
+        raise DownloadError(f"{label}: corrupt or truncated zip ({exc})") from None
 
 
-def _copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path, max_bytes: int, archive: Path) -> None:
+def _copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path, max_bytes: int, archive: str) -> None:
     written = 0
     with zf.open(info) as src, open(out, "wb") as dst:
         while chunk := src.read(1 << 20):
@@ -134,7 +147,7 @@ def fetch_data_file(
             with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
                 archive = retrieve(source, Path(tmp), timeout, retries)
                 with atomic_path(dest) as out:
-                    extract_member(archive, member, out, max_bytes)
+                    extract_member(archive, member, out, max_bytes, redact(source))
                     verify_sha256(out, sha256, source)
             return source
         except PipelineError as exc:

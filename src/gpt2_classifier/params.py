@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ParamsError
 from .files import project_root
@@ -30,6 +30,13 @@ class DataParams(Section):
     timeout: float = Field(30.0, gt=0)
     retries: int = Field(3, ge=0)
     max_unzipped_mb: float = Field(100.0, gt=0)
+
+    @field_validator("url", "mirrors")
+    @classmethod
+    def _not_blank(cls, value: str | list[str]) -> str | list[str]:
+        if any(not url.strip() for url in ([value] if isinstance(value, str) else value)):
+            raise ValueError("is empty; give the data's URL or an absolute path to a local copy")
+        return value
 
     @property
     def sources(self) -> list[str]:

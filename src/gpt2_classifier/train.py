@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .classifier import classify
 from .encode import EncodedSplit
+from .errors import PipelineError
 from .model import GPTModel
 from .params import FinetuneParams
 
@@ -53,6 +54,14 @@ class History:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    """The device of `finetune.device`: auto picks CUDA, then MPS, then the CPU; one asked for by
+    name must be there."""
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if requested in available and not available[requested]():
+        raise PipelineError(
+            f"finetune.device: {requested}, but torch {torch.__version__} finds no {requested.upper()} device here; "
+            "set finetune.device: auto (or cpu)"
+        )
     if requested != "auto":
         return torch.device(requested)
     if torch.cuda.is_available():
