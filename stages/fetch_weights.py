@@ -4,7 +4,15 @@ from gpt2_classifier.files import atomic_dir, sha256_file, write_json
 from gpt2_classifier.params import Params
 from gpt2_classifier.paths import BASE
 from gpt2_classifier.stage import run_stage
-from gpt2_classifier.weights import CONFIG_FILE, WEIGHTS_FILE, check_checkpoint, fetch_pretrained, random_model, save_hf
+from gpt2_classifier.weights import (
+    CONFIG_FILE,
+    REFETCH,
+    WEIGHTS_FILE,
+    check_checkpoint,
+    fetch_pretrained,
+    random_model,
+    save_hf,
+)
 
 
 def main(params: Params) -> None:
@@ -17,7 +25,8 @@ def main(params: Params) -> None:
             source = f"random (seed {m.seed})"
         else:
             source = fetch_pretrained(m.name, weights, m.revision, m.source)
-            check_checkpoint(weights, cfg, m.name)
+            fix = "point model.source at GPT-2 weights in safetensors" if m.source else REFETCH
+            check_checkpoint(weights, cfg, m.name, shown=source, fix=fix)
         architecture = {k: v for k, v in cfg.to_dict().items() if k != "drop_rate"}
         info = {"name": m.name, "weights": m.weights, "source": source, "sha256": sha256_file(weights),
                 "revision": m.revision, "seed": m.seed}  # fmt: skip

@@ -116,3 +116,26 @@ def test_random_weights_are_seeded_and_round_trip(tmp_path):
         if name != "out_head.weight":  # the loaded head is tied to the token embedding
             assert torch.equal(loaded.state_dict()[name], tensor), name
     shutil.rmtree(tmp_path)
+
+
+def test_fetch_weights_errors_name_the_users_source(tmp_path, checkpoint):
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import PROJECT
+
+    path, _ = checkpoint  # a GPT-2 of emb_dim 32, not gpt2-small
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    for source, expected in ((truncated, "not a readable safetensors file"), (path, "has shape [50257, 32]")):
+        params = {"data": {"url": "unused"}, "model": {"source": str(source)}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        result = subprocess.run([sys.executable, str(PROJECT / "stages" / "fetch_weights.py")], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 1
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: {source}: ") and expected in line, line
+        assert line.endswith("point model.source at GPT-2 weights in safetensors"), line
+        assert ".tmp" not in line and ".fetch." not in line  # never a temporary path
+        assert not (tmp_path / "models" / "base").exists()

@@ -34,6 +34,7 @@ HF_REPOS = {
 }
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+REFETCH = "fetch the weights again: dvc repro -f fetch-weights"
 # Saved by some exports beside the weights: the causal-mask buffers and the tied LM head.
 IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
 
@@ -108,22 +109,28 @@ def guess_preset(shapes: dict[str, tuple[int, ...]]) -> str:
     return f"an unknown size (emb_dim {emb}, {layers} layers)"
 
 
-def check_checkpoint(path: Path, cfg: GPTConfig, label: str) -> None:
-    """Refuse a file that is not safetensors, or whose tensors differ from the model's, naming the tensor."""
-    shapes = read_shapes(path)
+def check_checkpoint(path: Path, cfg: GPTConfig, label: str, shown: str | None = None, fix: str = REFETCH) -> None:
+    """Refuse a file that is not safetensors, or whose tensors differ from the model's, naming the tensor.
+
+    Errors name the file as `shown` (the user's model.source or the Hub repository, rather than
+    where it was downloaded to) and end with `fix`."""
+    shown = shown or str(path)
+    shapes = read_shapes(path, shown, fix)
     expected = _expected_shapes(cfg)
     for name, shape in expected.items():
         if name in shapes and shapes[name] != shape:
+            looks_like = guess_preset(shapes)
+            advice = f"set model.name: {looks_like}" if looks_like in PRESETS and looks_like != label else fix
             raise WeightsError(
-                f"{path}: tensor '{name}' has shape {list(shapes[name])}, {label} needs {list(shape)}; "
-                f"the file looks like {guess_preset(shapes)}; set model.name to match"
+                f"{shown}: tensor '{name}' has shape {list(shapes[name])}, {label} needs {list(shape)}; "
+                f"the file looks like {looks_like}; {advice}"
             )
     missing = [name for name in expected if name not in shapes]
     if missing:
-        raise WeightsError(f"{path}: tensor '{missing[0]}' is missing; is this a GPT-2 checkpoint of {label}?")
+        raise WeightsError(f"{shown}: tensor '{missing[0]}' is missing; not a GPT-2 checkpoint of {label}; {fix}")
     extra = sorted(set(shapes) - set(expected))
     if extra:
-        raise WeightsError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} extra); not a {label} checkpoint")
+        raise WeightsError(f"{shown}: unexpected tensor '{extra[0]}' ({len(extra)} extra); not a {label} checkpoint")
 
 
 def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -142,13 +149,14 @@ def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def read_shapes(path: Path, shown: str | None = None, fix: str = REFETCH) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the safetensors header, ignoring buffers and the tied head."""
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = {_published_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: not a readable safetensors file ({exc}); delete it and fetch again") from None
+        reason = str(exc).replace(str(path), "").strip(": ") or type(exc).__name__
+        raise WeightsError(f"{shown or path}: not a readable safetensors file ({reason}); {fix}") from None
     return {name: shape for name, shape in shapes.items() if not IGNORED.match(name)}
 
 
