@@ -28,7 +28,8 @@ pipeline: $(VENV)/.installed
 ifeq ($(strip $(SET)),)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 else
-	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp run $(foreach s,$(SET),-S '$(s)') \
+	@echo "dvc exp run $(foreach s,$(SET),-S '$(s)')"
+	@PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp run $(foreach s,$(SET),-S '$(s)') \
 	  2> >(sed -u '/No file hash info found/d' >&2)
 endif
 

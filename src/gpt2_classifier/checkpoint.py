@@ -35,7 +35,7 @@ def save(path: Path, trainer: Trainer, fingerprint_: str, extra: dict) -> None:
     metadata = {"fingerprint": fingerprint_, "info": json.dumps(info), "extra": json.dumps(extra)}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    log.info("checkpoint after epoch %d: %s", trainer.epoch, path)
+    log.debug("checkpoint after epoch %d: %s", trainer.epoch, path)
 
 
 def resume(path: Path, trainer: Trainer, fingerprint_: str) -> dict | None:
