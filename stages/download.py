@@ -9,7 +9,9 @@ from gpt2_classifier.stage import run_stage
 def main(params: Params) -> None:
     data = params.data
     max_bytes = int(data.max_unzipped_mb * 2**20)
-    source = fetch_data_file(data.sources, data.member, data.sha256, RAW, data.timeout, data.retries, max_bytes)
+    source = fetch_data_file(
+        data.sources, data.member, data.sha256, RAW, data.timeout, data.retries, max_bytes, data.deadline
+    )
     print(f"download: wrote {RAW} from {redact(source)}")
 
 

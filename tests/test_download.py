@@ -151,6 +151,31 @@ def test_connection_dropped_mid_download_is_retried_and_verified(server, tmp_pat
     assert len(attempts) == 2 and dest.read_bytes() == DATA
 
 
+def test_a_trickling_server_is_stopped_at_the_deadline(server, tmp_path):
+    import time
+
+    def trickle(handler):  # a byte every 0.1 s: each read returns in time, the whole never ends
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(ZIP)))
+        handler.end_headers()
+        try:
+            for byte in ZIP[:100]:
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass  # the client gave up
+
+    server.routes["/slow.zip"] = trickle
+    url = server.url + "/slow.zip"
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as info:
+        fetch_data_file([url], "SMSSpamCollection", SHA, tmp_path / "m.tsv", timeout=5, retries=2, deadline=1.5)
+    assert time.monotonic() - start < 5  # the deadline holds across reads and retries
+    assert f"{url}: not done within 1.5 s (data.deadline)" in str(info.value)
+    assert len(server.requests) == 1  # a deadline is not retried
+
+
 def test_404_gets_bounded_retries_then_names_the_url(server, tmp_path):
     url = server.url + "/missing.zip"
     with pytest.raises(DownloadError, match=r"/missing.zip: HTTP 404 after 2 attempts") as info:

@@ -11,6 +11,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -18,6 +19,8 @@ from urllib.request import url2pathname
 
 import pooch
 import requests
+import urllib3
+from tqdm.auto import tqdm
 
 from .errors import DownloadError, PipelineError
 from .files import atomic_path, sha256_file
@@ -51,14 +54,50 @@ def local_path(source: str) -> Path | None:
     return None
 
 
-def _http_get(url: str, folder: Path, timeout: float, retries: int) -> Path:
+class _PastDeadline(Exception):
+    """The whole download of a source, retries included, ran past its deadline (never retried)."""
+
+
+def _bounded_downloader(timeout: float, deadline: float):
+    """A pooch downloader: each read waits at most `timeout` seconds, and the download stops once the
+    monotonic clock passes `deadline`, even while a server trickles a few bytes at a time."""
+
+    def download(url: str, output_file: str, _pooch: object) -> None:
+        if time.monotonic() > deadline:
+            raise _PastDeadline
+        with requests.get(url, stream=True, timeout=timeout) as response:
+            response.raise_for_status()
+            size = int(response.headers.get("content-length") or 0) or None
+            with open(output_file, "wb") as out, tqdm(total=size, unit="B", unit_scale=True,
+                                                      disable=not sys.stderr.isatty()) as progress:  # fmt: skip
+                # read1: one socket read at a time, each bounded by `timeout`, so the clock is checked often
+                try:
+                    while chunk := response.raw.read1(1 << 20, decode_content=True):
+                        out.write(chunk)
+                        progress.update(len(chunk))
+                        if time.monotonic() > deadline:
+                            raise _PastDeadline
+                except urllib3.exceptions.ReadTimeoutError as exc:  # as requests' own reads would raise them
+                    raise requests.exceptions.ReadTimeout(exc) from None
+                except urllib3.exceptions.HTTPError as exc:  # a broken connection: pooch retries these
+                    raise requests.exceptions.ChunkedEncodingError(exc) from None
+
+    return download
+
+
+def _http_get(url: str, folder: Path, timeout: float, retries: int, deadline: float) -> Path:
     pooch.get_logger().setLevel(logging.WARNING)  # its INFO lines print the URL, credentials included
     fetcher = pooch.create(
         path=folder, base_url="", registry={"download": None}, urls={"download": url}, retry_if_failed=retries
     )
-    downloader = pooch.HTTPDownloader(progressbar=sys.stderr.isatty(), timeout=timeout)
+    downloader = _bounded_downloader(timeout, time.monotonic() + deadline)
     try:
         return Path(fetcher.fetch("download", downloader=downloader))
+    except _PastDeadline:
+        raise DownloadError(
+            f"{redact(url)}: not done within {deadline:g} s (data.deadline); the server is too slow, "
+            "or raise data.deadline"
+        ) from None
     except requests.HTTPError as exc:
         raise DownloadError(f"{redact(url)}: HTTP {exc.response.status_code} after {retries + 1} attempts") from None
     except requests.Timeout:
@@ -68,11 +107,12 @@ def _http_get(url: str, folder: Path, timeout: float, retries: int) -> Path:
         raise DownloadError(f"{redact(url)}: {reason} after {retries + 1} attempts (offline?)") from None
 
 
-def retrieve(source: str, folder: Path, timeout: float, retries: int) -> Path:
-    """A local file holding the source's bytes (the source itself when it is local)."""
+def retrieve(source: str, folder: Path, timeout: float, retries: int, deadline: float = 600.0) -> Path:
+    """A local file holding the source's bytes (the source itself when it is local); a download
+    takes at most `deadline` seconds in all."""
     path = local_path(source)
     if path is None:
-        return _http_get(source, folder, timeout, retries)
+        return _http_get(source, folder, timeout, retries, deadline)
     if not path.is_file():
         raise DownloadError(f"{path}: no such file")
     return path
@@ -137,6 +177,7 @@ def fetch_data_file(
     timeout: float = 30.0,
     retries: int = 3,
     max_bytes: int = 100 << 20,
+    deadline: float = 600.0,
 ) -> str:
     """Write the verified data file to `dest` from the first source that works; return that source."""
     dest = Path(dest)
@@ -145,7 +186,7 @@ def fetch_data_file(
     for source in sources:
         try:
             with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
-                archive = retrieve(source, Path(tmp), timeout, retries)
+                archive = retrieve(source, Path(tmp), timeout, retries, deadline)
                 with atomic_path(dest) as out:
                     extract_member(archive, member, out, max_bytes, redact(source))
                     verify_sha256(out, sha256, source)

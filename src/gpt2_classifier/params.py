@@ -28,6 +28,7 @@ class DataParams(Section):
     member: str = "SMSSpamCollection"
     sha256: Sha256 | None = None
     timeout: float = Field(30.0, gt=0)
+    deadline: float = Field(600.0, gt=0)
     retries: int = Field(3, ge=0)
     max_unzipped_mb: float = Field(100.0, gt=0)
 

@@ -220,7 +220,7 @@ def fetch_pretrained(
         if local is not None and local.is_dir():
             source = str(local / WEIGHTS_FILE)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch.") as tmp:
-            file = retrieve(source, Path(tmp), timeout=60, retries=3)
+            file = retrieve(source, Path(tmp), timeout=60, retries=3, deadline=3 * 3600)  # up to 6 GB
             with atomic_path(dest) as out:
                 shutil.copyfile(file, out)
         return redact(source)
