@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import PROJECT
 
-from gpt2_classifier.lineage import changed_params, code_differs, dvc_md5, file_hashes, pipeline_outputs
+from gpt2_classifier.lineage import changed_params, code_differs, dvc_hashes, pipeline_outputs
 from gpt2_classifier.model import GPTConfig, architecture_name
 
 
@@ -26,10 +26,13 @@ def test_folder_hash_is_dvcs(tmp_path):
     (folder / "sub" / "b.bin").write_bytes(bytes(range(256)) * 10)
     fs = LocalFileSystem()
     _, _, obj = build(HashFileDB(fs, str(tmp_path / "cache")), str(folder), fs, "md5")  # DVC's own way
-    assert dvc_md5(folder) == obj.hash_info.value and dvc_md5(folder).endswith(".dir")
-    assert set(file_hashes(folder)) == {(folder / "a.json").as_posix(), (folder / "sub" / "b.bin").as_posix()}
+    md5, files = dvc_hashes(folder)
+    assert md5 == obj.hash_info.value and md5.endswith(".dir")
+    assert set(files) == {(folder / "a.json").as_posix(), (folder / "sub" / "b.bin").as_posix()}
+    one = (folder / "a.json").as_posix()
+    assert dvc_hashes(folder / "a.json") == (files[one], {one: files[one]})  # a file: DVC's hash is its MD5
     (folder / "a.json").write_text('{"a": 2}\n')
-    assert dvc_md5(folder) != obj.hash_info.value
+    assert dvc_hashes(folder)[0] != obj.hash_info.value
 
 
 def test_code_differs_only_for_code(tmp_path, monkeypatch):

@@ -22,31 +22,26 @@ LOCK_FILE = "dvc.lock"
 PIPELINE_FILE = "dvc.yaml"
 
 
-def dvc_md5(path: str | os.PathLike) -> str:
-    """DVC's hash of a file or a folder, as `dvc.lock` records it (`.dvcignore` aside)."""
+def dvc_hashes(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """DVC's hash of a file or a folder, as `dvc.lock` records it (`.dvcignore` aside), and the MD5
+    of every file in it by path: each file is read once."""
     from dvc_data.hashfile.hash import file_md5
 
     path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    hashes = {file.as_posix(): file_md5(str(file)) for file in files}
     if path.is_file():
-        return file_md5(str(path))
+        return hashes[path.as_posix()], hashes
     from dvc_data.hashfile.hash_info import HashInfo
     from dvc_data.hashfile.meta import Meta
     from dvc_data.hashfile.tree import Tree
 
     tree = Tree()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        tree.add(file.relative_to(path).parts, Meta(size=file.stat().st_size), HashInfo("md5", file_md5(str(file))))
+    for file in files:
+        md5 = HashInfo("md5", hashes[file.as_posix()])
+        tree.add(file.relative_to(path).parts, Meta(size=file.stat().st_size), md5)
     tree.digest()
-    return tree.hash_info.value
-
-
-def file_hashes(path: str | os.PathLike) -> dict[str, str]:
-    """Every file of a folder (or the file itself) with its MD5, by path relative to the project."""
-    from dvc_data.hashfile.hash import file_md5
-
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {file.as_posix(): file_md5(str(file)) for file in files}
+    return tree.hash_info.value, hashes
 
 
 def git_output(*args: str) -> str | None:

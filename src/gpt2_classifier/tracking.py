@@ -204,14 +204,14 @@ class Tracker:
             return
         import mlflow
 
-        from .lineage import dvc_md5, file_hashes
+        from .lineage import dvc_hashes
 
         tags, record = {}, {"inputs": {}, "outputs": {}}
         for kind, paths in (("inputs", inputs), ("outputs", outputs)):
             for name, path in paths.items():
-                md5 = dvc_md5(path)
+                md5, files = dvc_hashes(path)
                 tags[f"{kind.removesuffix('s')}.{name}"] = md5
-                record[kind][path.as_posix()] = {"md5": md5, "files": file_hashes(path)}
+                record[kind][path.as_posix()] = {"md5": md5, "files": files}
         mlflow.set_tags(tags)
         mlflow.log_dict(record, f"lineage/{stage}.json")
 
