@@ -155,7 +155,7 @@ def base_weights_for(config: ClassifierConfig, candidates: list[Path]) -> Path:
     for path in candidates:
         if not path.is_file():
             continue
-        if (path.parent / CONFIG_FILE).is_file() and _recorded_sha256(path.parent) == expected:
+        if _recorded_sha256(path.parent) == expected:
             return path
         if sha256_file(path) == expected:
             return path
