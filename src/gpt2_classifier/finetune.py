@@ -20,7 +20,7 @@ from .fast import build_inputs
 from .files import write_json, write_rows
 from .lineage import flatten
 from .model import architecture_name
-from .params import Params, parse_params
+from .params import FinetuneParams, Params, parse_params
 from .paths import BASE, CLASSIFIER, ENCODED, RUN_FILE, SPLIT_DIR, TRAIN_REPORTS
 from .plots import plot_curves
 from .tracking import Tracker, finetune_run, run_tags
@@ -50,6 +50,7 @@ def finetune(params: Params) -> History:
     pool = resolved_pool(f.pool, meta.unpadded)
     settings = TrainSettings.from_params(f, pool)
     raw = params.model_dump(mode="json")
+    recipe = {k: v for k, v in raw.items() if k != "mlflow"}  # what shapes the run; mlflow only records it
     trained = architecture_name(cfg)
     tags = run_tags(raw, lambda p: parse_params(p).model_dump(mode="json")) | {"architecture": trained}
     # Fails here, before training, if the tracking store cannot be used.
@@ -67,7 +68,7 @@ def finetune(params: Params) -> History:
             "resolved.num_classes": len(meta.labels), "resolved.torch_version": torch.__version__,
             "resolved.base_sha256": base.sha256, "resolved.pool": pool, "resolved.padding": meta.padding,
         }  # fmt: skip
-        tracker.log_params(flatten({k: v for k, v in raw.items() if k != "mlflow"}) | resolved)
+        tracker.log_params(flatten(recipe) | resolved)
         tracker.log_datasets({s: read_csv(SPLIT_DIR / f"{s}.csv") for s in SPLITS},
                              {s: str(SPLIT_DIR / f"{s}.csv") for s in SPLITS})  # fmt: skip
         print(f"finetune: {trained} on {device}, {trainable:,} trainable parameters, "
@@ -79,7 +80,7 @@ def finetune(params: Params) -> History:
             model, training, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, meta.unpadded, release=True
         )
         trainer = Trainer(model, inputs["train"], inputs["validation"], settings, device)
-        history = train_resumably(trainer, params, tracker)
+        history = train_resumably(trainer, recipe, f, tracker)
 
         config = ClassifierConfig(
             labels=meta.labels, pool=pool, max_length=meta.max_length, pad_id=meta.pad_id, padding=meta.padding,
@@ -102,13 +103,12 @@ def finetune(params: Params) -> History:
     return history
 
 
-def train_resumably(trainer: Trainer, params: Params, tracker: Tracker) -> History:
-    """Train, saving a checkpoint after each epoch; an interrupted run of the same params and data
-    resumes from its last one (and says so in MLflow). The checkpoint is deleted once training ends."""
-    f = params.finetune
-    raw = {k: v for k, v in params.model_dump(mode="json").items() if k != "mlflow"}
+def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: Tracker) -> History:
+    """Train, saving a checkpoint after each epoch; an interrupted run of the same `recipe` (params
+    but mlflow's) and data resumes from its last one (and says so in MLflow). The checkpoint is
+    deleted once training ends."""
     run_inputs = [*ENCODED.glob("*"), BASE / "config.json"]  # the base config holds the weights' SHA-256
-    fingerprint = checkpoint.fingerprint(raw, run_inputs)
+    fingerprint = checkpoint.fingerprint(recipe, run_inputs)
     saved = f.checkpoint_dir() / f"{fingerprint}.safetensors"
 
     def on_step(record: dict) -> None:
