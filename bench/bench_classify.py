@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from gpt2_classifier.classifier import ClassifierConfig, build_classifier, save_classifier
+from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.files import sha256_file
-from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.predict import TextClassifier
 from gpt2_classifier.weights import BaseIdentity, random_model, save_hf
 

@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,9 +39,9 @@ SEED = 123
 
 def prepare(folder: Path, quick: bool) -> str:
     """Encoded splits and random GPT-2 small weights in `folder`; returns where the data came from."""
+    from gpt2_classifier.config import GPTConfig
     from gpt2_classifier.data import SPLITS, balance, parse_tsv, split
-    from gpt2_classifier.encode import pad_encode, save_split
-    from gpt2_classifier.model import GPTConfig
+    from gpt2_classifier.encode import pad_encode
     from gpt2_classifier.weights import random_model, save_hf
 
     if SHARED.is_file():
@@ -49,29 +50,29 @@ def prepare(folder: Path, quick: bool) -> str:
         messages, source = made_up_messages(), "made-up messages (real data not found)"
     parts = split(balance(messages, ["ham", "spam"], SEED), 0.7, 0.1, 0.2, SEED)
     if quick:
-        parts = {"train": parts["train"].iloc[:120], "validation": parts["validation"].iloc[:40],
-                 "test": parts["test"].iloc[:80]}  # fmt: skip
+        keep = {"train": 120, "validation": 40, "test": 80}
+        parts = {name: parts[name].take(np.arange(keep[name])) for name in SPLITS}
     encoded, meta = pad_encode(parts, ["ham", "spam"])
     for name in SPLITS:
-        save_split(encoded[name], folder / f"{name}.safetensors")
+        encoded[name].save(folder / f"{name}.safetensors")
     save_hf(random_model(GPTConfig(), SEED), folder / "model.safetensors")
     return f"{source}: " + ", ".join(f"{n} {len(parts[n])}" for n in SPLITS) + f", padded to {meta.max_length}"
 
 
 def made_up_messages():
-    import pandas as pd
+    from gpt2_classifier.data import Messages
 
     gen = torch.Generator().manual_seed(0)
     lengths = torch.distributions.LogNormal(3.0, 0.6).sample((1494,)).clamp(2, 110).long()
     words = ["free", "call", "now", "ok", "see", "you", "prize", "home", "txt", "later"]
     texts = [" ".join(words[int(i)] for i in torch.randint(0, 10, (int(n),), generator=gen)) for n in lengths]
-    return pd.DataFrame({"text": texts, "label": [i % 2 for i in range(1494)]})
+    return Messages(texts, np.arange(1494) % 2, np.arange(1, 1495))
 
 
 def load(folder: Path, trainable_blocks: int = 1):
     from gpt2_classifier.classifier import replace_head, set_trainable
+    from gpt2_classifier.config import GPTConfig
     from gpt2_classifier.encode import load_splits
-    from gpt2_classifier.model import GPTConfig
     from gpt2_classifier.weights import load_model
 
     model = load_model(GPTConfig(), folder / "model.safetensors")

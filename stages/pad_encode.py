@@ -1,7 +1,7 @@
 """Stage pad-encode: GPT-2 BPE, padded with <|endoftext|> to one length for every split."""
 
 from gpt2_classifier.data import SPLITS, read_csv
-from gpt2_classifier.encode import META_FILE, pad_encode, save_split
+from gpt2_classifier.encode import META_FILE, pad_encode
 from gpt2_classifier.files import atomic_dir, write_json
 from gpt2_classifier.params import Params
 from gpt2_classifier.paths import ENCODED, SPLIT_DIR
@@ -14,7 +14,7 @@ def main(params: Params) -> None:
     encoded, meta = pad_encode(splits, params.balance.labels, params.pad_encode.max_length, context)
     with atomic_dir(ENCODED) as tmp:
         for name, split in encoded.items():
-            save_split(split, tmp / f"{name}.safetensors")
+            split.save(tmp / f"{name}.safetensors")
         write_json(tmp / META_FILE, meta.model_dump(mode="json"))
     how = "no padding (stored to" if meta.unpadded else "padded to"
     print(f"pad-encode: {how} {meta.max_length} tokens; longest training sequence {meta.longest_train}")

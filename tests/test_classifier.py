@@ -14,10 +14,10 @@ from gpt2_classifier.classifier import (
     save_classifier,
     set_trainable,
 )
+from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.encode import EncodedSplit
 from gpt2_classifier.errors import WeightsError
 from gpt2_classifier.files import sha256_file
-from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.train import FullForward, Trainer, TrainSettings, index_batches, predict_proba
 from gpt2_classifier.weights import BaseIdentity, random_model, save_hf
 

@@ -1,11 +1,12 @@
 import hashlib
 import shutil
 
-import pandas as pd
+import numpy as np
 import pytest
 import torch
 
-from gpt2_classifier.encode import load_split, pad, pad_encode, save_split
+from gpt2_classifier.data import Messages
+from gpt2_classifier.encode import load_split, pad, pad_encode
 from gpt2_classifier.errors import PipelineError
 from gpt2_classifier.tokenizer import END_OF_TEXT_ID, gpt2_encoding, packaged_bpe_dir
 
@@ -43,11 +44,15 @@ def test_pad_truncates_and_records_lengths():
     assert split.labels.tolist() == [0, 1, 0]
 
 
+def messages(texts, labels):
+    return Messages(texts, np.array(labels), np.arange(1, len(texts) + 1))
+
+
 def frames():
     return {
-        "train": pd.DataFrame({"text": ["one two three four", "hi"], "label": [0, 1]}),
-        "validation": pd.DataFrame({"text": ["a much longer validation message than any training one"], "label": [1]}),
-        "test": pd.DataFrame({"text": ["short"], "label": [0]}),
+        "train": messages(["one two three four", "hi"], [0, 1]),
+        "validation": messages(["a much longer validation message than any training one"], [1]),
+        "test": messages(["short"], [0]),
     }
 
 
@@ -58,13 +63,13 @@ def test_pads_every_split_to_the_longest_training_sequence():
         "train": (2, 4), "validation": (1, 4), "test": (1, 4)
     }  # fmt: skip
     assert meta.splits["validation"].truncated == 1
-    assert encoded["train"].input_ids[1, 1:].eq(END_OF_TEXT_ID).all()
+    assert (encoded["train"].input_ids[1, 1:] == END_OF_TEXT_ID).all()
 
 
 def test_fixed_length_and_safetensors_round_trip(tmp_path):
     encoded, meta = pad_encode(frames(), ["ham", "spam"], max_length=16)
     assert meta.max_length == 16 and encoded["test"].input_ids.shape == (1, 16)
-    save_split(encoded["train"], tmp_path / "train.safetensors")
+    encoded["train"].save(tmp_path / "train.safetensors")
     loaded = load_split(tmp_path / "train.safetensors")
-    assert torch.equal(loaded.input_ids, encoded["train"].input_ids)
-    assert torch.equal(loaded.lengths, encoded["train"].lengths)
+    assert torch.equal(loaded.input_ids, torch.from_numpy(encoded["train"].input_ids))
+    assert torch.equal(loaded.lengths, torch.from_numpy(encoded["train"].lengths))

@@ -7,9 +7,9 @@ from conftest import assert_same_parameters
 
 from gpt2_classifier import fast
 from gpt2_classifier.classifier import replace_head, set_trainable
+from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.encode import EncodedSplit
 from gpt2_classifier.fast import PrefixForward, build_inputs
-from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.train import FullForward, Trainer, TrainSettings
 from gpt2_classifier.weights import random_model
 

@@ -16,9 +16,9 @@ from conftest import made_zip, make_project, run, stages_run, tiny_params
 
 from gpt2_classifier import checkpoint
 from gpt2_classifier.classifier import replace_head, set_trainable
+from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.encode import EncodedSplit
 from gpt2_classifier.files import INTERRUPTED, atomic_path
-from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.stage import run_stage
 from gpt2_classifier.train import FullForward, Trainer, TrainSettings
 from gpt2_classifier.weights import random_model

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from conftest import PROJECT
 
+from gpt2_classifier.config import GPTConfig, architecture_name
 from gpt2_classifier.lineage import changed_params, code_differs, dvc_hashes, pipeline_outputs
-from gpt2_classifier.model import GPTConfig, architecture_name
 
 
 def git(*args, cwd):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2_classifier.model import PRESETS, GPTConfig, GPTModel
+from gpt2_classifier.config import PRESETS, GPTConfig
+from gpt2_classifier.model import GPTModel
 from gpt2_classifier.weights import _expected_shapes, load_model
 
 

@@ -7,11 +7,11 @@ import yaml
 from conftest import PROJECT, assert_same_parameters
 
 from gpt2_classifier.classifier import build_classifier, resolved_pool
+from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.encode import EncodedSplit
 from gpt2_classifier.errors import ParamsError
 from gpt2_classifier.fast import build_inputs
 from gpt2_classifier.lora import LinearWithLoRA, merge_lora
-from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.params import parse_params
 from gpt2_classifier.train import FullForward, Trainer, TrainSettings
 from gpt2_classifier.weights import random_model, save_hf

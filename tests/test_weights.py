@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_model import transformers_checkpoint
 
+from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.errors import WeightsError
-from gpt2_classifier.model import GPTConfig
 from gpt2_classifier.weights import check_checkpoint, fetch_pretrained, load_model, random_model, save_hf
 
 CFG = GPTConfig(emb_dim=32, n_layers=2, n_heads=2, context_length=64)

@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import GPTConfig
 from .errors import WeightsError
 from .files import atomic_path, read_validated, sha256_file, write_json
 from .lora import LinearWithLoRA, add_lora, merge_lora
-from .model import GPTConfig, GPTModel
+from .model import GPTModel
 from .weights import CONFIG_FILE, WEIGHTS_FILE, BaseConfig, BaseIdentity, load_model
 
 POOLS = ("last", "first", "flexible", "mean")

@@ -1,21 +1,25 @@
-"""Tokenize the splits and pad them to one length, as tensors saved with safetensors."""
+"""Tokenize the splits and pad them to one length, as arrays saved with safetensors.
+
+pad-encode writes them with numpy (no torch import: the stage starts in a fraction of a second);
+finetune and evaluate read them back as torch tensors."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import pandas as pd
-import torch
+import numpy as np
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load_file, save_file
 
-from .data import SPLITS
+from .data import SPLITS, Messages
 from .errors import PipelineError
 from .files import read_validated
 from .tokenizer import END_OF_TEXT_ID, gpt2_encoding
+
+if TYPE_CHECKING:
+    import torch
 
 META_FILE = "meta.json"
 
@@ -49,7 +53,23 @@ class EncodingInfo(BaseModel):
 
 
 @dataclass
+class PaddedSplit:
+    """One split as pad-encode writes it."""
+
+    input_ids: np.ndarray  # (n, max_length) int64, padded with END_OF_TEXT_ID
+    labels: np.ndarray  # (n,) int64
+    lengths: np.ndarray  # (n,) int64: real tokens per row, after truncation
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.numpy import save_file
+
+        save_file({"input_ids": self.input_ids, "labels": self.labels, "lengths": self.lengths}, str(path))
+
+
+@dataclass
 class EncodedSplit:
+    """One split as finetune and evaluate read it: the same arrays, as tensors."""
+
     input_ids: torch.Tensor  # (n, max_length) int64, padded with END_OF_TEXT_ID
     labels: torch.Tensor  # (n,) int64
     lengths: torch.Tensor  # (n,) int64: real tokens per row, after truncation
@@ -57,28 +77,25 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "labels": self.labels, "lengths": self.lengths}
-
 
 def tokenize(texts: list[str]) -> list[list[int]]:
     # Ordinary encoding: a message that contains "<|endoftext|>" cannot inject the special token.
     return gpt2_encoding().encode_ordinary_batch(texts, num_threads=1)
 
 
-def pad(token_lists: list[list[int]], labels: list[int], max_length: int, pad_id: int = END_OF_TEXT_ID) -> EncodedSplit:
-    input_ids = torch.full((len(token_lists), max_length), pad_id, dtype=torch.int64)
-    lengths = torch.empty(len(token_lists), dtype=torch.int64)
+def pad(token_lists: list[list[int]], labels: list[int], max_length: int, pad_id: int = END_OF_TEXT_ID) -> PaddedSplit:
+    input_ids = np.full((len(token_lists), max_length), pad_id, dtype=np.int64)
+    lengths = np.empty(len(token_lists), dtype=np.int64)
     for row, tokens in enumerate(token_lists):
         tokens = tokens[:max_length]
-        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        input_ids[row, : len(tokens)] = tokens
         lengths[row] = len(tokens)
-    return EncodedSplit(input_ids, torch.tensor(labels, dtype=torch.int64), lengths)
+    return PaddedSplit(input_ids, np.array(labels, dtype=np.int64), lengths)
 
 
 def pad_encode(
-    splits: dict[str, pd.DataFrame], labels: list[str], max_length: int | str = "longest", context_length: int = 1024
-) -> tuple[dict[str, EncodedSplit], EncodingInfo]:
+    splits: dict[str, Messages], labels: list[str], max_length: int | str = "longest", context_length: int = 1024
+) -> tuple[dict[str, PaddedSplit], EncodingInfo]:
     """Encode every split and pad (truncating to the model's context) to one length:
 
     - "longest": the longest training sequence, as the reference does;
@@ -87,12 +104,12 @@ def pad_encode(
       with `lengths`, so the trainer reads each message at its own length;
     - a number of tokens.
     """
-    tokens = {name: tokenize(splits[name]["text"].tolist()) for name in SPLITS}
+    tokens = {name: tokenize(splits[name].texts) for name in SPLITS}
     longest_train = max(len(t) for t in tokens["train"])
     longest_any = max(len(t) for name in SPLITS for t in tokens[name])
     wanted = {"longest": longest_train, "context": context_length, "none": longest_any}.get(max_length, max_length)
     length = min(int(wanted), context_length)
-    encoded = {name: pad(tokens[name], splits[name]["label"].tolist(), length) for name in SPLITS}
+    encoded = {name: pad(tokens[name], splits[name].labels.tolist(), length) for name in SPLITS}
     info = EncodingInfo(
         padding="none" if max_length == "none" else "fixed",
         max_length=length,
@@ -112,11 +129,9 @@ def pad_encode(
     return encoded, info
 
 
-def save_split(split: EncodedSplit, path: str | os.PathLike) -> None:
-    save_file(split.to_tensors(), str(path))
-
-
 def load_split(path: str | os.PathLike) -> EncodedSplit:
+    from safetensors.torch import load_file
+
     tensors = load_file(str(path))
     return EncodedSplit(tensors["input_ids"], tensors["labels"], tensors["lengths"])
 

@@ -13,13 +13,13 @@ import torch
 
 from . import checkpoint
 from .classifier import ClassifierConfig, build_classifier, lora_spec, resolved_pool, save_classifier
-from .data import SPLITS, read_csv
+from .config import architecture_name
+from .data import SPLITS
 from .encode import EncodingInfo, load_splits
 from .errors import PipelineError
 from .fast import build_inputs
 from .files import write_json, write_rows
 from .lineage import flatten
-from .model import architecture_name
 from .params import FinetuneParams, Params, parse_params
 from .paths import BASE, CLASSIFIER, ENCODED, RUN_FILE, SPLIT_DIR, TRAIN_REPORTS
 from .plots import plot_curves
@@ -69,8 +69,7 @@ def finetune(params: Params) -> History:
             "resolved.base_sha256": base.sha256, "resolved.pool": pool, "resolved.padding": meta.padding,
         }  # fmt: skip
         tracker.log_params(flatten(recipe) | resolved)
-        tracker.log_datasets({s: read_csv(SPLIT_DIR / f"{s}.csv") for s in SPLITS},
-                             {s: str(SPLIT_DIR / f"{s}.csv") for s in SPLITS})  # fmt: skip
+        tracker.log_datasets({s: SPLIT_DIR / f"{s}.csv" for s in SPLITS})
         print(f"finetune: {trained} on {device}, {trainable:,} trainable parameters, "
               f"{meta.splits['train'].messages} examples, {f.epochs} epochs")  # fmt: skip
 

@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config import PRESETS, GPTConfig
 from .errors import ParamsError
 from .files import project_root
-from .model import PRESETS, GPTConfig
 from .paths import CHECKPOINTS, PREFIX_CACHE
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]

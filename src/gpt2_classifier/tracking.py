@@ -187,14 +187,17 @@ class Tracker:
                 if Path(path).exists():
                     mlflow.log_artifact(str(path), artifact_path=folder)
 
-    def log_datasets(self, frames: dict[str, Any], sources: dict[str, str]) -> None:
+    def log_datasets(self, files: dict[str, Path]) -> None:
+        """Each split's CSV as an MLflow dataset input (its digest, schema and row count)."""
         if self.run_id:
             import mlflow
+            import pandas as pd
 
             with warnings.catch_warnings():  # MLflow's hints about integer columns and ambiguous local sources
                 warnings.simplefilter("ignore", UserWarning)
-                for name, frame in frames.items():
-                    dataset = mlflow.data.from_pandas(frame, source=sources[name], name=name, targets="label")
+                for name, file in files.items():
+                    frame = pd.read_csv(file, dtype={"text": str}, keep_default_na=False)
+                    dataset = mlflow.data.from_pandas(frame, source=str(file), name=name, targets="label")
                     mlflow.log_input(dataset, context=name)
 
     def log_lineage(self, stage: str, inputs: dict[str, Path], outputs: dict[str, Path]) -> None:

@@ -7,11 +7,13 @@ Conv1D, that is transposed relative to `nn.Linear`. The LM head is tied to `wte`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,9 +21,10 @@ from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .config import PRESETS, GPTConfig
 from .errors import WeightsError
 from .files import atomic_path, read_validated, sha256_file
-from .model import PRESETS, GPTConfig, GPTModel
+from .model import GPTModel
 from .tensorfile import TensorFile, TensorFileError
 
 log = logging.getLogger(__name__)
@@ -190,13 +193,25 @@ def random_model(cfg: GPTConfig, seed: int) -> GPTModel:
         torch.random.set_rng_state(generator_state)
 
 
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Build without initialising: on the meta device there is nothing to initialise, and the
+    embeddings' normal_ there goes through a Python kernel that imports torch._dynamo (1-2 s)."""
+    normal = torch.nn.init.normal_
+    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        torch.nn.init.normal_ = normal
+
+
 def save_hf(model: GPTModel, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         save_file(to_hf_tensors(model), str(tmp), metadata={"format": "pt"})
 
 
 def load_model(cfg: GPTConfig, path: str | os.PathLike) -> GPTModel:
-    with torch.device("meta"):
+    with _skip_init(), torch.device("meta"):
         model = GPTModel(cfg)
         model.out_head.weight = model.tok_emb.weight  # allocate the tied head once
     model = model.to_empty(device="cpu")

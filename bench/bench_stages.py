@@ -1,0 +1,303 @@
+"""Time the seven stages, each as its own `python stages/<name>.py` process, cold, one after another,
+beside `import torch` and (with --plain) a book-style script doing the same job in one process.
+
+    python bench/bench_stages.py                        # tiny model, 1 epoch, MLflow on, + a cold `dvc repro`
+    python bench/bench_stages.py --model gpt2-small --plain --no-mlflow --device cuda \\
+        --variant float32: --variant bfloat16:finetune.precision=bfloat16    # the GPU run of issue 15
+
+Every variant runs in a fresh copy of the pipeline (empty caches), on the real data when
+../shared/data/sms-spam-collection/ is there (or --data), else on made-up messages. The stages
+import the project from this checkout's src/, so the bench runs where the package is not installed
+(the GPU machine: it needs torch, tiktoken, pandas, pyyaml, pydantic, safetensors, requests, pooch).
+
+  plain   the reference's chapter-6 script in one process: pandas reads, balances and splits the
+          TSV, tiktoken encodes, the whole model runs every batch (last position), loss estimates
+          every 50 steps and accuracy every epoch over 5 batches, then accuracy on all three splits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ZIP = ROOT.parent / "shared" / "data" / "sms-spam-collection" / "sms+spam+collection.zip"
+STAGES = ("download", "balance", "split", "pad_encode", "fetch_weights", "finetune", "evaluate")
+TINY = {"emb_dim": 64, "n_layers": 2, "n_heads": 2}
+SEED = 123
+
+
+def made_up_zip(folder: Path) -> Path:
+    import random
+
+    rng = random.Random(0)
+    words = ["free", "call", "now", "ok", "see", "you", "prize", "home", "txt", "later", "win", "cash"]
+    lines = [
+        f"{'spam' if i % 7 == 0 else 'ham'}\t" + " ".join(rng.choice(words) for _ in range(rng.randint(3, 30)))
+        for i in range(5574)
+    ]
+    path = folder / "made-up.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("SMSSpamCollection", "\n".join(lines) + "\n")
+    return path
+
+
+def make_project(dest: Path, data: Path, args: argparse.Namespace, overrides: list[str]) -> Path:
+    dest.mkdir(parents=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, dest / name)
+    for folder in ("stages", "src"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(url=str(data), mirrors=[], sha256=None)
+    params["model"].update(weights="random")
+    if args.model == "tiny":
+        params["model"]["config"] = dict(TINY)
+    else:
+        params["model"]["name"] = args.model
+    params["finetune"].update(epochs=args.epochs, device=args.device)
+    params["mlflow"]["enabled"] = args.mlflow
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *sections, last = key.split(".")
+        node = params
+        for section in sections:
+            node = node[section]
+        node[last] = yaml.safe_load(value)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def environment(project: Path) -> dict[str, str]:
+    path = str(project / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": path, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": ""}
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return seconds, out.stdout + out.stderr
+
+
+def run_stages(project: Path, profile: Path | None, name: str) -> dict:
+    env, times = environment(project), {}
+    for stage in STAGES:
+        cmd = [sys.executable, f"stages/{stage}.py"]
+        if profile and stage in ("finetune", "evaluate", "fetch_weights"):
+            cmd[1:1] = ["-m", "cProfile", "-o", str(profile / f"{name}-{stage}.prof")]
+        times[stage], _ = timed(cmd, project, env)
+    summary = json.loads((project / "reports/train/summary.json").read_text())
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    return {"stages": times, "train_seconds": summary["seconds"], "metrics": metrics}
+
+
+def plain(folder: Path, data: Path, weights: Path, device: str, epochs: int) -> dict:
+    """The reference's script, in this process (see the module's docstring)."""
+    start = time.perf_counter()
+    import csv
+
+    import pandas as pd
+    import tiktoken
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from gpt2_classifier.classifier import replace_head, set_trainable
+    from gpt2_classifier.config import GPTConfig
+    from gpt2_classifier.train import index_batches
+    from gpt2_classifier.weights import load_model
+
+    with zipfile.ZipFile(data) as zf:
+        zf.extract("SMSSpamCollection", folder)
+    df = pd.read_csv(folder / "SMSSpamCollection", sep="\t", header=None, names=["Label", "Text"],
+                     quoting=csv.QUOTE_NONE, keep_default_na=False)  # fmt: skip
+    spam = df[df["Label"] == "spam"]
+    ham = df[df["Label"] == "ham"].sample(len(spam), random_state=SEED)
+    balanced = pd.concat([ham, spam]).sample(frac=1, random_state=SEED).reset_index(drop=True)
+    balanced["Label"] = balanced["Label"].map({"ham": 0, "spam": 1})
+    train_end, val_end = int(len(balanced) * 0.7), int(len(balanced) * 0.7) + int(len(balanced) * 0.1)
+    parts = {"train": balanced[:train_end], "validation": balanced[train_end:val_end], "test": balanced[val_end:]}
+    encoding = tiktoken.get_encoding("gpt2")
+    tokens = {name: [encoding.encode(t) for t in part["Text"]] for name, part in parts.items()}
+    length = max(len(t) for t in tokens["train"])
+
+    def tensors(name):
+        ids = [t[:length] + [50256] * (length - len(t[:length])) for t in tokens[name]]
+        return torch.tensor(ids, device=device), torch.tensor(parts[name]["Label"].tolist(), device=device)
+
+    splits = {name: tensors(name) for name in parts}
+    torch.manual_seed(SEED)
+    model = load_model(GPTConfig(), weights)
+    replace_head(model, 2, SEED)
+    set_trainable(model, 1)
+    model.to(device)
+    prepared = time.perf_counter()
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(SEED)
+
+    @torch.no_grad()
+    def estimate(name, batches, num_batches=None):
+        model.eval()
+        ids, labels = splits[name]
+        losses, correct, seen = [], 0, 0
+        for i, idx in enumerate(batches):
+            if i == num_batches:
+                break
+            out = model(ids[idx.to(device)])[:, -1, :]
+            losses.append(F.cross_entropy(out, labels[idx.to(device)]).item())
+            correct += (out.argmax(-1) == labels[idx.to(device)]).sum().item()
+            seen += len(idx)
+        model.train()
+        return sum(losses) / len(losses), correct / seen
+
+    n_train, step = len(tokens["train"]), -1
+    for _ in range(epochs):
+        model.train()
+        for idx in index_batches(n_train, 8, gen):
+            idx = idx.to(device)
+            optimizer.zero_grad()
+            logits = model(splits["train"][0][idx])[:, -1, :]
+            F.cross_entropy(logits, splits["train"][1][idx]).backward()
+            optimizer.step()
+            step += 1
+            if step % 50 == 0:
+                estimate("train", index_batches(n_train, 8, gen), 5)
+                estimate("validation", index_batches(len(tokens["validation"]), 8), 5)
+        estimate("train", index_batches(n_train, 8, gen), 5)
+        estimate("validation", index_batches(len(tokens["validation"]), 8), 5)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    trained = time.perf_counter()
+    accuracy = {name: estimate(name, index_batches(len(tokens[name]), 8))[1] for name in parts}
+    done = time.perf_counter()
+    return {"prepare_seconds": prepared - start, "train_seconds": trained - prepared,
+            "evaluate_seconds": done - trained, "accuracy": accuracy}  # fmt: skip
+
+
+def run_plain(folder: Path, data: Path, weights: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child-plain", str(folder), "--data", str(data), "--weights", str(weights),
+           "--device", args.device, "--epochs", str(args.epochs)]  # fmt: skip
+    seconds, output = timed(cmd, ROOT, {**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    result = json.loads(next(line for line in output.splitlines() if line.startswith("{")))
+    return {**result, "seconds": seconds}
+
+
+def cold_dvc_repro(project: Path) -> float:
+    env = environment(project)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "bench"]):  # fmt: skip
+        subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True)
+    seconds, _ = timed(["dvc", "repro", "-q"], project, env)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", default="tiny", choices=["tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+    )
+    parser.add_argument("--epochs", type=int, help="default: 1 for tiny, else 5 (the reference's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--plain", action="store_true", help="also run the book-style script")
+    parser.add_argument("--dvc", action=argparse.BooleanOptionalAction, default=None, help="also a cold dvc repro")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:K=V,K=V",
+        help="a run of the seven stages with these params changed (default: one, unchanged)",
+    )
+    parser.add_argument("--data", type=Path, help="the zipped SMS Spam Collection")
+    parser.add_argument("--profile", type=Path, help="write cProfile stats of finetune and evaluate here")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--child-plain", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.epochs = args.epochs or (1 if args.model == "tiny" else 5)
+    if args.child_plain:
+        device = "cuda" if args.device == "auto" and __import__("torch").cuda.is_available() else args.device
+        result = plain(args.child_plain, args.data, args.weights, "cpu" if device == "auto" else device, args.epochs)
+        print(json.dumps(result))
+        return
+    if args.dvc is None:
+        args.dvc = args.model == "tiny" and shutil.which("dvc", path=str(Path(sys.executable).parent)) is not None
+    variants = [v.partition(":") for v in args.variant] or [("default", "", "")]
+
+    start = time.perf_counter()
+    results: dict = {"variants": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
+        tmp = Path(tmp)
+        data = args.data or (SHARED_ZIP if SHARED_ZIP.is_file() else made_up_zip(tmp))
+        results["import_torch"], _ = timed([sys.executable, "-c", "import torch"], tmp, dict(os.environ))
+        import torch
+
+        cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, GPU: {cuda}; "
+              f"model {args.model}, {args.epochs} epoch(s), device {args.device}, "
+              f"MLflow {'on' if args.mlflow else 'off'}; "
+              f"data {data.name}")  # fmt: skip
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        first = None
+        for name, _, changes in variants:
+            project = make_project(tmp / f"stages-{name}", data, args, [c for c in changes.split(",") if c])
+            results["variants"][name] = run_stages(project, args.profile, name)
+            first = first or project
+        if args.plain:
+            results["plain"] = run_plain(tmp / "plain", data, first / "models/base/model.safetensors", args)
+        if args.dvc:
+            project = make_project(tmp / "dvc", data, args, [])
+            results["dvc_repro"] = cold_dvc_repro(project)
+    report(results)
+    print(f"bench wall time {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def report(results: dict) -> None:
+    print(f"import torch (its own process): {results['import_torch']:.2f} s")
+    names = list(results["variants"])
+    print(f"{'stage':<16}" + "".join(f"{name:>14}" for name in names))
+    for stage in STAGES:
+        print(f"{stage:<16}" + "".join(f"{results['variants'][n]['stages'][stage]:>13.2f}s" for n in names))
+    rows = {
+        "seven stages": lambda r: f"{sum(r['stages'].values()):>13.2f}s",
+        "  training": lambda r: f"{r['train_seconds']:>13.2f}s",
+        "test accuracy": lambda r: f"{r['metrics']['test']['accuracy']:>14.2%}",
+        "val accuracy": lambda r: f"{r['metrics']['validation']['accuracy']:>14.2%}",
+    }
+    for label, cell in rows.items():
+        print(f"{label:<16}" + "".join(cell(results["variants"][n]) for n in names))
+    if "plain" in results:
+        p = results["plain"]
+        print(f"plain (book-style script): {p['seconds']:.2f} s end to end: {p['prepare_seconds']:.2f} s imports, "
+              f"data and weights, {p['train_seconds']:.2f} s training, {p['evaluate_seconds']:.2f} s evaluation; "
+              f"test accuracy {p['accuracy']['test']:.2%}, validation {p['accuracy']['validation']:.2%}")  # fmt: skip
+        for n in names:
+            total = sum(results["variants"][n]["stages"].values())
+            train = results["variants"][n]["train_seconds"]
+            print(f"  {n}: end to end {p['seconds'] / total:.2f}x the plain script's speed, "
+                  f"training {p['train_seconds'] / train:.1f}x")  # fmt: skip
+    if "dvc_repro" in results:
+        print(f"cold dvc repro (same params as the first variant): {results['dvc_repro']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
