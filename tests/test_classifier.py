@@ -180,3 +180,21 @@ def test_a_broken_classifier_config_is_named_with_its_field(tmp_path):
     config.unlink()
     with pytest.raises(WeightsError, match=r"clf/config.json: not found; not a classifier's config"):
         load_classifier(tmp_path / "clf")
+
+
+def test_a_bfloat16_classifier_classifies_in_bfloat16(tmp_path):
+    # finetune.precision is stored with the classifier, so evaluate and `classify` run the arithmetic it trained with.
+    from gpt2_classifier.predict import TextClassifier
+
+    model, _ = fit(epochs=1)
+    base = tmp_path / "base" / "model.safetensors"
+    save_hf(random_model(CFG, 0), base)
+    texts = ["WIN a prize now, txt 80082", "see you at home later", "ok"]
+    probs = {}
+    for precision in ("float32", "bfloat16"):
+        config = config_for(model, sha256_file(base)).model_copy(update={"precision": precision})
+        save_classifier(model, tmp_path / precision, config)
+        assert ClassifierConfig.read(tmp_path / precision).precision == precision
+        probs[precision] = TextClassifier.from_folder(tmp_path / precision, base).predict_proba(texts)
+    gap = (probs["float32"] - probs["bfloat16"]).abs().max().item()
+    assert 0 < gap < 0.05

@@ -172,3 +172,34 @@ def test_released_frozen_weights_give_the_same_inputs_and_are_gone(cached, tmp_p
         assert torch.equal(released[name].logits(idx), kept[name].logits(idx))
     assert model.tok_emb.weight.is_meta and model.trf_blocks[1].att.qkv.weight.is_meta
     assert not model.trf_blocks[2].att.qkv.weight.is_meta and not model.out_head.weight.is_meta
+
+
+@pytest.mark.parametrize("pool", ["last", "flexible"])
+def test_bfloat16_runs_the_matrix_products_in_bfloat16_on_both_paths(pool):
+    # finetune.precision: bfloat16 is autocast: the logits move by bfloat16 rounding (8 bits of mantissa), not
+    # more, on the fast path and the full forward alike, and the gradients still reach the float32 weights.
+    model, split = classifier(1), ragged_split()
+    idx = torch.tensor([5, 0, 17, 39, 22, 8])
+    exact = FullForward(model, split, pool, "cpu").logits(idx)
+    for inputs in (
+        build_inputs(model, {"s": split}, pool, 1, "cpu", precision="bfloat16")["s"],
+        FullForward(model, split, pool, "cpu", precision="bfloat16"),
+    ):
+        logits = inputs.logits(idx)
+        gap = (logits - exact).abs().max().item()
+        assert 1e-6 < gap < 0.05 * exact.abs().max().item()  # rounded, so not float32; close, so not broken
+        assert logits.dtype == torch.bfloat16  # the head ran in bfloat16
+        model.zero_grad()
+        F.cross_entropy(logits.float(), split.labels[idx]).backward()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+
+
+def test_the_prefix_cache_keeps_float32_and_bfloat16_apart(tmp_path):
+    model, split = classifier(1), ragged_split()
+    for precision in ("float32", "bfloat16"):
+        build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path, precision=precision)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 2  # one prefix per arithmetic: a bfloat16 run never reads float32 activations
+    hidden = [fast.read_cached(f).hidden for f in files]
+    assert hidden[0].dtype == hidden[1].dtype == torch.float32 and not torch.equal(hidden[0], hidden[1])

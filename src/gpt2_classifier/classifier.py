@@ -43,6 +43,7 @@ class ClassifierConfig(BaseModel):
     base: BaseIdentity  # the base weights, found by their SHA-256 when the classifier loads
     gpt: GPTConfig
     lora: LoraSpec | None
+    precision: Literal["float32", "bfloat16"] = "float32"  # the forward pass's arithmetic (finetune.precision)
 
     @property
     def unpadded(self) -> bool:

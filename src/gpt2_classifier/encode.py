@@ -65,6 +65,11 @@ class PaddedSplit:
 
         save_file({"input_ids": self.input_ids, "labels": self.labels, "lengths": self.lengths}, str(path))
 
+    def tensors(self) -> EncodedSplit:
+        import torch
+
+        return EncodedSplit(*(torch.from_numpy(a) for a in (self.input_ids, self.labels, self.lengths)))
+
 
 @dataclass
 class EncodedSplit:

@@ -38,10 +38,10 @@ from .files import atomic_path
 from .lora import LinearWithLoRA
 from .model import GPTModel, TransformerBlock
 from .tensorfile import TensorFile, read_tensors, write_tensors
-from .train import FullForward, Inputs
+from .train import FullForward, Inputs, Precision, autocast
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "prefix-v2"
+CACHE_VERSION = "prefix-v3"
 CHUNK_TOKENS = 2048  # real tokens per forward pass while computing the prefix
 KEEP_CACHE_FILES = 6
 
@@ -157,12 +157,14 @@ def packed_block(block: TransformerBlock, x: torch.Tensor, keep: torch.Tensor, o
 @torch.no_grad()
 def compute_prefix(
     model: GPTModel, split: EncodedSplit, n_frozen: int, visible: torch.Tensor, device,
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: Precision = "float32",
 ) -> Prefix:  # fmt: skip
-    """Run embeddings (`model.embed` unless given) and the frozen blocks once over each row's visible positions."""
+    """Run embeddings (`model.embed` unless given) and the frozen blocks once over each row's visible
+    positions; the result is stored in float32 whatever the arithmetic."""
     was_training = model.training
     model.eval()
-    onednn = onednn_linear_works(torch.device(device).type)
+    device = torch.device(device)
+    onednn = precision == "float32" and onednn_linear_works(device.type)  # autocast does not reach it
     offsets = torch.cumsum(visible, 0) - visible
     hidden = torch.empty(int(visible.sum()), model.cfg.emb_dim)
     for chunk in prefix_chunks(visible):
@@ -170,8 +172,9 @@ def compute_prefix(
         keep = torch.arange(length)[None, :] < visible[chunk, None]
         device_keep = keep.to(device)
         x = (embed or model.embed)(split.input_ids[chunk, :length].to(device))[device_keep]
-        for block in model.trf_blocks[:n_frozen]:
-            x = packed_block(block, x, device_keep, onednn)
+        with autocast(device, precision):
+            for block in model.trf_blocks[:n_frozen]:
+                x = packed_block(block, x, device_keep, onednn)
         rows = offsets[chunk, None] + torch.arange(length)[None, :]
         hidden[rows[keep]] = x.float().cpu()
         del x
@@ -224,21 +227,27 @@ def tail_logits(model: GPTModel, n_frozen: int, x: torch.Tensor, visible: torch.
 class PrefixForward:
     """A split as the trainer sees it, through the precomputed prefix and the trained tail."""
 
-    def __init__(self, model: GPTModel, prefix: Prefix, labels: torch.Tensor, n_frozen: int, pool: str, device):
+    def __init__(
+        self, model: GPTModel, prefix: Prefix, labels: torch.Tensor, n_frozen: int, pool: str, device,
+        precision: Precision = "float32",
+    ):  # fmt: skip
         self.model, self.prefix, self.labels, self.n_frozen, self.pool = model, prefix, labels, n_frozen, pool
-        self.device = torch.device(device)
+        self.device, self.precision = torch.device(device), precision
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         x, visible = self.prefix.gather(idx)
-        return tail_logits(self.model, self.n_frozen, x.to(self.device), visible.to(self.device), self.pool)
+        with autocast(self.device, self.precision):
+            return tail_logits(self.model, self.n_frozen, x.to(self.device), visible.to(self.device), self.pool)
 
 
-def frozen_digest(model: GPTModel, n_frozen: int) -> str:
-    """A digest of the frozen part: embeddings and the first `n_frozen` blocks, with the config."""
-    digest = hashlib.sha256(json.dumps([CACHE_VERSION, torch.__version__, model.cfg.to_dict(), n_frozen]).encode())
+def frozen_digest(model: GPTModel, n_frozen: int, precision: Precision = "float32") -> str:
+    """A digest of the frozen part: embeddings and the first `n_frozen` blocks, with the config and
+    the arithmetic that computes it."""
+    identity = [CACHE_VERSION, torch.__version__, model.cfg.to_dict(), n_frozen, precision]
+    digest = hashlib.sha256(json.dumps(identity).encode())
     frozen = ("tok_emb.", "pos_emb.", *(f"trf_blocks.{i}." for i in range(n_frozen)))
     for name, tensor in model.state_dict().items():
         if name.startswith(frozen):
@@ -316,6 +325,7 @@ def iter_inputs(
     causal: bool = True,
     unpadded: bool = False,
     release: bool = False,
+    precision: Precision = "float32",
 ) -> Iterator[tuple[str, Inputs]]:
     """The fastest exact way to feed each split (prefix + tail where it applies, else the full
     forward). Prefixes missing from the cache are computed first; cached ones are read as the
@@ -328,12 +338,12 @@ def iter_inputs(
     if n_frozen is None:
         log.info("fast path off (all layers, dropout, LoRA or no causal mask): full forward every batch")
         for name, split in splits.items():
-            yield name, FullForward(model, split, pool, device, causal, unpadded)
+            yield name, FullForward(model, split, pool, device, causal, unpadded, precision)
         return
     visible = {name: visible_positions(split, pool) for name, split in splits.items()}
     paths: dict[str, Path] = {}
     if cache_dir is not None:
-        digest = frozen_digest(model, n_frozen)
+        digest = frozen_digest(model, n_frozen, precision)
         paths = {name: Path(cache_dir) / f"{cache_key(digest, split, visible[name])}.safetensors"
                  for name, split in splits.items()}  # fmt: skip
     missing = [name for name in splits if name not in paths or not is_readable(paths[name])]
@@ -344,7 +354,7 @@ def iter_inputs(
             embed = compact_embedding(model, [splits[name] for name in missing])
             release_frozen(model, n_frozen, blocks=False)
         for name in missing:
-            computed[name] = compute_prefix(model, splits[name], n_frozen, visible[name], device, embed)
+            computed[name] = compute_prefix(model, splits[name], n_frozen, visible[name], device, embed, precision)
             if name in paths:
                 store_cached(paths[name], computed[name])
     if release:
@@ -354,7 +364,7 @@ def iter_inputs(
         prefix = computed.pop(name, None) or read_cached(paths[name])
         if prefix is None:
             raise PipelineError(f"{paths[name]}: the prefix cache file went missing while in use; run again")
-        yield name, PrefixForward(model, prefix, split.labels, n_frozen, pool, device)
+        yield name, PrefixForward(model, prefix, split.labels, n_frozen, pool, device, precision)
 
 
 def build_inputs(*args, **kwargs) -> dict[str, Inputs]:

@@ -76,15 +76,16 @@ def finetune(params: Params) -> History:
         splits = load_splits(ENCODED)
         training = {name: splits[name] for name in ("train", "validation")}  # evaluate reads test
         inputs = build_inputs(
-            model, training, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, meta.unpadded, release=True
-        )
+            model, training, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, meta.unpadded,
+            release=True, precision=f.precision,
+        )  # fmt: skip
         trainer = Trainer(model, inputs["train"], inputs["validation"], settings, device)
         history = train_resumably(trainer, recipe, f, tracker)
 
         config = ClassifierConfig(
             labels=meta.labels, pool=pool, max_length=meta.max_length, pad_id=meta.pad_id, padding=meta.padding,
             causal_mask=f.causal_mask, trainable_blocks="all" if f.lora.enabled else f.trainable_blocks,
-            base=base.identity(), gpt=cfg, lora=lora_spec(model),
+            base=base.identity(), gpt=cfg, lora=lora_spec(model), precision=f.precision,
         )  # fmt: skip
         save_classifier(model, CLASSIFIER, config)
         summary = write_reports(history, trainable, f.eval_iter)

@@ -115,6 +115,7 @@ class FinetuneParams(Section):
     causal_mask: bool = True
     ignore_index: int = -100
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["float32", "bfloat16"] = "float32"
     prefix_cache: bool = True
     resume: bool = True
 

@@ -39,8 +39,8 @@ class TextClassifier:
     def predict_proba(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         """(len(texts), classes) probabilities."""
         c = self.config
-        split = pad(tokenize(list(texts)), [0] * len(texts), self.max_length, c.pad_id)
-        inputs = FullForward(self.model, split, c.pool, self.device, c.causal_mask, c.unpadded)
+        split = pad(tokenize(list(texts)), [0] * len(texts), self.max_length, c.pad_id).tensors()
+        inputs = FullForward(self.model, split, c.pool, self.device, c.causal_mask, c.unpadded, c.precision)
         return predict_proba(self.model, inputs, batch_size, progress=progress)
 
     def predict(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[dict]:

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,16 @@ class Inputs(Protocol):
     def logits(self, idx: torch.Tensor) -> torch.Tensor: ...
 
 
+Precision = Literal["float32", "bfloat16"]
+
+
+def autocast(device: torch.device, precision: Precision) -> torch.autocast:
+    """The forward pass's arithmetic: float32 (exact, the default), or bfloat16 autocast, where
+    matrix products run in bfloat16 and weights, gradients, optimizer state, softmax and the loss
+    stay float32 (PyTorch's mixed precision; CUDA, and CPUs with AVX-512 BF16 or AMX)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
 class FullForward:
     """Every batch through the whole model, as the reference does; the path that always applies.
 
@@ -89,10 +99,11 @@ class FullForward:
     """
 
     def __init__(
-        self, model: GPTModel, split: EncodedSplit, pool: str, device, causal: bool = True, unpadded: bool = False
-    ):
+        self, model: GPTModel, split: EncodedSplit, pool: str, device, causal: bool = True, unpadded: bool = False,
+        precision: Precision = "float32",
+    ):  # fmt: skip
         self.model, self.split, self.pool, self.device = model, split, pool, torch.device(device)
-        self.causal, self.unpadded = causal, unpadded
+        self.causal, self.unpadded, self.precision = causal, unpadded, precision
         self.labels = split.labels
         # With a causal mask, padding after the pooled position never reaches it.
         self.trim = unpadded or (causal and pool != "last")
@@ -107,7 +118,8 @@ class FullForward:
         key_mask = None
         if self.unpadded and not self.causal:
             key_mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
-        return classify(self.model, ids, lengths, self.pool, self.causal, key_mask)
+        with autocast(self.device, self.precision):
+            return classify(self.model, ids, lengths, self.pool, self.causal, key_mask)
 
 
 def index_batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
