@@ -93,12 +93,13 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
     return seconds, out.stdout + out.stderr
 
 
-def run_stages(project: Path, profile: Path | None, name: str) -> dict:
+def run_stages(project: Path, profile: Path | None = None) -> dict:
+    """Each stage in its own process; with `profile`, under cProfile, its stats written there."""
     env, times = environment(project), {}
     for stage in STAGES:
         cmd = [sys.executable, f"stages/{stage}.py"]
-        if profile and stage in ("finetune", "evaluate", "fetch_weights"):
-            cmd[1:1] = ["-m", "cProfile", "-o", str(profile / f"{name}-{stage}.prof")]
+        if profile:
+            cmd[1:1] = ["-m", "cProfile", "-o", str(profile / f"{stage}.prof")]
         times[stage], _ = timed(cmd, project, env)
     summary = json.loads((project / "reports/train/summary.json").read_text())
     metrics = json.loads((project / "reports/metrics.json").read_text())
@@ -111,13 +112,13 @@ def plain(folder: Path, data: Path, weights: Path, device: str, epochs: int) -> 
     import csv
 
     import pandas as pd
-    import tiktoken
     import torch
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT / "src"))
     from gpt2_classifier.classifier import replace_head, set_trainable
     from gpt2_classifier.config import GPTConfig
+    from gpt2_classifier.tokenizer import gpt2_encoding
     from gpt2_classifier.train import index_batches
     from gpt2_classifier.weights import load_model
 
@@ -131,7 +132,7 @@ def plain(folder: Path, data: Path, weights: Path, device: str, epochs: int) -> 
     balanced["Label"] = balanced["Label"].map({"ham": 0, "spam": 1})
     train_end, val_end = int(len(balanced) * 0.7), int(len(balanced) * 0.7) + int(len(balanced) * 0.1)
     parts = {"train": balanced[:train_end], "validation": balanced[train_end:val_end], "test": balanced[val_end:]}
-    encoding = tiktoken.get_encoding("gpt2")
+    encoding = gpt2_encoding()  # tiktoken's "gpt2", built from local files (tiktoken would download them)
     tokens = {name: [encoding.encode(t) for t in part["Text"]] for name, part in parts.items()}
     length = max(len(t) for t in tokens["train"])
 
@@ -141,7 +142,8 @@ def plain(folder: Path, data: Path, weights: Path, device: str, epochs: int) -> 
 
     splits = {name: tensors(name) for name in parts}
     torch.manual_seed(SEED)
-    model = load_model(GPTConfig(), weights)
+    architecture = json.loads((weights.parent / "config.json").read_text())["gpt"]  # as fetch-weights made it
+    model = load_model(GPTConfig(**architecture), weights)
     replace_head(model, 2, SEED)
     set_trainable(model, 1)
     model.to(device)
@@ -192,7 +194,9 @@ def plain(folder: Path, data: Path, weights: Path, device: str, epochs: int) -> 
 def run_plain(folder: Path, data: Path, weights: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child-plain", str(folder), "--data", str(data), "--weights", str(weights),
            "--device", args.device, "--epochs", str(args.epochs)]  # fmt: skip
-    seconds, output = timed(cmd, ROOT, {**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    seconds, output = timed(
+        cmd, ROOT, {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    )
     result = json.loads(next(line for line in output.splitlines() if line.startswith("{")))
     return {**result, "seconds": seconds}
 
@@ -225,7 +229,7 @@ def main() -> None:
         help="a run of the seven stages with these params changed (default: one, unchanged)",
     )
     parser.add_argument("--data", type=Path, help="the zipped SMS Spam Collection")
-    parser.add_argument("--profile", type=Path, help="write cProfile stats of finetune and evaluate here")
+    parser.add_argument("--profile", type=Path, help="then run the first variant again under cProfile, stats here")
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--child-plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
@@ -244,7 +248,7 @@ def main() -> None:
     results: dict = {"variants": {}}
     with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
         tmp = Path(tmp)
-        data = args.data or (SHARED_ZIP if SHARED_ZIP.is_file() else made_up_zip(tmp))
+        data = (args.data or (SHARED_ZIP if SHARED_ZIP.is_file() else made_up_zip(tmp))).resolve()
         results["import_torch"], _ = timed([sys.executable, "-c", "import torch"], tmp, dict(os.environ))
         import torch
 
@@ -253,15 +257,22 @@ def main() -> None:
               f"model {args.model}, {args.epochs} epoch(s), device {args.device}, "
               f"MLflow {'on' if args.mlflow else 'off'}; "
               f"data {data.name}")  # fmt: skip
-        if args.profile:
-            args.profile.mkdir(parents=True, exist_ok=True)
         first = None
         for name, _, changes in variants:
             project = make_project(tmp / f"stages-{name}", data, args, [c for c in changes.split(",") if c])
-            results["variants"][name] = run_stages(project, args.profile, name)
+            try:
+                results["variants"][name] = run_stages(project)
+            except SystemExit as failed:  # report it, and measure the other variants
+                print(f"variant {name} failed: {failed}", file=sys.stderr)
+                continue
             first = first or project
         if args.plain:
             results["plain"] = run_plain(tmp / "plain", data, first / "models/base/model.safetensors", args)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            name, _, changes = variants[0]
+            project = make_project(tmp / "profiled", data, args, [c for c in changes.split(",") if c])
+            results["profiled"] = run_stages(project, args.profile)["stages"]
         if args.dvc:
             project = make_project(tmp / "dvc", data, args, [])
             results["dvc_repro"] = cold_dvc_repro(project)

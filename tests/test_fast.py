@@ -203,3 +203,17 @@ def test_the_prefix_cache_keeps_float32_and_bfloat16_apart(tmp_path):
     assert len(files) == 2  # one prefix per arithmetic: a bfloat16 run never reads float32 activations
     hidden = [fast.read_cached(f).hidden for f in files]
     assert hidden[0].dtype == hidden[1].dtype == torch.float32 and not torch.equal(hidden[0], hidden[1])
+
+
+def test_the_base_weights_hash_stands_for_the_frozen_weights_in_the_cache_key():
+    # finetune and evaluate pass the base file's SHA-256 (recorded by fetch-weights) instead of hashing the weights
+    a, b = (
+        classifier(1),
+        classifier(1, GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32, vocab_size=50257)),
+    )
+    with torch.no_grad():
+        b.trf_blocks[0].norm1.weight.add_(1)
+    assert fast.frozen_digest(a, 2) != fast.frozen_digest(b, 2)  # without it, the weights themselves
+    assert fast.frozen_digest(a, 2, base_sha256="a" * 64) == fast.frozen_digest(b, 2, base_sha256="a" * 64)
+    assert fast.frozen_digest(a, 2, base_sha256="a" * 64) != fast.frozen_digest(a, 2, base_sha256="b" * 64)
+    assert fast.frozen_digest(a, 2, base_sha256="a" * 64) != fast.frozen_digest(a, 1, base_sha256="a" * 64)

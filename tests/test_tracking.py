@@ -47,7 +47,7 @@ def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     assert not any(key.startswith("dvc.md5.") for key in tags)
     folders = ("finetune", "evaluate", "lineage")
     artifacts = {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
-    for path in ("finetune/loss.png", "finetune/accuracy.png", "finetune/params.yaml", "evaluate/metrics.json",
+    for path in ("finetune/loss.csv", "finetune/accuracy.csv", "finetune/params.yaml", "evaluate/metrics.json",
                  "evaluate/confusion.png", "lineage/finetune.json", "lineage/evaluate.json"):  # fmt: skip
         assert path in artifacts, path
     inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}

@@ -27,6 +27,7 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
         inputs = iter_inputs(
             model, splits, config.pool, config.trainable_blocks, device, params.finetune.cache_dir(),
             config.causal_mask, config.unpadded, release=True, precision=config.precision,
+            base_sha256=config.base.sha256,
         )  # fmt: skip
         probs = {name: predict_proba(model, split, params.evaluate.batch_size) for name, split in inputs}
         metrics = {name: classification_report(splits[name].labels, probs[name]) for name in SPLITS}

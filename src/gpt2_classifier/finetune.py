@@ -22,14 +22,13 @@ from .files import write_json, write_rows
 from .lineage import flatten
 from .params import FinetuneParams, Params, parse_params
 from .paths import BASE, CLASSIFIER, ENCODED, RUN_FILE, SPLIT_DIR, TRAIN_REPORTS
-from .plots import plot_curves
 from .tracking import Tracker, finetune_run, run_tags
 from .train import History, Trainer, TrainSettings, pick_device
 from .weights import WEIGHTS_FILE, BaseConfig
 
 STEP_METRICS = ("train_loss", "val_loss", "examples_seen")  # every eval_freq steps
 EPOCH_METRICS = ("train_accuracy_estimate", "val_accuracy_estimate", "examples_seen", "epoch")
-REPORT_FILES = ("loss.csv", "accuracy.csv", "loss.png", "accuracy.png", "summary.json")
+REPORT_FILES = ("loss.csv", "accuracy.csv", "summary.json")
 
 
 def run_name(name: str, weights: str) -> str:
@@ -77,7 +76,7 @@ def finetune(params: Params) -> History:
         training = {name: splits[name] for name in ("train", "validation")}  # evaluate reads test
         inputs = build_inputs(
             model, training, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, meta.unpadded,
-            release=True, precision=f.precision,
+            release=True, precision=f.precision, base_sha256=base.sha256,
         )  # fmt: skip
         trainer = Trainer(model, inputs["train"], inputs["validation"], settings, device)
         history = train_resumably(trainer, recipe, f, tracker)
@@ -88,7 +87,7 @@ def finetune(params: Params) -> History:
             base=base.identity(), gpt=cfg, lora=lora_spec(model), precision=f.precision,
         )  # fmt: skip
         save_classifier(model, CLASSIFIER, config)
-        summary = write_reports(history, trainable, f.eval_iter)
+        summary = write_reports(history, trainable)
         final_step = trainer.step
         speed = {"train_seconds": summary["seconds"], "examples_per_second": summary["examples_per_second"]}
         tracker.log_metrics(speed, step=final_step)
@@ -132,15 +131,12 @@ def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: 
     return history
 
 
-def write_reports(history: History, trainable: int, eval_iter: int) -> dict:
-    """The curves as CSV (for dvc plots) and PNG, and summary.json (for dvc metrics); returns the summary."""
+def write_reports(history: History, trainable: int) -> dict:
+    """The curves as CSV, which dvc plots draws (MLflow charts the same values, logged as metrics), and
+    summary.json (for dvc metrics); returns the summary."""
     TRAIN_REPORTS.mkdir(parents=True, exist_ok=True)
     write_rows(TRAIN_REPORTS / "loss.csv", history.steps)
     write_rows(TRAIN_REPORTS / "accuracy.csv", history.epochs)
-    estimate = f"estimate over {eval_iter} batches"
-    plot_curves(history.steps, "step", ["train_loss", "val_loss"], f"loss ({estimate})", TRAIN_REPORTS / "loss.png")
-    plot_curves(history.epochs, "epoch", ["train_accuracy_estimate", "val_accuracy_estimate"], f"accuracy ({estimate})",
-                TRAIN_REPORTS / "accuracy.png")  # fmt: skip
     last_loss, last_epoch = history.steps[-1], history.epochs[-1]
     summary = {
         "train_loss": last_loss["train_loss"], "val_loss": last_loss["val_loss"],

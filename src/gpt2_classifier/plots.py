@@ -1,4 +1,5 @@
-"""PNG figures of the training curves and the confusion matrix (dvc plots draws the CSVs too)."""
+"""The confusion matrix as a PNG, for MLflow (dvc plots draws it from the CSV too; the training curves
+are MLflow metrics and CSVs that dvc plots draws, so they need no figure)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,6 @@ def _save(fig, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
-
-
-def plot_curves(rows: list[dict], x: str, ys: list[str], ylabel: str, path: str | os.PathLike) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for y in ys:
-        ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o" if len(rows) < 20 else None, label=y)
-    ax.set_xlabel(x.replace("_", " "))
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save(fig, path)
 
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], path: str | os.PathLike) -> None:
