@@ -85,7 +85,7 @@ def _bounded_downloader(timeout: float, deadline: float):
     return download
 
 
-def _http_get(url: str, folder: Path, timeout: float, retries: int, deadline: float) -> Path:
+def _http_get(url: str, folder: Path, timeout: float, retries: int, deadline: float, setting: str) -> Path:
     pooch.get_logger().setLevel(logging.WARNING)  # its INFO lines print the URL, credentials included
     fetcher = pooch.create(
         path=folder, base_url="", registry={"download": None}, urls={"download": url}, retry_if_failed=retries
@@ -95,8 +95,7 @@ def _http_get(url: str, folder: Path, timeout: float, retries: int, deadline: fl
         return Path(fetcher.fetch("download", downloader=downloader))
     except _PastDeadline:
         raise DownloadError(
-            f"{redact(url)}: not done within {deadline:g} s (data.deadline); the server is too slow, "
-            "or raise data.deadline"
+            f"{redact(url)}: not done within {deadline:g} s ({setting}); the server is too slow, or raise {setting}"
         ) from None
     except requests.HTTPError as exc:
         raise DownloadError(f"{redact(url)}: HTTP {exc.response.status_code} after {retries + 1} attempts") from None
@@ -107,12 +106,12 @@ def _http_get(url: str, folder: Path, timeout: float, retries: int, deadline: fl
         raise DownloadError(f"{redact(url)}: {reason} after {retries + 1} attempts (offline?)") from None
 
 
-def retrieve(source: str, folder: Path, timeout: float, retries: int, deadline: float = 600.0) -> Path:
+def retrieve(source: str, folder: Path, timeout: float, retries: int, deadline: float, setting: str) -> Path:
     """A local file holding the source's bytes (the source itself when it is local); a download
-    takes at most `deadline` seconds in all."""
+    takes at most `deadline` seconds in all (errors name the param `setting` that sets it)."""
     path = local_path(source)
     if path is None:
-        return _http_get(source, folder, timeout, retries, deadline)
+        return _http_get(source, folder, timeout, retries, deadline, setting)
     if not path.is_file():
         raise DownloadError(f"{path}: no such file")
     return path
@@ -186,7 +185,7 @@ def fetch_data_file(
     for source in sources:
         try:
             with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
-                archive = retrieve(source, Path(tmp), timeout, retries, deadline)
+                archive = retrieve(source, Path(tmp), timeout, retries, deadline, "data.deadline")
                 with atomic_path(dest) as out:
                     extract_member(archive, member, out, max_bytes, redact(source))
                     verify_sha256(out, sha256, source)

@@ -79,6 +79,7 @@ class ModelParams(Section):
     weights: Literal["pretrained", "random"] = "pretrained"
     source: str | None = None
     revision: str = "main"
+    deadline: float = Field(10800.0, gt=0)  # seconds for the whole weights download, retries included
     seed: int = 123
     drop_rate: float = Field(0.0, ge=0, lt=1)
     config: dict[Literal["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias"], int] = {}

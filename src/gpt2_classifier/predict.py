@@ -11,6 +11,7 @@ import torch
 from .classifier import ClassifierConfig, base_weights_for, load_classifier
 from .encode import pad, tokenize
 from .errors import WeightsError
+from .params import ModelParams
 from .paths import BASE
 from .train import FullForward, predict_proba
 from .weights import WEIGHTS_FILE, fetch_pretrained, random_model, save_hf
@@ -74,5 +75,5 @@ def ensure_base_weights(folder: Path) -> Path:
     if base.weights == "random":
         save_hf(random_model(dataclasses.replace(config.gpt, drop_rate=0.0), base.seed), cached)
     else:
-        fetch_pretrained(base.name, cached, base.revision)
+        fetch_pretrained(base.name, cached, base.revision, deadline=ModelParams().deadline)
     return base_weights_for(config, [cached])
