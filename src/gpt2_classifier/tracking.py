@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,11 +39,49 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_DB}"
 
 
+# MLflow's own defaults wait up to 120 s for an answer and retry 7 times with doubling waits: over
+# 20 minutes per call to a server that stopped answering, and a run makes hundreds of calls. Unless
+# the user set them, a call gives up after 3 attempts of at most 60 s (about 3 minutes).
+HTTP_WAITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+PROBE_TIMEOUT = 10  # seconds the check before a run waits for the server: once, no retries
+CREDENTIALS = re.compile(r"//[^/@\s]+@")  # user:password@ in the URLs of MLflow's messages
+WHAT_TO_DO = "start the server or fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
+
+
+def bound_http_waits() -> None:
+    """MLflow's HTTP retries and timeouts as HTTP_WAITS has them, where the user did not set them."""
+    for key, value in HTTP_WAITS.items():
+        os.environ.setdefault(key, value)
+
+
+def store_failure(uri: str, exc: BaseException, what: str = "cannot be used") -> TrackingError:
+    """One line for a store that failed: the URI without credentials, why, and what to do."""
+    import requests
+    import urllib3
+
+    causes, cause = [], exc
+    while cause is not None and len(causes) < 10:  # MLflow wraps requests' error, which wraps urllib3's
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for c in causes):
+        reason = f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"
+    elif any(isinstance(c, requests.exceptions.ConnectionError) for c in causes):
+        reason = "cannot connect"
+    else:
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        reason = f"{type(exc).__name__}: {CREDENTIALS.sub('//***@', first_line)}"
+    return TrackingError(f"MLflow tracking store {redact(uri)} {what} ({reason}); {WHAT_TO_DO}")
+
+
 @contextlib.contextmanager
 def _quick_http_failures() -> Iterator[None]:
     """MLflow retries HTTP for minutes by default; a reachability probe should not."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ |= {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    os.environ |= {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT)}
     try:
         yield
     finally:
@@ -68,25 +107,21 @@ def _use_experiment(uri: str, name: str) -> str:
     from filelock import FileLock
 
     _quiet_mlflow()
-
+    bound_http_waits()
     mlflow.set_tracking_uri(uri)
     local = uri.startswith("sqlite:///")
     # Two runs starting at once on a fresh SQLite file would both try to create its tables.
     lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if local else contextlib.nullcontext()
-    try:
-        with lock, _quick_http_failures():
+    with lock, _quick_http_failures():
+        try:
             experiment = mlflow.get_experiment_by_name(name)
             if experiment is None:
                 artifacts = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri() if local else None
                 experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
             else:
                 experiment_id = experiment.experiment_id
-    except Exception as exc:  # MLflow raises many types for an unreachable or broken store
-        reason = str(exc).splitlines()[0][:200]
-        raise TrackingError(
-            f"MLflow tracking store {redact(uri)} cannot be used ({type(exc).__name__}: {reason}); "
-            "start the server or fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
-        ) from None
+        except Exception as exc:  # MLflow raises many types for an unreachable or broken store
+            raise store_failure(uri, exc) from None
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -240,12 +275,16 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
         write_json(run_file, RunRecord().model_dump())
         return
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
     experiment_id = _use_experiment(uri, settings.experiment_name)
-    run = mlflow.start_run(
-        run_name=run_name, tags=tags, log_system_metrics=_start_system_metrics(settings.system_metrics)
-    )
+    try:
+        run = mlflow.start_run(
+            run_name=run_name, tags=tags, log_system_metrics=_start_system_metrics(settings.system_metrics)
+        )
+    except MlflowException as exc:
+        raise store_failure(uri, exc, "could not start a run") from None
     status = "FAILED"
     try:
         tracker = Tracker(run.info.run_id, f"MLflow run {run_name} ({run.info.run_id}) in {redact(uri)}")
@@ -257,8 +296,14 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except MlflowException as exc:  # the store stopped answering, or refused what was logged
+        raise store_failure(uri, exc, "failed during the run") from None
     finally:
-        mlflow.end_run(status=status)
+        try:
+            mlflow.end_run(status=status)
+        except MlflowException as exc:
+            if status == "FINISHED":  # else the error that ended the run is the one to report
+                raise store_failure(uri, exc, "could not end the run") from None
         log.debug("MLflow run %s %s in %s", run.info.run_id, status.lower(), redact(uri))
 
 
@@ -280,7 +325,12 @@ def continue_run(settings: MlflowParams, run_file: Path) -> Iterator[tuple[Track
             f"{run_file}: run {record.run_id} is not in {redact(uri)}; rerun finetune (dvc repro -f -s finetune) "
             "or point MLFLOW_TRACKING_URI at the store that holds it"
         ) from None
-    with mlflow.start_run(run_id=record.run_id, log_system_metrics=_start_system_metrics(settings.system_metrics)):
-        tracker = Tracker(record.run_id)
-        tracker.model_id, tracker.model_uri = record.model_id, record.model_uri
-        yield tracker, record
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with mlflow.start_run(run_id=record.run_id, log_system_metrics=_start_system_metrics(settings.system_metrics)):
+            tracker = Tracker(record.run_id)
+            tracker.model_id, tracker.model_uri = record.model_id, record.model_uri
+            yield tracker, record
+    except MlflowException as exc:  # the store stopped answering, or refused what was logged
+        raise store_failure(uri, exc, "failed during the run") from None
