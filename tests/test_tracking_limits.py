@@ -122,7 +122,7 @@ def test_a_store_failing_during_the_run_is_one_line_without_credentials(tmp_path
     message = str(info.value)
     assert message.startswith(f"MLflow tracking store sqlite:///{tmp_path / 'store.db'} failed during the run")
     assert "https://***@mlflow.example/api" in message and "secret" not in message and "\n" not in message
-    assert message.endswith("or set mlflow.enabled: false")
+    assert message.endswith("; set mlflow.enabled: false to run without tracking")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'store.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("gpt2-classifier").experiment_id])
     assert run.info.status == "FAILED"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .classifier import ClassifierConfig, base_weights_for, load_classifier
+from .classifier import ClassifierConfig, base_weights_for, load_classifier, read_classifier_config
 from .encode import pad, tokenize
 from .errors import WeightsError
 from .params import ModelParams
@@ -60,7 +60,7 @@ def ensure_base_weights(folder: Path) -> Path:
     """The classifier's base weights, checked by SHA-256: the file in GPT2_CLASSIFIER_BASE, models/base
     beside the classifier or in the working folder, the user cache; else rebuilt from the recorded
     identity (seeded random weights are regenerated, pretrained ones downloaded) into the cache."""
-    config = ClassifierConfig.read(folder)
+    config = read_classifier_config(folder)  # a folder missing its tensors is named before any base is rebuilt
     base = config.base
     cached = BASE_CACHE / f"{base.sha256}.safetensors"
     candidates = [folder.parent / "base" / WEIGHTS_FILE, BASE / WEIGHTS_FILE, cached]

@@ -58,8 +58,8 @@ def bound_http_waits() -> None:
         os.environ.setdefault(key, value)
 
 
-def store_failure(uri: str, exc: BaseException, what: str = "cannot be used") -> TrackingError:
-    """One line for a store that failed: the URI without credentials, why, and what to do."""
+def unreachable(exc: BaseException) -> str | None:
+    """Why the store could not be reached ('no answer within N s', 'cannot connect'); None for other errors."""
     import requests
     import urllib3
 
@@ -68,17 +68,27 @@ def store_failure(uri: str, exc: BaseException, what: str = "cannot be used") ->
         causes.append(cause)
         cause = cause.__cause__ or cause.__context__
     if any(isinstance(c, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for c in causes):
-        reason = f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"
-    elif any(isinstance(c, requests.exceptions.ConnectionError) for c in causes):
-        reason = "cannot connect"
-    else:
-        first_line = (str(exc).splitlines() or [""])[0][:200]
-        reason = f"{type(exc).__name__}: {CREDENTIALS.sub('//***@', first_line)}"
-    return TrackingError(f"MLflow tracking store {redact(uri)} {what} ({reason}); {WHAT_TO_DO}")
+        return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"
+    if any(isinstance(c, requests.exceptions.ConnectionError) for c in causes):
+        return "cannot connect"
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The start of an MLflow error's message, without the credentials of the URLs in it."""
+    return f"{type(exc).__name__}: {CREDENTIALS.sub('//***@', (str(exc).splitlines() or [''])[0][:200])}"
+
+
+def store_failure(uri: str, exc: BaseException, what: str = "cannot be used", fix: str | None = None) -> TrackingError:
+    """One line for a store that failed: the URI without credentials, why, and what to do."""
+    reason = unreachable(exc)
+    if fix is None:
+        fix = WHAT_TO_DO if reason or what == "cannot be used" else "set mlflow.enabled: false to run without tracking"
+    return TrackingError(f"MLflow tracking store {redact(uri)} {what} ({reason or first_line(exc)}); {fix}")
 
 
 @contextlib.contextmanager
-def _quick_http_failures() -> Iterator[None]:
+def quick_http_failures() -> Iterator[None]:
     """MLflow retries HTTP for minutes by default; a reachability probe should not."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ |= {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT)}
@@ -92,7 +102,7 @@ def _quick_http_failures() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _quiet_mlflow() -> None:
+def quiet_mlflow() -> None:
     """Stage output says what the stage did: MLflow's info lines (table creation, input example
     validation, system metrics start and stop) and artifact progress bars stay out of it; its
     warnings still show."""
@@ -106,13 +116,13 @@ def _use_experiment(uri: str, name: str) -> str:
     import mlflow
     from filelock import FileLock
 
-    _quiet_mlflow()
+    quiet_mlflow()
     bound_http_waits()
     mlflow.set_tracking_uri(uri)
     local = uri.startswith("sqlite:///")
     # Two runs starting at once on a fresh SQLite file would both try to create its tables.
     lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if local else contextlib.nullcontext()
-    with lock, _quick_http_failures():
+    with lock, quick_http_failures():
         try:
             experiment = mlflow.get_experiment_by_name(name)
             if experiment is None:
