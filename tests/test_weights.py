@@ -124,6 +124,17 @@ def test_a_revision_the_hub_does_not_have_is_named(server, tmp_path):
     )
 
 
+def test_a_model_source_that_is_missing_or_a_folder_without_weights_is_named(tmp_path):
+    fix = "point it at a model.safetensors or the folder holding one, or set it to null to use the Hub"
+    missing = tmp_path / "gpt2" / "model.safetensors"
+    with pytest.raises(WeightsError) as info:
+        fetch_pretrained("gpt2-small", tmp_path / "out.safetensors", source=str(missing), deadline=DEADLINE)
+    assert str(info.value) == f"{missing}: no such file (model.source); {fix}"
+    with pytest.raises(WeightsError) as info:
+        fetch_pretrained("gpt2-small", tmp_path / "out.safetensors", source=str(tmp_path), deadline=DEADLINE)
+    assert str(info.value) == f"{tmp_path}: a folder without model.safetensors (model.source); {fix}"
+
+
 def test_local_folder_and_url_sources(server, checkpoint, tmp_path):
     path, reference = checkpoint
     dest = tmp_path / "from-folder.safetensors"

@@ -88,7 +88,12 @@ class ModelParams(Section):
     def _config_is_usable(self) -> ModelParams:
         if self.config and self.weights == "pretrained":
             raise ValueError("config overrides change the architecture; use them with weights: random")
-        self.gpt_config()  # raises on an inconsistent architecture
+        vocabulary = self.gpt_config().vocab_size  # raises on an inconsistent architecture
+        if vocabulary < GPTConfig.vocab_size:
+            raise ValueError(
+                f"config.vocab_size={vocabulary} is smaller than the GPT-2 tokenizer's {GPTConfig.vocab_size} "
+                "tokens; leave it out"
+            )
         return self
 
     def gpt_config(self) -> GPTConfig:
@@ -142,9 +147,27 @@ class EvaluateParams(Section):
 
 class MlflowParams(Section):
     enabled: bool = True
-    experiment_name: str = Field("gpt2-classifier", min_length=1)
+    experiment_name: str = Field("gpt2-classifier", max_length=500)  # MLflow's longest
     register_as: str | None = None  # a Model Registry name: each evaluated run becomes a new version
     system_metrics: bool = True  # CPU, memory (and GPU) use sampled during finetune and evaluate
+
+    @field_validator("experiment_name")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; name the MLflow experiment, e.g. gpt2-classifier")
+        return value
+
+    @field_validator("register_as")
+    @classmethod
+    def _registry_name(cls, value: str | None) -> str | None:
+        # The Model Registry's rules, checked here rather than after a whole evaluation
+        if value is not None and (not value.strip() or "/" in value or ":" in value or value.strip(".") == ""):
+            raise ValueError(
+                f"{value!r} is no Model Registry name: it must be non-empty, without '/' or ':', e.g. spam-classifier; "
+                "or null to register nothing"
+            )
+        return value
 
 
 class Params(Section):

@@ -35,6 +35,7 @@ HF_REPOS = {
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REFETCH = "fetch the weights again: dvc repro -f fetch-weights"
+SOURCE_FIX = "point it at a model.safetensors or the folder holding one, or set it to null to use the Hub"
 HTTP_TIMEOUT, HTTP_RETRIES = 60.0, 3  # seconds one read of a weights download may wait; attempts after the first
 # Saved by some exports beside the weights: the causal-mask buffers and the tied LM head.
 IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
@@ -226,7 +227,11 @@ def fetch_pretrained(
     if source is not None:
         local = local_path(source)
         if local is not None and local.is_dir():
+            if not (local / WEIGHTS_FILE).is_file():
+                raise WeightsError(f"{source}: a folder without {WEIGHTS_FILE} (model.source); {SOURCE_FIX}")
             source = str(local / WEIGHTS_FILE)
+        elif local is not None and not local.is_file():
+            raise WeightsError(f"{source}: no such file (model.source); {SOURCE_FIX}")
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch.") as tmp:
             file = retrieve(source, Path(tmp), HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline")
             with atomic_path(dest) as out:
