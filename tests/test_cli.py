@@ -132,3 +132,29 @@ def test_a_tracking_server_that_is_down_is_named_without_credentials(monkeypatch
             f"MLflow tracking store http://***@127.0.0.1:{port} cannot be used (cannot connect); "
             "start it, or set MLFLOW_TRACKING_URI to the store that holds the model"
         )
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_training(tmp_path, monkeypatch):
+    """Each epoch drops the last partial batch, so no step would run."""
+    from gpt2_classifier.errors import PipelineError
+    from gpt2_classifier.finetune import finetune
+    from gpt2_classifier.model import GPTConfig
+    from gpt2_classifier.params import parse_params
+
+    monkeypatch.chdir(tmp_path)
+    stats = {"messages": 42, "tokens": 420, "longest": 20, "truncated": 0}
+    meta = {"padding": "fixed", "max_length": 20, "pad_id": 50256, "longest_train": 20,
+            "splits": dict.fromkeys(("train", "validation", "test"), stats), "labels": ["ham", "spam"]}  # fmt: skip
+    base = {"name": "gpt2-small", "weights": "random", "sha256": "0" * 64, "revision": "main", "seed": 1,
+            "source": "random (seed 1)", "gpt": GPTConfig().to_dict()}  # fmt: skip
+    for path, content in (("data/encoded/meta.json", meta), ("models/base/config.json", base)):
+        (tmp_path / path).parent.mkdir(parents=True)
+        (tmp_path / path).write_text(json.dumps(content))
+    params = parse_params({"data": {"url": "unused"}, "finetune": {"batch_size": 64}, "mlflow": {"enabled": False}})
+    with pytest.raises(PipelineError) as info:
+        finetune(params)
+    assert str(info.value) == (
+        "finetune.batch_size=64 exceeds the 42 training messages (data/encoded); set it to at most 42, "
+        "or give split.train more data"
+    )
+    assert not (tmp_path / "reports").exists()  # nothing was started
