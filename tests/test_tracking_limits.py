@@ -1,5 +1,6 @@
 """A tracking server that is down, or accepts connections and never answers, ends a stage in bounded
-time with one line naming it (without credentials) and what to do."""
+time with one line naming it (without credentials) and what to do; so does a deleted experiment, and
+evaluate continues its run wherever mlflow.experiment_name pointed when finetune made it."""
 
 import socket
 import threading
@@ -126,3 +127,36 @@ def test_a_store_failing_during_the_run_is_one_line_without_credentials(tmp_path
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'store.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("gpt2-classifier").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_a_deleted_experiment_is_named_with_the_way_to_restore_it(tmp_path, monkeypatch):
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = mlflow.MlflowClient(store)
+    experiment_id = client.create_experiment("gpt2-classifier")
+    client.delete_experiment(experiment_id)
+    with (
+        pytest.raises(tracking.TrackingError) as info,
+        tracking.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}),
+    ):
+        pytest.fail("the run started")
+    assert str(info.value) == (
+        f"MLflow experiment 'gpt2-classifier' (mlflow.experiment_name) is deleted in {store}; restore it "
+        f"(mlflow experiments restore --experiment-id {experiment_id}) or choose another mlflow.experiment_name"
+    )
+
+
+def test_evaluate_continues_the_run_after_the_experiment_name_changed(tmp_path, monkeypatch):
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    with tracking.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}) as tracker:
+        run_id = tracker.run_id
+    with tracking.continue_run(MlflowParams(experiment_name="renamed"), tmp_path / "run.json") as (tracker, _):
+        tracker.log_metrics({"test/accuracy": 0.5})
+    client = mlflow.MlflowClient(store)
+    assert client.get_run(run_id).data.metrics["test/accuracy"] == 0.5
+    assert client.get_experiment_by_name("renamed") is None  # evaluate makes no experiment of its own

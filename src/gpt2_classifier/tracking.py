@@ -111,27 +111,44 @@ def quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _use_experiment(uri: str, name: str) -> str:
-    """Set the tracking URI and experiment (creating it, with artifacts beside a local store)."""
+@contextlib.contextmanager
+def _first_call(uri: str) -> Iterator[None]:
+    """Point MLflow at `uri` for the first call of a stage, which names a store that cannot be used
+    within seconds."""
     import mlflow
     from filelock import FileLock
 
     quiet_mlflow()
     bound_http_waits()
     mlflow.set_tracking_uri(uri)
-    local = uri.startswith("sqlite:///")
     # Two runs starting at once on a fresh SQLite file would both try to create its tables.
+    local = uri.startswith("sqlite:///")
     lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if local else contextlib.nullcontext()
     with lock, quick_http_failures():
+        yield
+
+
+def _use_experiment(uri: str, name: str) -> str:
+    """Set the tracking URI and experiment (creating it, with artifacts beside a local store)."""
+    import mlflow
+
+    with _first_call(uri):
         try:
             experiment = mlflow.get_experiment_by_name(name)
+            deleted = experiment is not None and experiment.lifecycle_stage == "deleted"
             if experiment is None:
+                local = uri.startswith("sqlite:///")
                 artifacts = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri() if local else None
                 experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
             else:
                 experiment_id = experiment.experiment_id
         except Exception as exc:  # MLflow raises many types for an unreachable or broken store
             raise store_failure(uri, exc) from None
+    if deleted:
+        raise TrackingError(
+            f"MLflow experiment '{name}' (mlflow.experiment_name) is deleted in {redact(uri)}; restore it "
+            f"(mlflow experiments restore --experiment-id {experiment_id}) or choose another mlflow.experiment_name"
+        )
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -325,17 +342,23 @@ def continue_run(settings: MlflowParams, run_file: Path) -> Iterator[tuple[Track
         yield Tracker(None), record
         return
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
-    _use_experiment(uri, settings.experiment_name)
-    try:
-        mlflow.get_run(record.run_id)
-    except Exception:
-        raise TrackingError(
-            f"{run_file}: run {record.run_id} is not in {redact(uri)}; rerun finetune (dvc repro -f -s finetune) "
-            "or point MLFLOW_TRACKING_URI at the store that holds it"
-        ) from None
-    from mlflow.exceptions import MlflowException
+    with _first_call(uri):
+        try:
+            run = mlflow.get_run(record.run_id)
+        except Exception as exc:
+            if unreachable(exc) or getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise store_failure(uri, exc) from None
+            raise TrackingError(
+                f"{run_file}: run {record.run_id} is not in {redact(uri)}; rerun finetune (dvc repro -f -s finetune) "
+                "or point MLFLOW_TRACKING_URI at the store that holds it"
+            ) from None
+    try:  # the run's own experiment, even if mlflow.experiment_name changed since
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    except MlflowException as exc:  # such as a deleted experiment
+        raise store_failure(uri, exc, f"cannot continue run {record.run_id}") from None
 
     try:
         with mlflow.start_run(run_id=record.run_id, log_system_metrics=_start_system_metrics(settings.system_metrics)):
