@@ -56,6 +56,14 @@ def test_project_params_are_the_reference_recipe():
         ("mlflow", "register_as", "team:spam", "mlflow.register_as: 'team:spam' is no Model Registry name"),
         ("mlflow", "register_as", " ", "mlflow.register_as: ' ' is no Model Registry name: it must be non-empty"),
         ("mlflow", "experiment_name", "  ", "mlflow.experiment_name: is empty; name the MLflow experiment"),
+        ("balance", "seed", -1, "balance.seed: Input should be greater than or equal to 0"),
+        ("split", "seed", 2**32, "split.seed: Input should be less than 4294967296"),
+        (
+            "finetune",
+            "ignore_index",
+            0,
+            "finetune.ignore_index=0 is the class of 'ham' \\(balance.labels\\): its messages",
+        ),
         ("mlflow", "experiment_name", "x" * 501, "mlflow.experiment_name: String should have at most 500 characters"),
     ],
 )

@@ -112,6 +112,8 @@ def retrieve(source: str, folder: Path, timeout: float, retries: int, deadline: 
     path = local_path(source)
     if path is None:
         return _http_get(source, folder, timeout, retries, deadline, setting)
+    if path.is_dir():
+        raise DownloadError(f"{path}: a folder; give the zip or the data file itself")
     if not path.is_file():
         raise DownloadError(f"{path}: no such file")
     return path

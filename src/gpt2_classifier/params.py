@@ -16,6 +16,7 @@ from .paths import CHECKPOINTS, PREFIX_CACHE
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what NumPy (pandas' sampling) accepts
 
 
 class Section(BaseModel):
@@ -45,7 +46,7 @@ class DataParams(Section):
 
 
 class BalanceParams(Section):
-    seed: int = 123
+    seed: Seed = 123
     labels: list[str] = Field(["ham", "spam"], min_length=2)
 
     @model_validator(mode="after")
@@ -56,7 +57,7 @@ class BalanceParams(Section):
 
 
 class SplitParams(Section):
-    seed: int = 123
+    seed: Seed = 123
     train: Fraction = 0.7
     validation: Fraction = 0.1
     test: Fraction = 0.2
@@ -80,7 +81,7 @@ class ModelParams(Section):
     source: str | None = None
     revision: str = "main"
     deadline: float = Field(10800.0, gt=0)  # seconds for the whole weights download, retries included
-    seed: int = 123
+    seed: Seed = 123
     drop_rate: float = Field(0.0, ge=0, lt=1)
     config: dict[Literal["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias"], int] = {}
 
@@ -111,7 +112,7 @@ class FinetuneParams(Section):
     weight_decay: float = Field(0.1, ge=0)
     batch_size: int = Field(8, ge=1)
     epochs: int = Field(5, ge=1)
-    seed: int = 123
+    seed: Seed = 123
     eval_freq: int = Field(50, ge=1)
     eval_iter: int = Field(5, ge=1)
     pool: Literal["last", "first", "flexible", "mean"] = "last"
@@ -186,6 +187,12 @@ class Params(Section):
         length = self.pad_encode.max_length
         if isinstance(length, int) and length > config.context_length:
             raise ValueError(f"pad_encode.max_length={length} exceeds the model's context of {config.context_length}")
+        ignored = self.finetune.ignore_index
+        if 0 <= ignored < len(self.balance.labels):
+            raise ValueError(
+                f"finetune.ignore_index={ignored} is the class of '{self.balance.labels[ignored]}' (balance.labels): "
+                "its messages would not train; use a value that is no class, e.g. -100"
+            )
         blocks = self.finetune.trainable_blocks
         if isinstance(blocks, int) and blocks > config.n_layers:
             raise ValueError(f"finetune.trainable_blocks={blocks} exceeds the model's {config.n_layers} blocks")
