@@ -158,3 +158,15 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_training(tmp_pat
         "or give split.train more data"
     )
     assert not (tmp_path / "reports").exists()  # nothing was started
+
+
+def test_files_saved_with_a_byte_order_mark_read_as_written(tmp_path):
+    """Excel's "CSV UTF-8" and Notepad start the file with a BOM; it is neither a column name nor text."""
+    from gpt2_classifier.cli import _read_messages
+
+    inbox = tmp_path / "inbox.csv"
+    inbox.write_bytes(b"\xef\xbb\xbftext,sender\r\nWIN a prize,x\r\n")
+    assert _read_messages(inbox, None) == ["WIN a prize"]
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"\xef\xbb\xbfsee you\r\nlater\r\n")
+    assert _read_messages(notes, None) == ["see you", "later"]

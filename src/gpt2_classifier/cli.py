@@ -50,7 +50,7 @@ def _read_messages(path: Path, column: str | None) -> list[str]:
 
 def _read_utf8_messages(path: Path, column: str | None) -> list[str]:
     if path.suffix.lower() == ".csv" or column:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             column = column or "text"
             if column not in (reader.fieldnames or []):
@@ -63,7 +63,7 @@ def _read_utf8_messages(path: Path, column: str | None) -> list[str]:
                     raise PipelineError(f"{path}:{reader.line_num}: empty '{column}'; fill it in or remove the row")
                 texts.append(row[column])
             return texts
-    return [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    return [line.rstrip("\r") for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
 
 
 def classify(args: argparse.Namespace) -> None:
