@@ -86,15 +86,20 @@ def test_file_that_is_a_folder_and_output_without_folder_are_named_before_loadin
     assert err == f"{output}: no folder {output.parent} to write it in; create it or choose another --output"
 
 
-def test_a_classifier_folder_without_its_weights_is_named(tmp_path, capsys):
+def write_classifier_config(folder, weights: str = "random") -> None:
     from gpt2_classifier.classifier import ClassifierConfig
     from gpt2_classifier.model import GPTConfig
     from gpt2_classifier.weights import BaseIdentity
 
-    base = BaseIdentity(name="gpt2-small", weights="random", sha256="0" * 64, revision="main", seed=1)
+    base = BaseIdentity(name="gpt2-small", weights=weights, sha256="0" * 64, revision="main", seed=1)
     config = ClassifierConfig(labels=["ham", "spam"], pool="last", max_length=8, pad_id=50256, padding="fixed",
                               causal_mask=True, trainable_blocks=1, base=base, gpt=GPTConfig(), lora=None)  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(config.model_dump(mode="json")))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.model_dump(mode="json")))
+
+
+def test_a_classifier_folder_without_its_weights_is_named(tmp_path, capsys):
+    write_classifier_config(tmp_path)
     err = error_of(["classify", "--model", str(tmp_path), "hello"], capsys)
     assert err == (
         f"{tmp_path / 'model.safetensors'}: not found; the classifier folder is incomplete: "
@@ -170,3 +175,17 @@ def test_files_saved_with_a_byte_order_mark_read_as_written(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_bytes(b"\xef\xbb\xbfsee you\r\nlater\r\n")
     assert _read_messages(notes, None) == ["see you", "later"]
+
+
+def test_base_weights_that_cannot_be_downloaded_point_at_the_cli_ways(tmp_path, monkeypatch, capsys):
+    """Not at params.yaml's model.source: classify reads no params."""
+    from gpt2_classifier import predict
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(predict, "BASE_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    write_classifier_config(tmp_path / "classifier", weights="pretrained")
+    (tmp_path / "classifier" / "model.safetensors").write_bytes(b"")
+    err = error_of(["classify", "--model", str(tmp_path / "classifier"), "hello"], capsys)
+    assert err.startswith("http://127.0.0.1:9/openai-community/gpt2: could not download model.safetensors"), err
+    assert err.endswith(predict.OFFLINE) and "model.source" not in err

@@ -16,6 +16,9 @@ from .paths import BASE
 from .train import FullForward, predict_proba
 from .weights import WEIGHTS_FILE, fetch_pretrained, random_model, save_hf
 
+OFFLINE = (
+    "Offline? Give the base weights file: classify --base, or GPT2_CLASSIFIER_BASE; or set HF_ENDPOINT to a mirror"
+)
 BASE_CACHE = Path(os.environ.get("GPT2_CLASSIFIER_CACHE", Path.home() / ".cache" / "gpt2-classifier")) / "base"
 
 
@@ -75,5 +78,5 @@ def ensure_base_weights(folder: Path) -> Path:
     if base.weights == "random":
         save_hf(random_model(dataclasses.replace(config.gpt, drop_rate=0.0), base.seed), cached)
     else:
-        fetch_pretrained(base.name, cached, base.revision, deadline=ModelParams().deadline)
+        fetch_pretrained(base.name, cached, base.revision, deadline=ModelParams().deadline, offline=OFFLINE)
     return base_weights_for(config, [cached])

@@ -35,6 +35,9 @@ HF_REPOS = {
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REFETCH = "fetch the weights again: dvc repro -f fetch-weights"
+HUB_OFFLINE = (
+    "Offline? Set model.source to a local model.safetensors, HF_ENDPOINT to a mirror, or model.weights: random"
+)
 SOURCE_FIX = "point it at a model.safetensors or the folder holding one, or set it to null to use the Hub"
 HTTP_TIMEOUT, HTTP_RETRIES = 60.0, 3  # seconds one read of a weights download may wait; attempts after the first
 # Saved by some exports beside the weights: the causal-mask buffers and the tied LM head.
@@ -214,12 +217,14 @@ def fetch_pretrained(
     endpoint: str | None = None,
     *,
     deadline: float,
+    offline: str = HUB_OFFLINE,
 ) -> str:
     """Put the published checkpoint for `name` at `dest`; return where it came from.
 
     `source` may be a local file, a folder holding model.safetensors, or an http(s) URL;
     otherwise the Hugging Face Hub (or the endpoint in `endpoint` / HF_ENDPOINT) serves it.
-    A download takes at most `deadline` seconds in all (model.deadline), retries included.
+    A download takes at most `deadline` seconds in all (model.deadline), retries included; a Hub that
+    cannot deliver is reported with the ways around it, `offline`.
     """
     from .download import local_path, redact, retrieve
 
@@ -237,10 +242,10 @@ def fetch_pretrained(
             with atomic_path(dest) as out:
                 shutil.copyfile(file, out)
         return redact(source)
-    return _hub_download(HF_REPOS[name], revision, dest, endpoint, deadline)
+    return _hub_download(HF_REPOS[name], revision, dest, endpoint, deadline, offline)
 
 
-def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None, deadline: float) -> str:
+def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None, deadline: float, offline: str) -> str:
     """The Hub's file through the project's bounded downloader: the Hub's own download waits
     per read only, so a server trickling bytes could hold it for hours."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
@@ -248,10 +253,8 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None,
 
     from .download import retrieve
 
-    where = f"{endpoint or os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}/{repo_id}"
-    offline = (
-        "Offline? Set model.source to a local model.safetensors, HF_ENDPOINT to a mirror, or model.weights to random"
-    )
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    where = f"{endpoint}/{repo_id}"
     try:
         # One request, bounded by its timeout: the commit the revision names now, and the file's SHA-256.
         metadata = get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_FILE, revision=revision, endpoint=endpoint))
