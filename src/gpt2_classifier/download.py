@@ -195,10 +195,13 @@ def fetch_data_file(
         except PipelineError as exc:
             log.warning("%s", exc)
             failures.append(str(exc))
+    if all(urlsplit(s).scheme in ("", "file") for s in sources):  # only local copies: no network to blame
+        fix = "Set data.url to the zip or data file as it is on this machine"
+    else:
+        fix = ("Offline? Download it elsewhere and set data.url to the local zip or file, "
+               "e.g. dvc exp run -S data.url=/path/to/sms+spam+collection.zip")  # fmt: skip
     raise DownloadError(
-        f"could not get '{member}' from {', '.join(redact(s) for s in sources)} ({failures[-1]}). "
-        "Offline? Download it elsewhere and set data.url to the local zip or file, "
-        "e.g. dvc exp run -S data.url=/path/to/sms+spam+collection.zip"
+        f"could not get '{member}' from {', '.join(redact(s) for s in sources)} ({failures[-1]}). {fix}"
     )
 
 
