@@ -160,3 +160,20 @@ def test_evaluate_continues_the_run_after_the_experiment_name_changed(tmp_path, 
     client = mlflow.MlflowClient(store)
     assert client.get_run(run_id).data.metrics["test/accuracy"] == 0.5
     assert client.get_experiment_by_name("renamed") is None  # evaluate makes no experiment of its own
+
+
+def test_tls_to_a_server_that_speaks_plain_http_is_named(server, tmp_path, monkeypatch):
+    uri = server.url.replace("http://", "https://")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with (
+        pytest.raises(
+            tracking.TrackingError, match=rf"^MLflow tracking store {uri} cannot be used \(cannot connect: TLS"
+        ),
+        tracking.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}),
+    ):
+        pytest.fail("the run started")
+
+
+def test_long_messages_are_cut_after_their_credentials_are_hidden():
+    line = tracking.first_line(RuntimeError(f"API request to https://team:{'s' * 300}@mlflow.example/api failed"))
+    assert line == "RuntimeError: API request to https://***@mlflow.example/api failed"

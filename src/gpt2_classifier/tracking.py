@@ -69,6 +69,8 @@ def unreachable(exc: BaseException) -> str | None:
         cause = cause.__cause__ or cause.__context__
     if any(isinstance(c, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for c in causes):
         return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"
+    if any(isinstance(c, requests.exceptions.SSLError) for c in causes):
+        return "cannot connect: TLS failed, e.g. an untrusted certificate (MLFLOW_TRACKING_INSECURE_TLS)"
     if any(isinstance(c, requests.exceptions.ConnectionError) for c in causes):
         return "cannot connect"
     return None
@@ -76,7 +78,8 @@ def unreachable(exc: BaseException) -> str | None:
 
 def first_line(exc: BaseException) -> str:
     """The start of an MLflow error's message, without the credentials of the URLs in it."""
-    return f"{type(exc).__name__}: {CREDENTIALS.sub('//***@', (str(exc).splitlines() or [''])[0][:200])}"
+    line = CREDENTIALS.sub("//***@", (str(exc).splitlines() or [""])[0])  # before cutting: no half password
+    return f"{type(exc).__name__}: {line[:200]}"
 
 
 def store_failure(uri: str, exc: BaseException, what: str = "cannot be used", fix: str | None = None) -> TrackingError:
