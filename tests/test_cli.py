@@ -118,12 +118,33 @@ def mlflow_env(monkeypatch):
 
 @pytest.mark.usefixtures("mlflow_env")
 def test_an_unknown_run_or_registered_model_is_named_with_the_store(tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).search_experiments()  # a store that holds neither
+    capsys.readouterr()  # its log lines on creating the tables
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     fix = "check it, or set MLFLOW_TRACKING_URI to the store that has it"
     assert error_of(["classify", "--run-id", "0123abcd", "hi"], capsys) == f"no MLflow run 0123abcd in {store}; {fix}"
     err = error_of(["classify", "--registered", "spam-classifier/3", "hi"], capsys)
     assert err == f"no model models:/spam-classifier/3 in {store}; {fix}"
+
+
+def test_outside_the_project_no_store_is_made_up(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    for option in (["--run-id", "0123abcd"], ["--registered", "spam-classifier/3"]):
+        result = subprocess.run([sys.executable, "-m", "gpt2_classifier.cli", "classify", *option, "hi"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            f"error: sqlite:///{tmp_path / 'mlflow.db'}: no MLflow store here; run classify in the project folder, "
+            "or set MLFLOW_TRACKING_URI to the store that holds the model"
+        )
+    assert list(tmp_path.iterdir()) == []  # no empty mlflow.db left behind
 
 
 @pytest.mark.usefixtures("mlflow_env")

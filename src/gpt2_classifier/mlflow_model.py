@@ -74,6 +74,18 @@ def _not_found_or_unusable(exc: mlflow.exceptions.MlflowException, not_found: st
     )
 
 
+def _existing_store() -> None:
+    """A local store that is not there holds no run or model: say so, rather than create an empty one."""
+    from gpt2_classifier.errors import PipelineError
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise PipelineError(
+            f"{uri}: no MLflow store here; run classify in the project folder, or set MLFLOW_TRACKING_URI "
+            "to the store that holds the model"
+        )
+
+
 def run_model_uri(run_id: str) -> str:
     """`models:/<id>` of the classifier that an MLflow run logged (its latest, if several)."""
     from gpt2_classifier.errors import PipelineError
@@ -81,6 +93,7 @@ def run_model_uri(run_id: str) -> str:
 
     quiet_mlflow()
     bound_http_waits()
+    _existing_store()
     try:
         with quick_http_failures():  # the first call: a store that is down is named within seconds
             run = mlflow.MlflowClient().get_run(run_id)
@@ -100,6 +113,8 @@ def load_text_classifier(uri: str):
 
     quiet_mlflow()
     bound_http_waits()
+    if uri.startswith("models:/"):
+        _existing_store()
     try:
         model = mlflow.pyfunc.load_model(uri)
     except mlflow.exceptions.MlflowException as exc:
