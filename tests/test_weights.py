@@ -64,6 +64,12 @@ def test_unreachable_hub_names_it_and_the_offline_ways(tmp_path):
         WeightsError, match=r"http://127.0.0.1:9/openai-community/gpt2: could not download .* model.source"
     ):
         fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint="http://127.0.0.1:9", deadline=1)
+    with pytest.raises(WeightsError) as info:  # a mirror's credentials stay hidden, also in the reason
+        fetch_pretrained(
+            "gpt2-small", tmp_path / "model.safetensors", endpoint="http://me:secret@127.0.0.1:9", deadline=1
+        )
+    assert str(info.value).startswith("http://***@127.0.0.1:9/openai-community/gpt2: could not download")
+    assert "secret" not in str(info.value)
 
 
 def trickle(body: bytes):

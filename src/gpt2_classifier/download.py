@@ -8,6 +8,7 @@ pipeline at a copy. A source may be the zip or the data file itself.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -38,6 +39,14 @@ def redact(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+CREDENTIALS = re.compile(r"//[^/@\s]+@")  # user:password@ in a URL
+
+
+def redact_text(text: str) -> str:
+    """A message with the credentials of every URL in it hidden (as other programs' errors quote URLs)."""
+    return CREDENTIALS.sub("//***@", text)
 
 
 def local_path(source: str) -> Path | None:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .download import redact
+from .download import redact, redact_text
 from .errors import PipelineError
 from .files import project_root, read_validated, write_json
 from .lineage import baseline_params, changed_params, code_differs, git_head
@@ -48,7 +47,6 @@ HTTP_WAITS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 PROBE_TIMEOUT = 10  # seconds the check before a run waits for the server: once, no retries
-CREDENTIALS = re.compile(r"//[^/@\s]+@")  # user:password@ in the URLs of MLflow's messages
 WHAT_TO_DO = "start the server or fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
 
 
@@ -78,7 +76,7 @@ def unreachable(exc: BaseException) -> str | None:
 
 def first_line(exc: BaseException) -> str:
     """The start of an MLflow error's message, without the credentials of the URLs in it."""
-    line = CREDENTIALS.sub("//***@", (str(exc).splitlines() or [""])[0])  # before cutting: no half password
+    line = redact_text((str(exc).splitlines() or [""])[0])  # before cutting: no half password
     return f"{type(exc).__name__}: {line[:200]}"
 
 

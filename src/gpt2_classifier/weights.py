@@ -251,10 +251,10 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None,
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import RevisionNotFoundError
 
-    from .download import retrieve
+    from .download import redact, redact_text, retrieve
 
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    where = f"{endpoint}/{repo_id}"
+    where = f"{redact(endpoint)}/{repo_id}"
     try:
         # One request, bounded by its timeout: the commit the revision names now, and the file's SHA-256.
         metadata = get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_FILE, revision=revision, endpoint=endpoint))
@@ -264,7 +264,7 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None,
             "e.g. main"
         ) from None
     except Exception as exc:  # the Hub's errors, and its HTTP client's (requests, httpx or httpx2 by version)
-        reason = str(exc).splitlines()[0] or type(exc).__name__
+        reason = redact_text((str(exc).splitlines() or [""])[0]) or type(exc).__name__
         raise WeightsError(f"{where}: could not download {WEIGHTS_FILE} ({reason}). {offline}") from None
     commit = metadata.commit_hash or revision  # the file as of that commit, even if the branch moves meanwhile
     url = hf_hub_url(repo_id, WEIGHTS_FILE, revision=commit, endpoint=endpoint)
