@@ -51,6 +51,15 @@ def test_fetch_from_a_hub_endpoint_loads_and_matches_transformers(server, checkp
     assert [(method, p) for method, p, _ in server.requests] == [("HEAD", REPO_PATH), ("GET", COMMIT_PATH)]
 
 
+def test_the_hub_download_sends_the_users_token(server, checkpoint, tmp_path, monkeypatch):
+    path, _ = checkpoint
+    monkeypatch.setenv("HF_TOKEN", "hf_for_a_private_mirror")
+    endpoint = serve_hub(server, path.read_bytes())
+    fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint=endpoint, deadline=DEADLINE)
+    (get,) = [headers for method, _, headers in server.requests if method == "GET"]
+    assert {k.lower(): v for k, v in get.items()}["authorization"] == "Bearer hf_for_a_private_mirror"
+
+
 def test_hub_checksum_mismatch_is_refused(server, checkpoint, tmp_path):
     path, _ = checkpoint
     endpoint = serve_hub(server, path.read_bytes(), etag="0" * 64)

@@ -67,14 +67,14 @@ class _PastDeadline(Exception):
     """The whole download of a source, retries included, ran past its deadline (never retried)."""
 
 
-def _bounded_downloader(timeout: float, deadline: float):
+def _bounded_downloader(timeout: float, deadline: float, headers: dict[str, str] | None = None):
     """A pooch downloader: each read waits at most `timeout` seconds, and the download stops once the
     monotonic clock passes `deadline`, even while a server trickles a few bytes at a time."""
 
     def download(url: str, output_file: str, _pooch: object) -> None:
         if time.monotonic() > deadline:
             raise _PastDeadline
-        with requests.get(url, stream=True, timeout=timeout) as response:
+        with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
             response.raise_for_status()
             size = int(response.headers.get("content-length") or 0) or None
             with open(output_file, "wb") as out, tqdm(total=size, unit="B", unit_scale=True,
@@ -94,12 +94,14 @@ def _bounded_downloader(timeout: float, deadline: float):
     return download
 
 
-def _http_get(url: str, folder: Path, timeout: float, retries: int, deadline: float, setting: str) -> Path:
+def _http_get(
+    url: str, folder: Path, timeout: float, retries: int, deadline: float, setting: str, headers: dict[str, str] | None
+) -> Path:
     pooch.get_logger().setLevel(logging.WARNING)  # its INFO lines print the URL, credentials included
     fetcher = pooch.create(
         path=folder, base_url="", registry={"download": None}, urls={"download": url}, retry_if_failed=retries
     )
-    downloader = _bounded_downloader(timeout, time.monotonic() + deadline)
+    downloader = _bounded_downloader(timeout, time.monotonic() + deadline, headers)
     try:
         return Path(fetcher.fetch("download", downloader=downloader))
     except _PastDeadline:
@@ -115,12 +117,21 @@ def _http_get(url: str, folder: Path, timeout: float, retries: int, deadline: fl
         raise DownloadError(f"{redact(url)}: {reason} after {retries + 1} attempts (offline?)") from None
 
 
-def retrieve(source: str, folder: Path, timeout: float, retries: int, deadline: float, setting: str) -> Path:
+def retrieve(
+    source: str,
+    folder: Path,
+    timeout: float,
+    retries: int,
+    deadline: float,
+    setting: str,
+    headers: dict[str, str] | None = None,
+) -> Path:
     """A local file holding the source's bytes (the source itself when it is local); a download
-    takes at most `deadline` seconds in all (errors name the param `setting` that sets it)."""
+    takes at most `deadline` seconds in all (errors name the param `setting` that sets it). `headers`
+    go with the request (requests drops Authorization on a redirect to another host)."""
     path = local_path(source)
     if path is None:
-        return _http_get(source, folder, timeout, retries, deadline, setting)
+        return _http_get(source, folder, timeout, retries, deadline, setting, headers)
     if path.is_dir():
         raise DownloadError(f"{path}: a folder; give the zip or the data file itself")
     if not path.is_file():

@@ -250,6 +250,7 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None,
     per read only, so a server trickling bytes could hold it for hours."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import RevisionNotFoundError
+    from huggingface_hub.utils import build_hf_headers
 
     from .download import redact, redact_text, retrieve
 
@@ -270,7 +271,8 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None,
     url = hf_hub_url(repo_id, WEIGHTS_FILE, revision=commit, endpoint=endpoint)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch.") as tmp:
         try:
-            path = retrieve(url, Path(tmp), HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline")
+            headers = build_hf_headers()  # HF_TOKEN's, where set: a private mirror may ask for it
+            path = retrieve(url, Path(tmp), HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline", headers)
         except DownloadError as exc:
             raise WeightsError(f"{where}: could not download {WEIGHTS_FILE} ({exc}). {offline}") from None
         expected = (metadata.etag or "").strip('"')
