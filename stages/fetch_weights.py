@@ -24,7 +24,7 @@ def main(params: Params) -> None:
             save_hf(random_model(cfg, m.seed), weights)
             source = f"random (seed {m.seed})"
         else:
-            source = fetch_pretrained(m.name, weights, m.revision, m.source)
+            source = fetch_pretrained(m.name, weights, m.revision, m.source, deadline=m.deadline)
             fix = "point model.source at GPT-2 weights in safetensors" if m.source else REFETCH
             check_checkpoint(weights, cfg, m.name, shown=source, fix=fix)
         architecture = {k: v for k, v in cfg.to_dict().items() if k != "drop_rate"}

@@ -1,6 +1,9 @@
 """Bad input gets one line naming it: `classify`'s options and files (before any model loads), a
 device that is not there, an empty data URL."""
 
+import json
+import socket
+
 import pytest
 
 from gpt2_classifier.cli import main
@@ -45,3 +48,165 @@ def test_an_empty_data_url_is_refused_with_its_name(data, where):
 
     with pytest.raises(ParamsError, match=rf"^params.yaml: {where}: is empty; give the data's URL or an absolute path"):
         parse_params({"data": data})
+
+
+def error_of(argv, capsys) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err.removeprefix("error: ")
+
+
+@pytest.mark.parametrize(("texts", "number"), [([""], "1 of 1"), (["hello", "   "], "2 of 2")])
+def test_an_empty_message_is_refused(texts, number, tmp_path, capsys):
+    err = error_of(["classify", "--model", str(tmp_path), *texts], capsys)
+    assert err == f"message {number} is empty; give the text to classify"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("blank.txt", "\n  \n", ": holds no messages; nothing to classify"),
+        ("header.csv", "text\n", ": holds no messages; nothing to classify"),
+        ("gap.csv", 'text\nhello\n""\n', ":3: empty 'text'; fill it in or remove the row"),
+    ],
+)
+def test_a_file_without_messages_is_named(name, content, message, tmp_path, capsys):
+    path = tmp_path / name
+    path.write_text(content)
+    assert error_of(["classify", "--file", str(path), "--model", str(tmp_path)], capsys) == f"{path}{message}"
+
+
+def test_file_that_is_a_folder_and_output_without_folder_are_named_before_loading(tmp_path, capsys):
+    assert error_of(["classify", "--file", str(tmp_path)], capsys).startswith(f"{tmp_path}: a folder; give --file")
+    inbox = tmp_path / "inbox.txt"
+    inbox.write_text("hello\n")
+    output = tmp_path / "missing" / "scores.csv"
+    err = error_of(["classify", "--file", str(inbox), "--output", str(output), "--model", str(tmp_path)], capsys)
+    assert err == f"{output}: no folder {output.parent} to write it in; create it or choose another --output"
+
+
+def write_classifier_config(folder, weights: str = "random") -> None:
+    from gpt2_classifier.classifier import ClassifierConfig
+    from gpt2_classifier.model import GPTConfig
+    from gpt2_classifier.weights import BaseIdentity
+
+    base = BaseIdentity(name="gpt2-small", weights=weights, sha256="0" * 64, revision="main", seed=1)
+    config = ClassifierConfig(labels=["ham", "spam"], pool="last", max_length=8, pad_id=50256, padding="fixed",
+                              causal_mask=True, trainable_blocks=1, base=base, gpt=GPTConfig(), lora=None)  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.model_dump(mode="json")))
+
+
+def test_a_classifier_folder_without_its_weights_is_named(tmp_path, capsys):
+    write_classifier_config(tmp_path)
+    err = error_of(["classify", "--model", str(tmp_path), "hello"], capsys)
+    assert err == (
+        f"{tmp_path / 'model.safetensors'}: not found; the classifier folder is incomplete: "
+        "run `dvc repro finetune` (or `dvc checkout models/classifier`)"
+    )
+
+
+@pytest.fixture
+def mlflow_env(monkeypatch):
+    """MLflow settings the CLI sets where unset, restored after the test."""
+    from gpt2_classifier.tracking import HTTP_WAITS
+
+    for key in (*HTTP_WAITS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.mark.usefixtures("mlflow_env")
+def test_an_unknown_run_or_registered_model_is_named_with_the_store(tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).search_experiments()  # a store that holds neither
+    capsys.readouterr()  # its log lines on creating the tables
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    fix = "check it, or set MLFLOW_TRACKING_URI to the store that has it"
+    assert error_of(["classify", "--run-id", "0123abcd", "hi"], capsys) == f"no MLflow run 0123abcd in {store}; {fix}"
+    err = error_of(["classify", "--registered", "spam-classifier/3", "hi"], capsys)
+    assert err == f"no model models:/spam-classifier/3 in {store}; {fix}"
+
+
+def test_outside_the_project_no_store_is_made_up(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    for option in (["--run-id", "0123abcd"], ["--registered", "spam-classifier/3"]):
+        result = subprocess.run([sys.executable, "-m", "gpt2_classifier.cli", "classify", *option, "hi"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            f"error: sqlite:///{tmp_path / 'mlflow.db'}: no MLflow store here; run classify in the project folder, "
+            "or set MLFLOW_TRACKING_URI to the store that holds the model"
+        )
+    assert list(tmp_path.iterdir()) == []  # no empty mlflow.db left behind
+
+
+@pytest.mark.usefixtures("mlflow_env")
+def test_a_tracking_server_that_is_down_is_named_without_credentials(monkeypatch, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://team:secret@127.0.0.1:{port}")
+    for option in (["--run-id", "0123abcd"], ["--registered", "spam-classifier/3"]):
+        err = error_of(["classify", *option, "hi"], capsys)
+        assert err == (
+            f"MLflow tracking store http://***@127.0.0.1:{port} cannot be used (cannot connect); "
+            "start it, or set MLFLOW_TRACKING_URI to the store that holds the model"
+        )
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_training(tmp_path, monkeypatch):
+    """Each epoch drops the last partial batch, so no step would run."""
+    from gpt2_classifier.errors import PipelineError
+    from gpt2_classifier.finetune import finetune
+    from gpt2_classifier.model import GPTConfig
+    from gpt2_classifier.params import parse_params
+
+    monkeypatch.chdir(tmp_path)
+    stats = {"messages": 42, "tokens": 420, "longest": 20, "truncated": 0}
+    meta = {"padding": "fixed", "max_length": 20, "pad_id": 50256, "longest_train": 20,
+            "splits": dict.fromkeys(("train", "validation", "test"), stats), "labels": ["ham", "spam"]}  # fmt: skip
+    base = {"name": "gpt2-small", "weights": "random", "sha256": "0" * 64, "revision": "main", "seed": 1,
+            "source": "random (seed 1)", "gpt": GPTConfig().to_dict()}  # fmt: skip
+    for path, content in (("data/encoded/meta.json", meta), ("models/base/config.json", base)):
+        (tmp_path / path).parent.mkdir(parents=True)
+        (tmp_path / path).write_text(json.dumps(content))
+    params = parse_params({"data": {"url": "unused"}, "finetune": {"batch_size": 64}, "mlflow": {"enabled": False}})
+    with pytest.raises(PipelineError) as info:
+        finetune(params)
+    assert str(info.value) == (
+        "finetune.batch_size=64 exceeds the 42 training messages (data/encoded); set it to at most 42, "
+        "or give split.train more data"
+    )
+    assert not (tmp_path / "reports").exists()  # nothing was started
+
+
+def test_files_saved_with_a_byte_order_mark_read_as_written(tmp_path):
+    """Excel's "CSV UTF-8" and Notepad start the file with a BOM; it is neither a column name nor text."""
+    from gpt2_classifier.cli import _read_messages
+
+    inbox = tmp_path / "inbox.csv"
+    inbox.write_bytes(b"\xef\xbb\xbftext,sender\r\nWIN a prize,x\r\n")
+    assert _read_messages(inbox, None) == ["WIN a prize"]
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"\xef\xbb\xbfsee you\r\nlater\r\n")
+    assert _read_messages(notes, None) == ["see you", "later"]
+
+
+def test_base_weights_that_cannot_be_downloaded_point_at_the_cli_ways(tmp_path, monkeypatch, capsys):
+    """Not at params.yaml's model.source: classify reads no params."""
+    from gpt2_classifier import predict
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(predict, "BASE_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    write_classifier_config(tmp_path / "classifier", weights="pretrained")
+    (tmp_path / "classifier" / "model.safetensors").write_bytes(b"")
+    err = error_of(["classify", "--model", str(tmp_path / "classifier"), "hello"], capsys)
+    assert err.startswith("http://127.0.0.1:9/openai-community/gpt2: could not download model.safetensors"), err
+    assert err.endswith(predict.OFFLINE) and "model.source" not in err

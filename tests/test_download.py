@@ -55,6 +55,21 @@ def test_file_url_and_plain_path_and_raw_data_file(tmp_path):
         assert dest.read_bytes() == DATA
 
 
+def test_a_missing_local_copy_is_not_blamed_on_the_network(tmp_path):
+    missing = tmp_path / "sms+spam+collection.zip"
+    with pytest.raises(DownloadError) as info:
+        fetch([str(missing)], tmp_path / "out" / "messages.tsv")
+    assert str(info.value) == (
+        f"could not get 'SMSSpamCollection' from {missing} ({missing}: no such file). "
+        "Set data.url to the zip or data file as it is on this machine"
+    )
+
+
+def test_a_folder_as_the_source_is_named_as_one(tmp_path):
+    with pytest.raises(DownloadError, match=rf"\({tmp_path}: a folder; give the zip or the data file itself\)"):
+        fetch([str(tmp_path)], tmp_path / "out" / "messages.tsv")
+
+
 def test_offline_error_is_one_line_naming_the_url_and_the_local_copy_way(tmp_path):
     url = "http://127.0.0.1:9/sms+spam+collection.zip"  # port 9: nothing listens
     with pytest.raises(DownloadError) as info:

@@ -52,6 +52,19 @@ def test_project_params_are_the_reference_recipe():
         ("finetune", "pool", "middle", "finetune.pool: Input should be 'last', 'first', 'flexible' or 'mean'"),
         ("finetune", "trainable_blocks", 13, "trainable_blocks=13 exceeds the model's 12 blocks"),
         ("data", "sha256", "abc", "data.sha256: String should match pattern"),
+        ("mlflow", "register_as", "spam/classifier", "mlflow.register_as: 'spam/classifier' is no Model Registry name"),
+        ("mlflow", "register_as", "team:spam", "mlflow.register_as: 'team:spam' is no Model Registry name"),
+        ("mlflow", "register_as", " ", "mlflow.register_as: ' ' is no Model Registry name: it must be non-empty"),
+        ("mlflow", "experiment_name", "  ", "mlflow.experiment_name: is empty; name the MLflow experiment"),
+        ("balance", "seed", -1, "balance.seed: Input should be greater than or equal to 0"),
+        ("split", "seed", 2**32, "split.seed: Input should be less than 4294967296"),
+        (
+            "finetune",
+            "ignore_index",
+            0,
+            "finetune.ignore_index=0 is the class of 'ham' \\(balance.labels\\): its messages",
+        ),
+        ("mlflow", "experiment_name", "x" * 501, "mlflow.experiment_name: String should have at most 500 characters"),
     ],
 )
 def test_invalid_values_name_the_key(section, key, value, message):
@@ -64,6 +77,13 @@ def test_inconsistent_custom_architecture_is_refused():
     params = with_change("model", "weights", "random")
     params["model"]["config"] = {"emb_dim": 30, "n_heads": 4}
     with pytest.raises(ParamsError, match="emb_dim=30 is not divisible by n_heads=4"):
+        parse_params(params)
+
+
+def test_a_vocabulary_smaller_than_the_tokenizers_is_refused():
+    params = with_change("model", "weights", "random")
+    params["model"]["config"] = {"vocab_size": 1000}
+    with pytest.raises(ParamsError, match=r"model: config.vocab_size=1000 is smaller than the GPT-2 tokenizer's 50257"):
         parse_params(params)
 
 

@@ -98,7 +98,7 @@ def test_registered_version_carries_test_accuracy_and_serves_the_cli(trained):
     by_run = run([*cmd[:4], "--run-id", run_id, "hi there"], trained, extra_env=store)
     assert by_run.stdout == out.stdout  # the run's logged model is the registered version
     missing = run([*cmd[:4], "--run-id", "0" * 32, "hi"], trained, check=False, extra_env=store)
-    assert missing.returncode == 1 and missing.stderr.startswith(f"error: MLflow run {'0' * 32} not found")
+    assert missing.returncode == 1 and missing.stderr.startswith(f"error: no MLflow run {'0' * 32} in sqlite:///")
 
 
 def test_mlflow_models_serve_answers_invocations(trained):

@@ -9,7 +9,7 @@ from conftest import PROJECT, assert_same_parameters
 from gpt2_classifier.classifier import build_classifier, resolved_pool
 from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.encode import EncodedSplit
-from gpt2_classifier.errors import ParamsError
+from gpt2_classifier.errors import ParamsError, PipelineError
 from gpt2_classifier.fast import build_inputs
 from gpt2_classifier.lora import LinearWithLoRA, merge_lora
 from gpt2_classifier.params import parse_params
@@ -174,3 +174,13 @@ def test_every_reference_row_is_valid_params():
                 node = node[part]
             node[leaf] = value
         parse_params(params, f"row {number}")
+
+
+def test_a_diverging_run_stops_with_the_learning_rate_named(base_weights):
+    model, _ = build_classifier(CFG, base_weights, 2, seed=1, trainable_blocks="all")
+    data = split()
+    inputs = FullForward(model, data, "last", "cpu")
+    trainer = Trainer(model, inputs, inputs, TrainSettings(lr=1e6, batch_size=8, epochs=3, eval_freq=1), "cpu")
+    with pytest.raises(PipelineError, match=r"^finetune: the loss is nan \(validation nan\) at step \d+: training "
+                       r"diverged; lower finetune.lr \(now 1e\+06\)$"):  # fmt: skip
+        trainer.fit()

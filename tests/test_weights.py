@@ -2,17 +2,21 @@
 
 import hashlib
 import shutil
+import time
 
 import pytest
 import torch
 from test_model import transformers_checkpoint
 
 from gpt2_classifier.config import GPTConfig
-from gpt2_classifier.errors import WeightsError
+from gpt2_classifier.errors import PipelineError, WeightsError
 from gpt2_classifier.weights import check_checkpoint, fetch_pretrained, load_model, random_model, save_hf
 
 CFG = GPTConfig(emb_dim=32, n_layers=2, n_heads=2, context_length=64)
 REPO_PATH = "/openai-community/gpt2/resolve/main/model.safetensors"
+COMMIT = "a" * 40
+COMMIT_PATH = f"/openai-community/gpt2/resolve/{COMMIT}/model.safetensors"  # the file at the commit HEAD names
+DEADLINE = 600.0
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +33,9 @@ def logits_match(ours, reference) -> bool:
 
 
 def serve_hub(server, body: bytes, etag: str | None = None):
-    headers = {"X-Repo-Commit": "a" * 40, "ETag": f'"{etag or hashlib.sha256(body).hexdigest()}"'}
+    headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{etag or hashlib.sha256(body).hexdigest()}"'}
     server.serve(REPO_PATH, body, headers=headers)
+    server.serve(COMMIT_PATH, body, headers=headers)
     return server.url
 
 
@@ -38,19 +43,28 @@ def test_fetch_from_a_hub_endpoint_loads_and_matches_transformers(server, checkp
     path, reference = checkpoint
     endpoint = serve_hub(server, path.read_bytes())
     dest = tmp_path / "base" / "model.safetensors"
-    source = fetch_pretrained("gpt2-small", dest, endpoint=endpoint)
-    assert source.startswith(endpoint + "/openai-community/gpt2@")
+    source = fetch_pretrained("gpt2-small", dest, endpoint=endpoint, deadline=DEADLINE)
+    assert source == f"{endpoint}/openai-community/gpt2@{COMMIT}"
     assert dest.read_bytes() == path.read_bytes()
-    assert not (tmp_path / "base" / ".hf-download").exists()
+    assert [p.name for p in (tmp_path / "base").iterdir()] == ["model.safetensors"]  # nothing left beside it
     assert logits_match(load_model(CFG, dest), reference)
-    assert any(method == "GET" and p == REPO_PATH for method, p, _ in server.requests)
+    assert [(method, p) for method, p, _ in server.requests] == [("HEAD", REPO_PATH), ("GET", COMMIT_PATH)]
+
+
+def test_the_hub_download_sends_the_users_token(server, checkpoint, tmp_path, monkeypatch):
+    path, _ = checkpoint
+    monkeypatch.setenv("HF_TOKEN", "hf_for_a_private_mirror")
+    endpoint = serve_hub(server, path.read_bytes())
+    fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint=endpoint, deadline=DEADLINE)
+    (get,) = [headers for method, _, headers in server.requests if method == "GET"]
+    assert {k.lower(): v for k, v in get.items()}["authorization"] == "Bearer hf_for_a_private_mirror"
 
 
 def test_hub_checksum_mismatch_is_refused(server, checkpoint, tmp_path):
     path, _ = checkpoint
     endpoint = serve_hub(server, path.read_bytes(), etag="0" * 64)
     with pytest.raises(WeightsError, match="has SHA-256 [0-9a-f]{64}, the Hub says 0000"):
-        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint=endpoint)
+        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint=endpoint, deadline=DEADLINE)
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -58,17 +72,92 @@ def test_unreachable_hub_names_it_and_the_offline_ways(tmp_path):
     with pytest.raises(
         WeightsError, match=r"http://127.0.0.1:9/openai-community/gpt2: could not download .* model.source"
     ):
-        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint="http://127.0.0.1:9")
+        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint="http://127.0.0.1:9", deadline=1)
+    with pytest.raises(WeightsError) as info:  # a mirror's credentials stay hidden, also in the reason
+        fetch_pretrained(
+            "gpt2-small", tmp_path / "model.safetensors", endpoint="http://me:secret@127.0.0.1:9", deadline=1
+        )
+    assert str(info.value).startswith("http://***@127.0.0.1:9/openai-community/gpt2: could not download")
+    assert "secret" not in str(info.value)
+
+
+def trickle(body: bytes):
+    """A route that answers HEAD at once and sends a GET's body a byte every 0.1 s: each read
+    returns in time, the whole never ends."""
+
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("X-Repo-Commit", COMMIT)
+        handler.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+        handler.end_headers()
+        if handler.command == "GET":
+            try:
+                for byte in body[:100]:
+                    handler.wfile.write(bytes([byte]))
+                    handler.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass  # the client gave up
+
+    return answer
+
+
+@pytest.mark.parametrize("where", ["hub", "source"])
+def test_a_trickling_weights_server_is_stopped_at_the_deadline(server, checkpoint, tmp_path, where):
+    path, _ = checkpoint
+    for route in (REPO_PATH, COMMIT_PATH, "/weights/model.safetensors"):
+        server.routes[route] = trickle(path.read_bytes())
+    if where == "hub":
+        kwargs, shown = {"endpoint": server.url}, f"{server.url}/openai-community/gpt2: could not download"
+    else:
+        kwargs, shown = {"source": server.url + "/weights/model.safetensors"}, server.url + "/weights/model.safetensors"
+    start = time.monotonic()
+    with pytest.raises(PipelineError) as info:
+        fetch_pretrained("gpt2-small", tmp_path / "base" / "model.safetensors", deadline=1.5, **kwargs)
+    assert time.monotonic() - start < 5  # not the 60 s a read may wait, nor the 10 s the trickle lasts
+    message = str(info.value)
+    assert message.startswith(shown) and "not done within 1.5 s (model.deadline)" in message, message
+    assert "raise model.deadline" in message and ".fetch." not in message
+    assert list((tmp_path / "base").iterdir()) == []  # nothing half-written is left
+    assert sum(method == "GET" for method, _, _ in server.requests) == 1  # a deadline is not retried
+
+
+def test_a_revision_the_hub_does_not_have_is_named(server, tmp_path):
+    def missing(handler):
+        handler.send_response(404)
+        handler.send_header("X-Error-Code", "RevisionNotFound")
+        handler.send_header("X-Error-Message", "Invalid rev id: v9")
+        handler.end_headers()
+
+    server.routes["/openai-community/gpt2/resolve/v9/model.safetensors"] = missing
+    with pytest.raises(WeightsError) as info:
+        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", "v9", endpoint=server.url, deadline=DEADLINE)
+    assert str(info.value) == (
+        f"{server.url}/openai-community/gpt2: no revision 'v9' (model.revision); give a branch, tag or commit "
+        "of the repository, e.g. main"
+    )
+
+
+def test_a_model_source_that_is_missing_or_a_folder_without_weights_is_named(tmp_path):
+    fix = "point it at a model.safetensors or the folder holding one, or set it to null to use the Hub"
+    missing = tmp_path / "gpt2" / "model.safetensors"
+    with pytest.raises(WeightsError) as info:
+        fetch_pretrained("gpt2-small", tmp_path / "out.safetensors", source=str(missing), deadline=DEADLINE)
+    assert str(info.value) == f"{missing}: no such file (model.source); {fix}"
+    with pytest.raises(WeightsError) as info:
+        fetch_pretrained("gpt2-small", tmp_path / "out.safetensors", source=str(tmp_path), deadline=DEADLINE)
+    assert str(info.value) == f"{tmp_path}: a folder without model.safetensors (model.source); {fix}"
 
 
 def test_local_folder_and_url_sources(server, checkpoint, tmp_path):
     path, reference = checkpoint
     dest = tmp_path / "from-folder.safetensors"
-    fetch_pretrained("gpt2-small", dest, source=str(path.parent))
+    fetch_pretrained("gpt2-small", dest, source=str(path.parent), deadline=DEADLINE)
     assert logits_match(load_model(CFG, dest), reference)
     url = server.serve("/weights/model.safetensors", path.read_bytes())
     dest = tmp_path / "from-url.safetensors"
-    fetch_pretrained("gpt2-small", dest, source=url)
+    fetch_pretrained("gpt2-small", dest, source=url, deadline=DEADLINE)
     assert dest.read_bytes() == path.read_bytes()
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -168,18 +169,38 @@ def base_weights_for(config: ClassifierConfig, candidates: list[Path]) -> Path:
     )
 
 
+INCOMPLETE = "the classifier folder is incomplete: run `dvc repro finetune` (or `dvc checkout models/classifier`)"
+
+
+def read_classifier_config(folder: Path) -> ClassifierConfig:
+    """A classifier folder's config, once its trained tensors are known to be there too."""
+    config = ClassifierConfig.read(folder)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise WeightsError(f"{folder / WEIGHTS_FILE}: not found; {INCOMPLETE}")
+    return config
+
+
+def _trained_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """What training changed, from a classifier folder's model.safetensors."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).replace(str(path), "").strip(": ") or type(exc).__name__
+        raise WeightsError(f"{path}: not a readable safetensors file ({reason}); {INCOMPLETE}") from None
+
+
 def load_classifier(
     folder: str | os.PathLike, base_weights: str | os.PathLike | None = None, device: str = "cpu"
 ) -> tuple[GPTModel, ClassifierConfig]:
     """Rebuild the full classifier: base weights, then the stored trained tensors (adapters merged).
     The base is `base_weights`, else models/base beside the classifier's folder."""
     folder = Path(folder)
-    config = ClassifierConfig.read(folder)
+    config = read_classifier_config(folder)
+    trained = _trained_tensors(folder / WEIGHTS_FILE)
     candidates = [Path(base_weights)] if base_weights else [folder.parent / "base" / WEIGHTS_FILE]
     model = replace_head(load_model(config.gpt, base_weights_for(config, candidates)), len(config.labels), seed=0)
     if config.lora is not None:
         add_lora(model, config.lora.rank, config.lora.alpha, seed=0)
-    trained = load_file(str(folder / WEIGHTS_FILE))
     unexpected = set(trained) - set(model.state_dict())
     missing_head = {"out_head.weight", "out_head.bias"} - set(trained)
     if unexpected or missing_head:

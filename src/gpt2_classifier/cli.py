@@ -33,46 +33,64 @@ def _load(args: argparse.Namespace):
 
 
 def _read_messages(path: Path, column: str | None) -> list[str]:
+    if path.is_dir():
+        raise PipelineError(f"{path}: a folder; give --file a text file (one message per line) or a CSV file")
     if not path.is_file():
         raise PipelineError(f"{path}: no such file")
     try:
-        return _read_utf8_messages(path, column)
+        texts = _read_utf8_messages(path, column)
     except UnicodeDecodeError as exc:
         raise PipelineError(
             f"{path}: not UTF-8 text (byte {exc.start}); convert it, e.g. iconv -f latin1 -t utf-8 {path}"
         ) from None
+    if not texts:
+        raise PipelineError(f"{path}: holds no messages; nothing to classify")
+    return texts
 
 
 def _read_utf8_messages(path: Path, column: str | None) -> list[str]:
     if path.suffix.lower() == ".csv" or column:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             column = column or "text"
             if column not in (reader.fieldnames or []):
                 raise PipelineError(
                     f"{path}: no column '{column}' (it has {reader.fieldnames}); choose one with --column"
                 )
-            return [row[column] for row in reader]
-    return [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+            texts = []
+            for row in reader:
+                if not (row[column] or "").strip():
+                    raise PipelineError(f"{path}:{reader.line_num}: empty '{column}'; fill it in or remove the row")
+                texts.append(row[column])
+            return texts
+    return [line.rstrip("\r") for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
 
 
 def classify(args: argparse.Namespace) -> None:
     if bool(args.texts) == bool(args.file):
         raise PipelineError("give messages as arguments or one --file, not both or neither")
     if args.texts:
+        empty = [number for number, text in enumerate(args.texts, start=1) if not text.strip()]
+        if empty:
+            raise PipelineError(f"message {empty[0]} of {len(args.texts)} is empty; give the text to classify")
         classifier = _load(args)
         for text, result in zip(args.texts, classifier.predict(args.texts, args.batch_size), strict=True):
             score = result.get("p_spam", max(v for k, v in result.items() if k.startswith("p_")))
             print(f"{result['label']}\t{score:.4f}\t{text}")
         return
     path = Path(args.file)
-    texts = _read_messages(path, args.column)  # a bad file is reported before the model loads
-    results = _load(args).predict(texts, args.batch_size, progress=True)
+    texts = _read_messages(path, args.column)  # a bad file or output is reported before the model loads
     output = Path(args.output) if args.output else path.with_name(path.stem + ".scores.csv")
-    with open(output, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", *results[0]] if results else ["text", "label"])
-        writer.writeheader()
-        writer.writerows({"text": text, **result} for text, result in zip(texts, results, strict=True))
+    if not output.parent.is_dir():
+        raise PipelineError(f"{output}: no folder {output.parent} to write it in; create it or choose another --output")
+    results = _load(args).predict(texts, args.batch_size, progress=True)
+    try:
+        with open(output, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", *results[0]])
+            writer.writeheader()
+            writer.writerows({"text": text, **result} for text, result in zip(texts, results, strict=True))
+    except OSError as exc:
+        raise PipelineError(f"{output}: cannot write it ({exc.strerror}); choose another --output") from None
     print(f"classify: {len(texts)} messages scored -> {output}", file=sys.stderr)
 
 

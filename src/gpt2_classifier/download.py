@@ -8,6 +8,7 @@ pipeline at a copy. A source may be the zip or the data file itself.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -40,6 +41,14 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+CREDENTIALS = re.compile(r"//[^/@\s]+@")  # user:password@ in a URL
+
+
+def redact_text(text: str) -> str:
+    """A message with the credentials of every URL in it hidden (as other programs' errors quote URLs)."""
+    return CREDENTIALS.sub("//***@", text)
+
+
 def local_path(source: str) -> Path | None:
     """The filesystem path a source names, or None when it is a remote URL."""
     parts = urlsplit(source)
@@ -58,14 +67,14 @@ class _PastDeadline(Exception):
     """The whole download of a source, retries included, ran past its deadline (never retried)."""
 
 
-def _bounded_downloader(timeout: float, deadline: float):
+def _bounded_downloader(timeout: float, deadline: float, headers: dict[str, str] | None = None):
     """A pooch downloader: each read waits at most `timeout` seconds, and the download stops once the
     monotonic clock passes `deadline`, even while a server trickles a few bytes at a time."""
 
     def download(url: str, output_file: str, _pooch: object) -> None:
         if time.monotonic() > deadline:
             raise _PastDeadline
-        with requests.get(url, stream=True, timeout=timeout) as response:
+        with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
             response.raise_for_status()
             size = int(response.headers.get("content-length") or 0) or None
             with open(output_file, "wb") as out, tqdm(total=size, unit="B", unit_scale=True,
@@ -85,18 +94,19 @@ def _bounded_downloader(timeout: float, deadline: float):
     return download
 
 
-def _http_get(url: str, folder: Path, timeout: float, retries: int, deadline: float) -> Path:
+def _http_get(
+    url: str, folder: Path, timeout: float, retries: int, deadline: float, setting: str, headers: dict[str, str] | None
+) -> Path:
     pooch.get_logger().setLevel(logging.WARNING)  # its INFO lines print the URL, credentials included
     fetcher = pooch.create(
         path=folder, base_url="", registry={"download": None}, urls={"download": url}, retry_if_failed=retries
     )
-    downloader = _bounded_downloader(timeout, time.monotonic() + deadline)
+    downloader = _bounded_downloader(timeout, time.monotonic() + deadline, headers)
     try:
         return Path(fetcher.fetch("download", downloader=downloader))
     except _PastDeadline:
         raise DownloadError(
-            f"{redact(url)}: not done within {deadline:g} s (data.deadline); the server is too slow, "
-            "or raise data.deadline"
+            f"{redact(url)}: not done within {deadline:g} s ({setting}); the server is too slow, or raise {setting}"
         ) from None
     except requests.HTTPError as exc:
         raise DownloadError(f"{redact(url)}: HTTP {exc.response.status_code} after {retries + 1} attempts") from None
@@ -107,12 +117,23 @@ def _http_get(url: str, folder: Path, timeout: float, retries: int, deadline: fl
         raise DownloadError(f"{redact(url)}: {reason} after {retries + 1} attempts (offline?)") from None
 
 
-def retrieve(source: str, folder: Path, timeout: float, retries: int, deadline: float = 600.0) -> Path:
+def retrieve(
+    source: str,
+    folder: Path,
+    timeout: float,
+    retries: int,
+    deadline: float,
+    setting: str,
+    headers: dict[str, str] | None = None,
+) -> Path:
     """A local file holding the source's bytes (the source itself when it is local); a download
-    takes at most `deadline` seconds in all."""
+    takes at most `deadline` seconds in all (errors name the param `setting` that sets it). `headers`
+    go with the request (requests drops Authorization on a redirect to another host)."""
     path = local_path(source)
     if path is None:
-        return _http_get(source, folder, timeout, retries, deadline)
+        return _http_get(source, folder, timeout, retries, deadline, setting, headers)
+    if path.is_dir():
+        raise DownloadError(f"{path}: a folder; give the zip or the data file itself")
     if not path.is_file():
         raise DownloadError(f"{path}: no such file")
     return path
@@ -186,7 +207,7 @@ def fetch_data_file(
     for source in sources:
         try:
             with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
-                archive = retrieve(source, Path(tmp), timeout, retries, deadline)
+                archive = retrieve(source, Path(tmp), timeout, retries, deadline, "data.deadline")
                 with atomic_path(dest) as out:
                     extract_member(archive, member, out, max_bytes, redact(source))
                     verify_sha256(out, sha256, source)
@@ -194,10 +215,13 @@ def fetch_data_file(
         except PipelineError as exc:
             log.warning("%s", exc)
             failures.append(str(exc))
+    if all(urlsplit(s).scheme in ("", "file") for s in sources):  # only local copies: no network to blame
+        fix = "Set data.url to the zip or data file as it is on this machine"
+    else:
+        fix = ("Offline? Download it elsewhere and set data.url to the local zip or file, "
+               "e.g. dvc exp run -S data.url=/path/to/sms+spam+collection.zip")  # fmt: skip
     raise DownloadError(
-        f"could not get '{member}' from {', '.join(redact(s) for s in sources)} ({failures[-1]}). "
-        "Offline? Download it elsewhere and set data.url to the local zip or file, "
-        "e.g. dvc exp run -S data.url=/path/to/sms+spam+collection.zip"
+        f"could not get '{member}' from {', '.join(redact(s) for s in sources)} ({failures[-1]}). {fix}"
     )
 
 

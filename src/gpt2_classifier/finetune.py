@@ -46,6 +46,12 @@ def finetune(params: Params) -> History:
             f"{ENCODED}: sequences of {meta.max_length} tokens exceed the model's context of "
             f"{cfg.context_length}; set pad_encode.max_length to at most {cfg.context_length}"
         )
+    training_messages = meta.splits["train"].messages
+    if f.batch_size > training_messages:  # every epoch drops the last partial batch: not one step would run
+        raise PipelineError(
+            f"finetune.batch_size={f.batch_size} exceeds the {training_messages} training messages ({ENCODED}); "
+            f"set it to at most {training_messages}, or give split.train more data"
+        )
     pool = resolved_pool(f.pool, meta.unpadded)
     settings = TrainSettings.from_params(f, pool)
     raw = params.model_dump(mode="json")

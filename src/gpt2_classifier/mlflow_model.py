@@ -58,14 +58,47 @@ def log_classifier(folder: Path, name: str, step: int = 0, tags: dict | None = N
     )
 
 
+def _not_found_or_unusable(exc: mlflow.exceptions.MlflowException, not_found: str) -> Exception:
+    """Why the store cannot be reached, else `not_found` (with MLflow's reason unless that is all it says);
+    never the store's credentials."""
+    from gpt2_classifier.download import redact
+    from gpt2_classifier.errors import PipelineError
+    from gpt2_classifier.tracking import first_line, store_failure, unreachable
+
+    uri = mlflow.get_tracking_uri()
+    if unreachable(exc):
+        return store_failure(uri, exc, fix="start it, or set MLFLOW_TRACKING_URI to the store that holds the model")
+    why = "" if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else f" ({first_line(exc)})"
+    return PipelineError(
+        f"{not_found} in {redact(uri)}{why}; check it, or set MLFLOW_TRACKING_URI to the store that has it"
+    )
+
+
+def _existing_store() -> None:
+    """A local store that is not there holds no run or model: say so, rather than create an empty one."""
+    from gpt2_classifier.errors import PipelineError
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise PipelineError(
+            f"{uri}: no MLflow store here; run classify in the project folder, or set MLFLOW_TRACKING_URI "
+            "to the store that holds the model"
+        )
+
+
 def run_model_uri(run_id: str) -> str:
     """`models:/<id>` of the classifier that an MLflow run logged (its latest, if several)."""
     from gpt2_classifier.errors import PipelineError
+    from gpt2_classifier.tracking import bound_http_waits, quick_http_failures, quiet_mlflow
 
+    quiet_mlflow()
+    bound_http_waits()
+    _existing_store()
     try:
-        run = mlflow.MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise PipelineError(f"MLflow run {run_id} not found in {mlflow.get_tracking_uri()}; check the id") from None
+        with quick_http_failures():  # the first call: a store that is down is named within seconds
+            run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise _not_found_or_unusable(exc, f"no MLflow run {run_id}") from None
     models = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
     )
@@ -76,4 +109,14 @@ def run_model_uri(run_id: str) -> str:
 
 def load_text_classifier(uri: str):
     """The TextClassifier inside a logged model (`models:/m-ID`, `models:/NAME/VERSION`)."""
-    return mlflow.pyfunc.load_model(uri).unwrap_python_model().classifier
+    from gpt2_classifier.tracking import bound_http_waits, quiet_mlflow
+
+    quiet_mlflow()
+    bound_http_waits()
+    if uri.startswith("models:/"):
+        _existing_store()
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except mlflow.exceptions.MlflowException as exc:
+        raise _not_found_or_unusable(exc, f"no model {uri}") from None
+    return model.unwrap_python_model().classifier

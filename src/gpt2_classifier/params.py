@@ -16,6 +16,7 @@ from .paths import CHECKPOINTS, PREFIX_CACHE
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what NumPy (pandas' sampling) accepts
 
 
 class Section(BaseModel):
@@ -45,7 +46,7 @@ class DataParams(Section):
 
 
 class BalanceParams(Section):
-    seed: int = 123
+    seed: Seed = 123
     labels: list[str] = Field(["ham", "spam"], min_length=2)
 
     @model_validator(mode="after")
@@ -56,7 +57,7 @@ class BalanceParams(Section):
 
 
 class SplitParams(Section):
-    seed: int = 123
+    seed: Seed = 123
     train: Fraction = 0.7
     validation: Fraction = 0.1
     test: Fraction = 0.2
@@ -79,7 +80,8 @@ class ModelParams(Section):
     weights: Literal["pretrained", "random"] = "pretrained"
     source: str | None = None
     revision: str = "main"
-    seed: int = 123
+    deadline: float = Field(10800.0, gt=0)  # seconds for the whole weights download, retries included
+    seed: Seed = 123
     drop_rate: float = Field(0.0, ge=0, lt=1)
     config: dict[Literal["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias"], int] = {}
 
@@ -87,7 +89,12 @@ class ModelParams(Section):
     def _config_is_usable(self) -> ModelParams:
         if self.config and self.weights == "pretrained":
             raise ValueError("config overrides change the architecture; use them with weights: random")
-        self.gpt_config()  # raises on an inconsistent architecture
+        vocabulary = self.gpt_config().vocab_size  # raises on an inconsistent architecture
+        if vocabulary < GPTConfig.vocab_size:
+            raise ValueError(
+                f"config.vocab_size={vocabulary} is smaller than the GPT-2 tokenizer's {GPTConfig.vocab_size} "
+                "tokens; leave it out"
+            )
         return self
 
     def gpt_config(self) -> GPTConfig:
@@ -105,7 +112,7 @@ class FinetuneParams(Section):
     weight_decay: float = Field(0.1, ge=0)
     batch_size: int = Field(8, ge=1)
     epochs: int = Field(5, ge=1)
-    seed: int = 123
+    seed: Seed = 123
     eval_freq: int = Field(50, ge=1)
     eval_iter: int = Field(5, ge=1)
     pool: Literal["last", "first", "flexible", "mean"] = "last"
@@ -142,9 +149,27 @@ class EvaluateParams(Section):
 
 class MlflowParams(Section):
     enabled: bool = True
-    experiment_name: str = Field("gpt2-classifier", min_length=1)
+    experiment_name: str = Field("gpt2-classifier", max_length=500)  # MLflow's longest
     register_as: str | None = None  # a Model Registry name: each evaluated run becomes a new version
     system_metrics: bool = True  # CPU, memory (and GPU) use sampled during finetune and evaluate
+
+    @field_validator("experiment_name")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; name the MLflow experiment, e.g. gpt2-classifier")
+        return value
+
+    @field_validator("register_as")
+    @classmethod
+    def _registry_name(cls, value: str | None) -> str | None:
+        # The Model Registry's rules, checked here rather than after a whole evaluation
+        if value is not None and (not value.strip() or "/" in value or ":" in value or value.strip(".") == ""):
+            raise ValueError(
+                f"{value!r} is no Model Registry name: it must be non-empty, without '/' or ':', e.g. spam-classifier; "
+                "or null to register nothing"
+            )
+        return value
 
 
 class Params(Section):
@@ -163,6 +188,12 @@ class Params(Section):
         length = self.pad_encode.max_length
         if isinstance(length, int) and length > config.context_length:
             raise ValueError(f"pad_encode.max_length={length} exceeds the model's context of {config.context_length}")
+        ignored = self.finetune.ignore_index
+        if 0 <= ignored < len(self.balance.labels):
+            raise ValueError(
+                f"finetune.ignore_index={ignored} is the class of '{self.balance.labels[ignored]}' (balance.labels): "
+                "its messages would not train; use a value that is no class, e.g. -100"
+            )
         blocks = self.finetune.trainable_blocks
         if isinstance(blocks, int) and blocks > config.n_layers:
             raise ValueError(f"finetune.trainable_blocks={blocks} exceeds the model's {config.n_layers} blocks")

@@ -8,13 +8,17 @@ from pathlib import Path
 
 import torch
 
-from .classifier import ClassifierConfig, base_weights_for, load_classifier
+from .classifier import ClassifierConfig, base_weights_for, load_classifier, read_classifier_config
 from .encode import pad, tokenize
 from .errors import WeightsError
+from .params import ModelParams
 from .paths import BASE
 from .train import FullForward, predict_proba
 from .weights import WEIGHTS_FILE, fetch_pretrained, random_model, save_hf
 
+OFFLINE = (
+    "Offline? Give the base weights file: classify --base, or GPT2_CLASSIFIER_BASE; or set HF_ENDPOINT to a mirror"
+)
 BASE_CACHE = Path(os.environ.get("GPT2_CLASSIFIER_CACHE", Path.home() / ".cache" / "gpt2-classifier")) / "base"
 
 
@@ -59,7 +63,7 @@ def ensure_base_weights(folder: Path) -> Path:
     """The classifier's base weights, checked by SHA-256: the file in GPT2_CLASSIFIER_BASE, models/base
     beside the classifier or in the working folder, the user cache; else rebuilt from the recorded
     identity (seeded random weights are regenerated, pretrained ones downloaded) into the cache."""
-    config = ClassifierConfig.read(folder)
+    config = read_classifier_config(folder)  # a folder missing its tensors is named before any base is rebuilt
     base = config.base
     cached = BASE_CACHE / f"{base.sha256}.safetensors"
     candidates = [folder.parent / "base" / WEIGHTS_FILE, BASE / WEIGHTS_FILE, cached]
@@ -74,5 +78,5 @@ def ensure_base_weights(folder: Path) -> Path:
     if base.weights == "random":
         save_hf(random_model(dataclasses.replace(config.gpt, drop_rate=0.0), base.seed), cached)
     else:
-        fetch_pretrained(base.name, cached, base.revision)
+        fetch_pretrained(base.name, cached, base.revision, deadline=ModelParams().deadline, offline=OFFLINE)
     return base_weights_for(config, [cached])

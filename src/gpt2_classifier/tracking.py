@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .download import redact
+from .download import redact, redact_text
 from .errors import PipelineError
 from .files import project_root, read_validated, write_json
 from .lineage import baseline_params, changed_params, code_differs, git_head
@@ -38,11 +38,61 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_DB}"
 
 
+# MLflow's own defaults wait up to 120 s for an answer and retry 7 times with doubling waits: over
+# 20 minutes per call to a server that stopped answering, and a run makes hundreds of calls. Unless
+# the user set them, a call gives up after 3 attempts of at most 60 s (about 3 minutes).
+HTTP_WAITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+PROBE_TIMEOUT = 10  # seconds the check before a run waits for the server: once, no retries
+WHAT_TO_DO = "start the server or fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
+
+
+def bound_http_waits() -> None:
+    """MLflow's HTTP retries and timeouts as HTTP_WAITS has them, where the user did not set them."""
+    for key, value in HTTP_WAITS.items():
+        os.environ.setdefault(key, value)
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """Why the store could not be reached ('no answer within N s', 'cannot connect'); None for other errors."""
+    import requests
+    import urllib3
+
+    causes, cause = [], exc
+    while cause is not None and len(causes) < 10:  # MLflow wraps requests' error, which wraps urllib3's
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for c in causes):
+        return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"
+    if any(isinstance(c, requests.exceptions.SSLError) for c in causes):
+        return "cannot connect: TLS failed, e.g. an untrusted certificate (MLFLOW_TRACKING_INSECURE_TLS)"
+    if any(isinstance(c, requests.exceptions.ConnectionError) for c in causes):
+        return "cannot connect"
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The start of an MLflow error's message, without the credentials of the URLs in it."""
+    line = redact_text((str(exc).splitlines() or [""])[0])  # before cutting: no half password
+    return f"{type(exc).__name__}: {line[:200]}"
+
+
+def store_failure(uri: str, exc: BaseException, what: str = "cannot be used", fix: str | None = None) -> TrackingError:
+    """One line for a store that failed: the URI without credentials, why, and what to do."""
+    reason = unreachable(exc)
+    if fix is None:
+        fix = WHAT_TO_DO if reason or what == "cannot be used" else "set mlflow.enabled: false to run without tracking"
+    return TrackingError(f"MLflow tracking store {redact(uri)} {what} ({reason or first_line(exc)}); {fix}")
+
+
 @contextlib.contextmanager
-def _quick_http_failures() -> Iterator[None]:
+def quick_http_failures() -> Iterator[None]:
     """MLflow retries HTTP for minutes by default; a reachability probe should not."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ |= {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    os.environ |= {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT)}
     try:
         yield
     finally:
@@ -53,7 +103,7 @@ def _quick_http_failures() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _quiet_mlflow() -> None:
+def quiet_mlflow() -> None:
     """Stage output says what the stage did: MLflow's info lines (table creation, input example
     validation, system metrics start and stop) and artifact progress bars stay out of it; its
     warnings still show."""
@@ -62,31 +112,44 @@ def _quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _use_experiment(uri: str, name: str) -> str:
-    """Set the tracking URI and experiment (creating it, with artifacts beside a local store)."""
+@contextlib.contextmanager
+def _first_call(uri: str) -> Iterator[None]:
+    """Point MLflow at `uri` for the first call of a stage, which names a store that cannot be used
+    within seconds."""
     import mlflow
     from filelock import FileLock
 
-    _quiet_mlflow()
-
+    quiet_mlflow()
+    bound_http_waits()
     mlflow.set_tracking_uri(uri)
-    local = uri.startswith("sqlite:///")
     # Two runs starting at once on a fresh SQLite file would both try to create its tables.
+    local = uri.startswith("sqlite:///")
     lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if local else contextlib.nullcontext()
-    try:
-        with lock, _quick_http_failures():
+    with lock, quick_http_failures():
+        yield
+
+
+def _use_experiment(uri: str, name: str) -> str:
+    """Set the tracking URI and experiment (creating it, with artifacts beside a local store)."""
+    import mlflow
+
+    with _first_call(uri):
+        try:
             experiment = mlflow.get_experiment_by_name(name)
+            deleted = experiment is not None and experiment.lifecycle_stage == "deleted"
             if experiment is None:
+                local = uri.startswith("sqlite:///")
                 artifacts = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri() if local else None
                 experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
             else:
                 experiment_id = experiment.experiment_id
-    except Exception as exc:  # MLflow raises many types for an unreachable or broken store
-        reason = str(exc).splitlines()[0][:200]
+        except Exception as exc:  # MLflow raises many types for an unreachable or broken store
+            raise store_failure(uri, exc) from None
+    if deleted:
         raise TrackingError(
-            f"MLflow tracking store {redact(uri)} cannot be used ({type(exc).__name__}: {reason}); "
-            "start the server or fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
-        ) from None
+            f"MLflow experiment '{name}' (mlflow.experiment_name) is deleted in {redact(uri)}; restore it "
+            f"(mlflow experiments restore --experiment-id {experiment_id}) or choose another mlflow.experiment_name"
+        )
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -243,12 +306,16 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
         write_json(run_file, RunRecord().model_dump())
         return
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
     experiment_id = _use_experiment(uri, settings.experiment_name)
-    run = mlflow.start_run(
-        run_name=run_name, tags=tags, log_system_metrics=_start_system_metrics(settings.system_metrics)
-    )
+    try:
+        run = mlflow.start_run(
+            run_name=run_name, tags=tags, log_system_metrics=_start_system_metrics(settings.system_metrics)
+        )
+    except MlflowException as exc:
+        raise store_failure(uri, exc, "could not start a run") from None
     status = "FAILED"
     try:
         tracker = Tracker(run.info.run_id, f"MLflow run {run_name} ({run.info.run_id}) in {redact(uri)}")
@@ -260,8 +327,14 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except MlflowException as exc:  # the store stopped answering, or refused what was logged
+        raise store_failure(uri, exc, "failed during the run") from None
     finally:
-        mlflow.end_run(status=status)
+        try:
+            mlflow.end_run(status=status)
+        except MlflowException as exc:
+            if status == "FINISHED":  # else the error that ended the run is the one to report
+                raise store_failure(uri, exc, "could not end the run") from None
         log.debug("MLflow run %s %s in %s", run.info.run_id, status.lower(), redact(uri))
 
 
@@ -273,17 +346,28 @@ def continue_run(settings: MlflowParams, run_file: Path) -> Iterator[tuple[Track
         yield Tracker(None), record
         return
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
-    _use_experiment(uri, settings.experiment_name)
+    with _first_call(uri):
+        try:
+            run = mlflow.get_run(record.run_id)
+        except Exception as exc:
+            if unreachable(exc) or getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise store_failure(uri, exc) from None
+            raise TrackingError(
+                f"{run_file}: run {record.run_id} is not in {redact(uri)}; rerun finetune (dvc repro -f -s finetune) "
+                "or point MLFLOW_TRACKING_URI at the store that holds it"
+            ) from None
+    try:  # the run's own experiment, even if mlflow.experiment_name changed since
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    except MlflowException as exc:  # such as a deleted experiment
+        raise store_failure(uri, exc, f"cannot continue run {record.run_id}") from None
+
     try:
-        mlflow.get_run(record.run_id)
-    except Exception:
-        raise TrackingError(
-            f"{run_file}: run {record.run_id} is not in {redact(uri)}; rerun finetune (dvc repro -f -s finetune) "
-            "or point MLFLOW_TRACKING_URI at the store that holds it"
-        ) from None
-    with mlflow.start_run(run_id=record.run_id, log_system_metrics=_start_system_metrics(settings.system_metrics)):
-        tracker = Tracker(record.run_id)
-        tracker.model_id, tracker.model_uri = record.model_id, record.model_uri
-        yield tracker, record
+        with mlflow.start_run(run_id=record.run_id, log_system_metrics=_start_system_metrics(settings.system_metrics)):
+            tracker = Tracker(record.run_id)
+            tracker.model_id, tracker.model_uri = record.model_id, record.model_uri
+            yield tracker, record
+    except MlflowException as exc:  # the store stopped answering, or refused what was logged
+        raise store_failure(uri, exc, "failed during the run") from None

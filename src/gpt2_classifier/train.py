@@ -8,6 +8,7 @@ pass over the training set (training, or a loss/accuracy estimate) draws a new o
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -206,6 +207,11 @@ class Trainer:
                         "train_loss": self.estimate(self.train_inputs, self._train_batches(), "loss"),
                         "val_loss": self.estimate(self.val_inputs, self._val_batches(), "loss"),
                     }
+                    if not math.isfinite(record["train_loss"] + record["val_loss"]):
+                        raise PipelineError(
+                            f"finetune: the loss is {record['train_loss']} (validation {record['val_loss']}) at step "
+                            f"{self.step}: training diverged; lower finetune.lr (now {self.s.lr:g})"
+                        )
                     history.steps.append(record)
                     progress.set_postfix(train_loss=f"{record['train_loss']:.3f}", val_loss=f"{record['val_loss']:.3f}")
                     if on_step:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import PRESETS, GPTConfig
-from .errors import WeightsError
+from .errors import DownloadError, WeightsError
 from .files import atomic_path, read_validated, sha256_file
 from .model import GPTModel
 from .tensorfile import TensorFile, TensorFileError
@@ -38,6 +38,11 @@ HF_REPOS = {
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REFETCH = "fetch the weights again: dvc repro -f fetch-weights"
+HUB_OFFLINE = (
+    "Offline? Set model.source to a local model.safetensors, HF_ENDPOINT to a mirror, or model.weights: random"
+)
+SOURCE_FIX = "point it at a model.safetensors or the folder holding one, or set it to null to use the Hub"
+HTTP_TIMEOUT, HTTP_RETRIES = 60.0, 3  # seconds one read of a weights download may wait; attempts after the first
 # Saved by some exports beside the weights: the causal-mask buffers and the tied LM head.
 IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
 
@@ -220,12 +225,21 @@ def load_model(cfg: GPTConfig, path: str | os.PathLike) -> GPTModel:
 
 
 def fetch_pretrained(
-    name: str, dest: Path, revision: str = "main", source: str | None = None, endpoint: str | None = None
+    name: str,
+    dest: Path,
+    revision: str = "main",
+    source: str | None = None,
+    endpoint: str | None = None,
+    *,
+    deadline: float,
+    offline: str = HUB_OFFLINE,
 ) -> str:
     """Put the published checkpoint for `name` at `dest`; return where it came from.
 
     `source` may be a local file, a folder holding model.safetensors, or an http(s) URL;
     otherwise the Hugging Face Hub (or the endpoint in `endpoint` / HF_ENDPOINT) serves it.
+    A download takes at most `deadline` seconds in all (model.deadline), retries included; a Hub that
+    cannot deliver is reported with the ways around it, `offline`.
     """
     from .download import local_path, redact, retrieve
 
@@ -233,38 +247,55 @@ def fetch_pretrained(
     if source is not None:
         local = local_path(source)
         if local is not None and local.is_dir():
+            if not (local / WEIGHTS_FILE).is_file():
+                raise WeightsError(f"{source}: a folder without {WEIGHTS_FILE} (model.source); {SOURCE_FIX}")
             source = str(local / WEIGHTS_FILE)
+        elif local is not None and not local.is_file():
+            raise WeightsError(f"{source}: no such file (model.source); {SOURCE_FIX}")
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch.") as tmp:
-            file = retrieve(source, Path(tmp), timeout=60, retries=3, deadline=3 * 3600)  # up to 6 GB
+            file = retrieve(source, Path(tmp), HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline")
             with atomic_path(dest) as out:
                 shutil.copyfile(file, out)
         return redact(source)
-    return _hub_download(HF_REPOS[name], revision, dest, endpoint)
+    return _hub_download(HF_REPOS[name], revision, dest, endpoint, deadline, offline)
 
 
-def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None) -> str:
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None, deadline: float, offline: str) -> str:
+    """The Hub's file through the project's bounded downloader: the Hub's own download waits
+    per read only, so a server trickling bytes could hold it for hours."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import RevisionNotFoundError
+    from huggingface_hub.utils import build_hf_headers
 
-    # Downloads resume from this folder (kept out of git and DVC) if interrupted.
-    staging = dest.parent / ".hf-download"
-    where = f"{endpoint or os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}/{repo_id}"
+    from .download import redact, redact_text, retrieve
+
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    where = f"{redact(endpoint)}/{repo_id}"
     try:
-        # The download turns connection failures into LocalEntryNotFoundError, so it goes first.
-        path = hf_hub_download(repo_id, WEIGHTS_FILE, revision=revision, local_dir=staging, endpoint=endpoint)
+        # One request, bounded by its timeout: the commit the revision names now, and the file's SHA-256.
         metadata = get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_FILE, revision=revision, endpoint=endpoint))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        reason = str(exc).splitlines()[0]
+    except RevisionNotFoundError:
         raise WeightsError(
-            f"{where}: could not download {WEIGHTS_FILE} ({reason}). Offline? Set model.source to a local "
-            "model.safetensors, HF_ENDPOINT to a mirror, or model.weights to random"
+            f"{where}: no revision '{revision}' (model.revision); give a branch, tag or commit of the repository, "
+            "e.g. main"
         ) from None
-    expected = (metadata.etag or "").strip('"')
-    if re.fullmatch(r"[0-9a-f]{64}", expected):
-        actual = sha256_file(path)
-        if actual != expected:
-            Path(path).unlink()
-            raise WeightsError(f"{where}: {WEIGHTS_FILE} has SHA-256 {actual}, the Hub says {expected}; fetch again")
-    os.replace(path, dest)
-    shutil.rmtree(staging, ignore_errors=True)
-    return f"{where}@{metadata.commit_hash or revision}"
+    except Exception as exc:  # the Hub's errors, and its HTTP client's (requests, httpx or httpx2 by version)
+        reason = redact_text((str(exc).splitlines() or [""])[0]) or type(exc).__name__
+        raise WeightsError(f"{where}: could not download {WEIGHTS_FILE} ({reason}). {offline}") from None
+    commit = metadata.commit_hash or revision  # the file as of that commit, even if the branch moves meanwhile
+    url = hf_hub_url(repo_id, WEIGHTS_FILE, revision=commit, endpoint=endpoint)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch.") as tmp:
+        try:
+            headers = build_hf_headers()  # HF_TOKEN's, where set: a private mirror may ask for it
+            path = retrieve(url, Path(tmp), HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline", headers)
+        except DownloadError as exc:
+            raise WeightsError(f"{where}: could not download {WEIGHTS_FILE} ({exc}). {offline}") from None
+        expected = (metadata.etag or "").strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", expected):
+            actual = sha256_file(path)
+            if actual != expected:
+                raise WeightsError(
+                    f"{where}: {WEIGHTS_FILE} has SHA-256 {actual}, the Hub says {expected}; fetch again"
+                )
+        os.replace(path, dest)
+    return f"{where}@{commit}"
