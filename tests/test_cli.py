@@ -88,7 +88,7 @@ def test_file_that_is_a_folder_and_output_without_folder_are_named_before_loadin
 
 def write_classifier_config(folder, weights: str = "random") -> None:
     from gpt2_classifier.classifier import ClassifierConfig
-    from gpt2_classifier.model import GPTConfig
+    from gpt2_classifier.config import GPTConfig
     from gpt2_classifier.weights import BaseIdentity
 
     base = BaseIdentity(name="gpt2-small", weights=weights, sha256="0" * 64, revision="main", seed=1)
@@ -164,7 +164,7 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_training(tmp_pat
     """Each epoch drops the last partial batch, so no step would run."""
     from gpt2_classifier.errors import PipelineError
     from gpt2_classifier.finetune import finetune
-    from gpt2_classifier.model import GPTConfig
+    from gpt2_classifier.config import GPTConfig
     from gpt2_classifier.params import parse_params
 
     monkeypatch.chdir(tmp_path)
