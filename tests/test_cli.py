@@ -162,9 +162,9 @@ def test_a_tracking_server_that_is_down_is_named_without_credentials(monkeypatch
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_training(tmp_path, monkeypatch):
     """Each epoch drops the last partial batch, so no step would run."""
+    from gpt2_classifier.config import GPTConfig
     from gpt2_classifier.errors import PipelineError
     from gpt2_classifier.finetune import finetune
-    from gpt2_classifier.config import GPTConfig
     from gpt2_classifier.params import parse_params
 
     monkeypatch.chdir(tmp_path)

@@ -34,6 +34,15 @@ def set_param(project, section, key, value):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def heavy_imports(project, script: str) -> dict[str, bool]:
+    """Whether running stages/<script>.py (to its end) imported torch or pandas."""
+    code = ("import atexit, runpy, sys; atexit.register(lambda: print('IMPORTED', 'torch' in sys.modules, "
+            "'pandas' in sys.modules)); runpy.run_path(sys.argv[1], run_name='__main__')")  # fmt: skip
+    out = run(["python", "-c", code, f"stages/{script}.py"], project).stdout
+    torch, pandas = next(line for line in out.splitlines() if line.startswith("IMPORTED")).split()[1:]
+    return {"torch": torch == "True", "pandas": pandas == "True"}
+
+
 def repro(project, *args) -> list[str]:
     return stages_run(run(["dvc", "repro", *args], project).stdout)
 
@@ -58,10 +67,17 @@ def test_full_pipeline_caches_and_reruns_only_what_changed(tmp_path, made_data):
     assert repro(project, "--force", "--single-item", "finetune") == ["finetune"]  # same params, same weights
     assert digest(project / "models/classifier/model.safetensors") == model_digest
 
-    set_param(project, "evaluate", "batch_size", 7)
+    metrics_code = project / "src/gpt2_classifier/metrics.py"
+    metrics_code.write_text(metrics_code.read_text() + "\n# an edit\n")
     assert repro(project) == ["evaluate"]
     set_param(project, "split", "seed", 5)
     assert repro(project) == ["split", "pad-encode", "finetune", "evaluate"]
+    # Last, as they rewrite outputs outside DVC. Lean stages: only fetch-weights (random weights) and finetune
+    # import torch; the data stages not pandas either (evaluate's MLflow does).
+    for script in ("download", "balance", "split", "pad_encode"):
+        assert heavy_imports(project, script) == {"torch": False, "pandas": False}, script
+    assert not heavy_imports(project, "evaluate")["torch"]
+    assert heavy_imports(project, "finetune")["torch"]  # the check can see an import
 
 
 def test_failed_stage_reports_one_line_and_commits_nothing(tmp_path, made_data):

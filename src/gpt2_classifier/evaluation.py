@@ -1,37 +1,26 @@
-"""The evaluate stage's work: the classifier on the full splits (accuracy, precision, recall, F1),
-the test set's confusion matrix and ROC, written for DVC and logged to finetune's MLflow run and model."""
+"""The evaluate stage's work: from the classifier's predictions on the full splits (finetune writes
+them, with the model in memory), accuracy, precision, recall and F1, and the test set's confusion
+matrix and ROC, written for DVC and logged to finetune's MLflow run and model. No torch here."""
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from .classifier import load_classifier
 from .data import SPLITS
-from .encode import load_splits
-from .fast import iter_inputs
 from .files import write_json, write_rows
 from .metrics import classification_report, confusion_matrix, roc_auc, roc_curve
 from .params import Params
-from .paths import BASE, CLASSIFIER, ENCODED, EVAL_REPORTS, METRICS, RUN_FILE
+from .paths import EVAL_REPORTS, METRICS, PREDICTIONS, RUN_FILE
 from .plots import plot_confusion
+from .predictions import Predictions, read_predictions
 from .tracking import continue_run
-from .train import pick_device, predict_proba
-from .weights import WEIGHTS_FILE
 
 
 def evaluate(params: Params) -> dict[str, dict[str, float]]:
     with continue_run(params.mlflow, RUN_FILE) as (tracker, record):
-        device = pick_device(params.finetune.device)
-        model, config = load_classifier(CLASSIFIER, BASE / WEIGHTS_FILE, device=str(device))
-        splits = load_splits(ENCODED)
-        inputs = iter_inputs(
-            model, splits, config.pool, config.trainable_blocks, device, params.finetune.cache_dir(),
-            config.causal_mask, config.unpadded, release=True, precision=config.precision,
-            base_sha256=config.base.sha256,
-        )  # fmt: skip
-        probs = {name: predict_proba(model, split, params.evaluate.batch_size) for name, split in inputs}
-        metrics = {name: classification_report(splits[name].labels, probs[name]) for name in SPLITS}
-        test_auc = write_test_reports(splits["test"].labels, probs["test"], config.labels)
+        predictions = {name: read_predictions(PREDICTIONS / f"{name}.csv") for name in SPLITS}
+        metrics = {name: classification_report(p.labels, p.probs) for name, p in predictions.items()}
+        test_auc = write_test_reports(predictions["test"])
         if test_auc is not None:
             metrics["test"]["roc_auc"] = test_auc
         write_json(METRICS, metrics)
@@ -49,16 +38,17 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
     return metrics
 
 
-def write_test_reports(labels: torch.Tensor, probs: torch.Tensor, names: list[str]) -> float | None:
+def write_test_reports(test: Predictions) -> float | None:
     """The test set's predictions (confusion.csv, for dvc plots), confusion matrix (PNG) and ROC
     (roc.csv: of the positive class for two labels, one-vs-rest per label for more). Returns the
     ROC AUC for two labels."""
+    labels, probs, names = test.labels, test.probs, test.classes
     predicted = probs.argmax(1)
     EVAL_REPORTS.mkdir(parents=True, exist_ok=True)
     pairs = zip(labels.tolist(), predicted.tolist(), strict=True)
     write_rows(EVAL_REPORTS / "confusion.csv", [{"actual": names[a], "predicted": names[p]} for a, p in pairs])
     plot_confusion(confusion_matrix(labels, predicted, len(names)).tolist(), names, EVAL_REPORTS / "confusion.png")
     positives = [1] if len(names) == 2 else range(len(names))
-    curves = {c: roc_curve((labels == c).long(), probs[:, c]) for c in positives}
+    curves = {c: roc_curve((labels == c).astype(np.int64), probs[:, c]) for c in positives}
     write_rows(EVAL_REPORTS / "roc.csv", [{"class": names[c], **p} for c, points in curves.items() for p in points])
     return roc_auc(curves[1]) if len(names) == 2 else None

@@ -18,16 +18,18 @@ from .data import SPLITS
 from .encode import EncodingInfo, load_splits
 from .errors import PipelineError
 from .fast import build_inputs
-from .files import write_json, write_rows
+from .files import atomic_dir, write_json, write_rows
 from .lineage import flatten
 from .params import FinetuneParams, Params, parse_params
-from .paths import BASE, CLASSIFIER, ENCODED, RUN_FILE, SPLIT_DIR, TRAIN_REPORTS
+from .paths import BASE, CLASSIFIER, ENCODED, PREDICTIONS, RUN_FILE, SPLIT_DIR, TRAIN_REPORTS
+from .predictions import Predictions, write_predictions
 from .tracking import Tracker, finetune_run, run_tags
-from .train import History, Trainer, TrainSettings, pick_device
+from .train import History, Inputs, Trainer, TrainSettings, pick_device, predict_proba
 from .weights import WEIGHTS_FILE, BaseConfig
 
 STEP_METRICS = ("train_loss", "val_loss", "examples_seen")  # every eval_freq steps
 EPOCH_METRICS = ("train_accuracy_estimate", "val_accuracy_estimate", "examples_seen", "epoch")
+PREDICT_BATCH = 64  # rows per forward pass when predicting (the results do not depend on it)
 REPORT_FILES = ("loss.csv", "accuracy.csv", "summary.json")
 
 
@@ -78,10 +80,9 @@ def finetune(params: Params) -> History:
         print(f"finetune: {trained} on {device}, {trainable:,} trainable parameters, "
               f"{meta.splits['train'].messages} examples, {f.epochs} epochs")  # fmt: skip
 
-        splits = load_splits(ENCODED)
-        training = {name: splits[name] for name in ("train", "validation")}  # evaluate reads test
+        splits = load_splits(ENCODED)  # test too: its prefix is computed with the others, never trained on
         inputs = build_inputs(
-            model, training, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, meta.unpadded,
+            model, splits, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, meta.unpadded,
             release=True, precision=f.precision, base_sha256=base.sha256,
         )  # fmt: skip
         trainer = Trainer(model, inputs["train"], inputs["validation"], settings, device)
@@ -93,13 +94,14 @@ def finetune(params: Params) -> History:
             base=base.identity(), gpt=cfg, lora=lora_spec(model), precision=f.precision,
         )  # fmt: skip
         save_classifier(model, CLASSIFIER, config)
+        write_all_predictions(model, inputs, meta.labels)
         summary = write_reports(history, trainable)
         final_step = trainer.step
         speed = {"train_seconds": summary["seconds"], "examples_per_second": summary["examples_per_second"]}
         tracker.log_metrics(speed, step=final_step)
         tracker.log_artifacts([TRAIN_REPORTS / name for name in REPORT_FILES] + [Path("params.yaml")], "finetune")
         tracker.log_lineage("finetune", inputs={"splits": SPLIT_DIR, "encoded": ENCODED, "base": BASE},
-                            outputs={"model": CLASSIFIER})  # fmt: skip
+                            outputs={"model": CLASSIFIER, "predictions": PREDICTIONS})  # fmt: skip
         del trainer, inputs, model  # logging the model loads it again: free the training copy first
         gc.collect()
         tracker.log_classifier(CLASSIFIER, f"{trained}-classifier", final_step, {"architecture": trained})
@@ -135,6 +137,15 @@ def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: 
     )
     saved.unlink(missing_ok=True)
     return history
+
+
+def write_all_predictions(model: torch.nn.Module, inputs: dict[str, Inputs], classes: list[str]) -> None:
+    """The trained classifier's probabilities on every full split, for evaluate (reports/predictions/)."""
+    with atomic_dir(PREDICTIONS) as tmp:
+        for name in SPLITS:
+            probs = predict_proba(model, inputs[name], PREDICT_BATCH).numpy()
+            labels = inputs[name].labels.numpy()
+            write_predictions(tmp / f"{name}.csv", Predictions(classes, labels, probs))
 
 
 def write_reports(history: History, trainable: int) -> dict:

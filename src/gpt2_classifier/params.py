@@ -143,10 +143,6 @@ class FinetuneParams(Section):
         return project_root() / CHECKPOINTS
 
 
-class EvaluateParams(Section):
-    batch_size: int = Field(32, ge=1)
-
-
 class MlflowParams(Section):
     enabled: bool = True
     experiment_name: str = Field("gpt2-classifier", max_length=500)  # MLflow's longest
@@ -179,7 +175,6 @@ class Params(Section):
     pad_encode: PadEncodeParams = PadEncodeParams()
     model: ModelParams = ModelParams()
     finetune: FinetuneParams = FinetuneParams()
-    evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
 
     @model_validator(mode="after")

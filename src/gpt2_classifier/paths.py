@@ -12,6 +12,7 @@ BASE = Path("models/base")  # fetch-weights: model.safetensors, config.json
 CLASSIFIER = Path("models/classifier")  # finetune: model.safetensors, config.json
 TRAIN_REPORTS = Path("reports/train")  # finetune: curves, summary.json
 RUN_FILE = TRAIN_REPORTS / "mlflow_run.json"  # finetune -> evaluate: the MLflow run to continue
+PREDICTIONS = Path("reports/predictions")  # finetune: {split}.csv, the classifier's probabilities
 METRICS = Path("reports/metrics.json")  # evaluate
 EVAL_REPORTS = Path("reports/eval")  # evaluate: confusion matrix, ROC
 
