@@ -22,7 +22,8 @@ from gpt2_classifier.classifier import ClassifierConfig, build_classifier, save_
 from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.files import sha256_file
 from gpt2_classifier.predict import TextClassifier
-from gpt2_classifier.weights import BaseIdentity, random_model, save_hf
+from gpt2_classifier.pretrained import BaseIdentity
+from gpt2_classifier.weights import random_model, save_hf
 
 MESSAGES = [
     "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121 to receive entry",

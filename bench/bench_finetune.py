@@ -134,8 +134,8 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     from gpt2_classifier.fast import build_inputs, iter_inputs
     from gpt2_classifier.files import sha256_file
     from gpt2_classifier.metrics import classification_report
+    from gpt2_classifier.pretrained import BaseIdentity
     from gpt2_classifier.train import Trainer, TrainSettings, predict_proba
-    from gpt2_classifier.weights import BaseIdentity
 
     start = time.perf_counter()
     model, splits = load(folder)

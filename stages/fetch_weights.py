@@ -3,16 +3,8 @@
 from gpt2_classifier.files import atomic_dir, sha256_file, write_json
 from gpt2_classifier.params import Params
 from gpt2_classifier.paths import BASE
+from gpt2_classifier.pretrained import CONFIG_FILE, REFETCH, WEIGHTS_FILE, check_checkpoint, fetch_pretrained
 from gpt2_classifier.stage import run_stage
-from gpt2_classifier.weights import (
-    CONFIG_FILE,
-    REFETCH,
-    WEIGHTS_FILE,
-    check_checkpoint,
-    fetch_pretrained,
-    random_model,
-    save_hf,
-)
 
 
 def main(params: Params) -> None:
@@ -21,6 +13,8 @@ def main(params: Params) -> None:
     with atomic_dir(BASE) as tmp:
         weights = tmp / WEIGHTS_FILE
         if m.weights == "random":
+            from gpt2_classifier.weights import random_model, save_hf  # torch: for random weights only
+
             save_hf(random_model(cfg, m.seed), weights)
             source = f"random (seed {m.seed})"
         else:

@@ -18,8 +18,9 @@ from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.encode import EncodedSplit
 from gpt2_classifier.errors import WeightsError
 from gpt2_classifier.files import sha256_file
+from gpt2_classifier.pretrained import BaseIdentity
 from gpt2_classifier.train import FullForward, Trainer, TrainSettings, index_batches, predict_proba
-from gpt2_classifier.weights import BaseIdentity, random_model, save_hf
+from gpt2_classifier.weights import random_model, save_hf
 
 CFG = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32)
 PAD = 50256

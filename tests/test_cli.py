@@ -89,7 +89,7 @@ def test_file_that_is_a_folder_and_output_without_folder_are_named_before_loadin
 def write_classifier_config(folder, weights: str = "random") -> None:
     from gpt2_classifier.classifier import ClassifierConfig
     from gpt2_classifier.config import GPTConfig
-    from gpt2_classifier.weights import BaseIdentity
+    from gpt2_classifier.pretrained import BaseIdentity
 
     base = BaseIdentity(name="gpt2-small", weights=weights, sha256="0" * 64, revision="main", seed=1)
     config = ClassifierConfig(labels=["ham", "spam"], pool="last", max_length=8, pad_id=50256, padding="fixed",

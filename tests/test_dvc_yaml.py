@@ -61,7 +61,7 @@ def test_the_closure_follows_imports_inside_functions():
     # tracking imports mlflow_model only where a model is logged; the closure must still see it
     assert f"src/{PACKAGE}/mlflow_model.py" in closure(PROJECT / "stages" / "finetune.py")
     assert f"src/{PACKAGE}/tensorfile.py" in closure(PROJECT / "stages" / "fetch_weights.py")
-    assert f"src/{PACKAGE}/weights.py" in closure(PROJECT / "stages" / "evaluate.py")
+    assert f"src/{PACKAGE}/weights.py" in closure(PROJECT / "stages" / "fetch_weights.py")
     assert f"src/{PACKAGE}/pyfunc_entry.py" in closure(PROJECT / "stages" / "finetune.py")  # run by file name
 
 

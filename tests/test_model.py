@@ -6,7 +6,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2_classifier.config import PRESETS, GPTConfig
 from gpt2_classifier.model import GPTModel
-from gpt2_classifier.weights import _expected_shapes, load_model
+from gpt2_classifier.pretrained import _expected_shapes
+from gpt2_classifier.weights import load_model
 
 
 def transformers_checkpoint(folder, cfg: GPTConfig, seed: int = 0):

@@ -17,7 +17,8 @@ from .errors import WeightsError
 from .files import atomic_path, read_validated, sha256_file, write_json
 from .lora import LinearWithLoRA, add_lora, merge_lora
 from .model import GPTModel
-from .weights import CONFIG_FILE, WEIGHTS_FILE, BaseConfig, BaseIdentity, load_model
+from .pretrained import CONFIG_FILE, WEIGHTS_FILE, BaseConfig, BaseIdentity
+from .weights import load_model
 
 POOLS = ("last", "first", "flexible", "mean")
 

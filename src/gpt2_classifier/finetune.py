@@ -23,9 +23,9 @@ from .lineage import flatten
 from .params import FinetuneParams, Params, parse_params
 from .paths import BASE, CLASSIFIER, ENCODED, PREDICTIONS, RUN_FILE, SPLIT_DIR, TRAIN_REPORTS
 from .predictions import Predictions, write_predictions
+from .pretrained import WEIGHTS_FILE, BaseConfig
 from .tracking import Tracker, finetune_run, run_tags
 from .train import History, Inputs, Trainer, TrainSettings, pick_device, predict_proba
-from .weights import WEIGHTS_FILE, BaseConfig
 
 STEP_METRICS = ("train_loss", "val_loss", "examples_seen")  # every eval_freq steps
 EPOCH_METRICS = ("train_accuracy_estimate", "val_accuracy_estimate", "examples_seen", "epoch")

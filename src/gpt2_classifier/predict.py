@@ -13,8 +13,9 @@ from .encode import pad, tokenize
 from .errors import WeightsError
 from .params import ModelParams
 from .paths import BASE
+from .pretrained import WEIGHTS_FILE, fetch_pretrained
 from .train import FullForward, predict_proba
-from .weights import WEIGHTS_FILE, fetch_pretrained, random_model, save_hf
+from .weights import random_model, save_hf
 
 OFFLINE = (
     "Offline? Give the base weights file: classify --base, or GPT2_CLASSIFIER_BASE; or set HF_ENDPOINT to a mirror"
