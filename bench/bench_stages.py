@@ -1,9 +1,12 @@
 """Time the seven stages, each as its own `python stages/<name>.py` process, cold, one after another,
 beside `import torch` and (with --plain) a book-style script doing the same job in one process.
 
-    python bench/bench_stages.py                        # tiny model, 1 epoch, MLflow on, + a cold `dvc repro`
+    python bench/bench_stages.py      # tiny model (random weights), 1 epoch, MLflow on, + a cold `dvc repro`
     python bench/bench_stages.py --model gpt2-small --plain --no-mlflow --device cuda \\
         --variant float32: --variant bfloat16:finetune.precision=bfloat16    # the GPU run of issue 15
+
+GPT-2 sizes run the reference recipe on "pretrained" weights read from a local file (model.source):
+seeded random weights in the published layout, made before the timings (nothing can be downloaded here).
 
 Every variant runs in a fresh copy of the pipeline (empty caches), on the real data when
 ../shared/data/sms-spam-collection/ is there (or --data), else on made-up messages. The stages
@@ -53,6 +56,17 @@ def made_up_zip(folder: Path) -> Path:
     return path
 
 
+def published_checkpoint(folder: Path, model: str) -> Path:
+    """Seeded random GPT-2 weights in the published layout: what fetch-weights reads as pretrained
+    weights from model.source (the real ones cannot be downloaded here); made before any timing."""
+    from gpt2_classifier.config import PRESETS, GPTConfig
+    from gpt2_classifier.weights import random_model, save_hf
+
+    path = folder / f"{model}.safetensors"
+    save_hf(random_model(GPTConfig(**PRESETS[model]), SEED), path)
+    return path
+
+
 def make_project(dest: Path, data: Path, args: argparse.Namespace, overrides: list[str]) -> Path:
     dest.mkdir(parents=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
@@ -61,11 +75,10 @@ def make_project(dest: Path, data: Path, args: argparse.Namespace, overrides: li
         shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(url=str(data), mirrors=[], sha256=None)
-    params["model"].update(weights="random")
     if args.model == "tiny":
-        params["model"]["config"] = dict(TINY)
-    else:
-        params["model"]["name"] = args.model
+        params["model"].update(weights="random", config=dict(TINY))
+    else:  # the reference recipe: pretrained weights, from a local file
+        params["model"].update(name=args.model, weights="pretrained", source=str(args.checkpoint))
     params["finetune"].update(epochs=args.epochs, device=args.device)
     params["mlflow"]["enabled"] = args.mlflow
     for item in overrides:
@@ -249,6 +262,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
         tmp = Path(tmp)
         data = (args.data or (SHARED_ZIP if SHARED_ZIP.is_file() else made_up_zip(tmp))).resolve()
+        sys.path.insert(0, str(ROOT / "src"))
+        args.checkpoint = None if args.model == "tiny" else published_checkpoint(tmp, args.model)
         results["import_torch"], _ = timed([sys.executable, "-c", "import torch"], tmp, dict(os.environ))
         import torch
 
