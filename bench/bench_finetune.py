@@ -129,7 +129,7 @@ def plain_loop(folder: Path, epochs: int) -> dict:
 
 
 def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
-    """What the finetune and evaluate stages run, with the classifier saved and reloaded between them."""
+    """The project's training and prediction code, with the classifier saved and reloaded before predicting."""
     from gpt2_classifier.classifier import ClassifierConfig, load_classifier, save_classifier
     from gpt2_classifier.fast import build_inputs, iter_inputs
     from gpt2_classifier.files import sha256_file
@@ -153,7 +153,7 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     del model, inputs
     model, config = load_classifier(cache_dir.parent / "classifier", folder / "model.safetensors")  # evaluate
     accuracy = {
-        name: classification_report(splits[name].labels, predict_proba(model, inputs, 32))["accuracy"]
+        name: classification_report(splits[name].labels.numpy(), predict_proba(model, inputs, 32).numpy())["accuracy"]
         for name, inputs in iter_inputs(model, splits, config.pool, 1, "cpu", cache_dir, release=True)
     }
     seconds = time.perf_counter() - start

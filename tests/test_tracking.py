@@ -65,7 +65,8 @@ def lineage_matches_dvc_lock(run, project) -> None:
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     locked = {entry["path"]: entry["md5"] for stage in lock.values() for entry in stage.get("outs", [])}
     names = {"input.splits": "data/split", "input.encoded": "data/encoded", "input.base": "models/base",
-             "output.model": "models/classifier", "output.metrics": "reports/metrics.json"}  # fmt: skip
+             "output.model": "models/classifier", "output.predictions": "reports/predictions",
+             "output.metrics": "reports/metrics.json"}  # fmt: skip
     recorded = {k: v for k, v in run.data.tags.items() if k.startswith(("input.", "output."))}
     assert set(recorded) == set(names)
     for name, path in names.items():
