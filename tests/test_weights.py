@@ -233,3 +233,26 @@ def test_fetch_weights_errors_name_the_users_source(tmp_path, checkpoint):
         assert line.endswith("point model.source at GPT-2 weights in safetensors"), line
         assert ".tmp" not in line and ".fetch." not in line  # never a temporary path
         assert not (tmp_path / "models" / "base").exists()
+
+
+def test_a_hub_that_trickles_its_headers_is_stopped_at_the_deadline(server, tmp_path):
+    # The Hub's client bounds each read of its metadata request, not the whole answer: headers sent a byte
+    # every 0.1 s would hold it as long as the server likes. model.deadline bounds it too.
+    def headers_forever(handler):
+        try:
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(100):
+                handler.wfile.write(b"X")
+                handler.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass  # the client gave up
+
+    server.routes[REPO_PATH] = headers_forever
+    start = time.monotonic()
+    with pytest.raises(WeightsError) as info:
+        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint=server.url, deadline=1.5)
+    assert time.monotonic() - start < 4  # not the 10 s the trickle lasts
+    message = str(info.value)
+    assert message.startswith(f"{server.url}/openai-community/gpt2: could not download") and "model.deadline" in message
+    assert not (tmp_path / "model.safetensors").exists()

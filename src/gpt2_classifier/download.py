@@ -12,9 +12,12 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
@@ -25,6 +28,8 @@ from tqdm.auto import tqdm
 
 from .errors import DownloadError, PipelineError
 from .files import atomic_path, sha256_file
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 ZIP_MAGIC = b"PK\x03\x04"
@@ -95,13 +100,20 @@ def _bounded_downloader(timeout: float, deadline: float, headers: dict[str, str]
 
 
 def _http_get(
-    url: str, folder: Path, timeout: float, retries: int, deadline: float, setting: str, headers: dict[str, str] | None
+    url: str,
+    folder: Path,
+    timeout: float,
+    retries: int,
+    deadline: float,
+    setting: str,
+    headers: dict[str, str] | None,
+    started: float | None,
 ) -> Path:
     pooch.get_logger().setLevel(logging.WARNING)  # its INFO lines print the URL, credentials included
     fetcher = pooch.create(
         path=folder, base_url="", registry={"download": None}, urls={"download": url}, retry_if_failed=retries
     )
-    downloader = _bounded_downloader(timeout, time.monotonic() + deadline, headers)
+    downloader = _bounded_downloader(timeout, (started or time.monotonic()) + deadline, headers)
     try:
         return Path(fetcher.fetch("download", downloader=downloader))
     except _PastDeadline:
@@ -117,6 +129,29 @@ def _http_get(
         raise DownloadError(f"{redact(url)}: {reason} after {retries + 1} attempts (offline?)") from None
 
 
+def call_within(seconds: float, call: Callable[[], T], what: str, setting: str) -> T:
+    """`call()`, given up after `seconds` in all: for a client that bounds each read but not the
+    whole answer (a server sending its headers a byte at a time). It runs on a daemon thread,
+    which is left behind when it overruns; the stage ends soon after with the error."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller below
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name=f"within {seconds:g} s", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise DownloadError(f"{what}: no complete answer within {seconds:g} s ({setting}); try again later or raise it")
+    done, value = outcome[0]
+    if not done:
+        raise value
+    return value
+
+
 def retrieve(
     source: str,
     folder: Path,
@@ -125,13 +160,15 @@ def retrieve(
     deadline: float,
     setting: str,
     headers: dict[str, str] | None = None,
+    started: float | None = None,
 ) -> Path:
     """A local file holding the source's bytes (the source itself when it is local); a download
-    takes at most `deadline` seconds in all (errors name the param `setting` that sets it). `headers`
+    takes at most `deadline` seconds in all, counted from `started` (a time.monotonic() reading)
+    where earlier requests count too (errors name the param `setting` that sets it). `headers`
     go with the request (requests drops Authorization on a redirect to another host)."""
     path = local_path(source)
     if path is None:
-        return _http_get(source, folder, timeout, retries, deadline, setting, headers)
+        return _http_get(source, folder, timeout, retries, deadline, setting, headers, started)
     if path.is_dir():
         raise DownloadError(f"{path}: a folder; give the zip or the data file itself")
     if not path.is_file():

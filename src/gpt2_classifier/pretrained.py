@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -174,13 +175,16 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None,
     from huggingface_hub.errors import RevisionNotFoundError
     from huggingface_hub.utils import build_hf_headers
 
-    from .download import redact, redact_text, retrieve
+    from .download import call_within, redact, redact_text, retrieve
 
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     where = f"{redact(endpoint)}/{repo_id}"
+    start = time.monotonic()
     try:
-        # One request, bounded by its timeout: the commit the revision names now, and the file's SHA-256.
-        metadata = get_hf_file_metadata(hf_hub_url(repo_id, WEIGHTS_FILE, revision=revision, endpoint=endpoint))
+        # One request: the commit the revision names now, and the file's SHA-256. The Hub's client bounds each
+        # read of it; the whole answer counts against model.deadline too.
+        url = hf_hub_url(repo_id, WEIGHTS_FILE, revision=revision, endpoint=endpoint)
+        metadata = call_within(deadline, lambda: get_hf_file_metadata(url), "the Hub's metadata", "model.deadline")
     except RevisionNotFoundError:
         raise WeightsError(
             f"{where}: no revision '{revision}' (model.revision); give a branch, tag or commit of the repository, "
@@ -194,7 +198,7 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None,
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch.") as tmp:
         try:
             headers = build_hf_headers()  # HF_TOKEN's, where set: a private mirror may ask for it
-            path = retrieve(url, Path(tmp), HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline", headers)
+            path = retrieve(url, Path(tmp), HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline", headers, start)
         except DownloadError as exc:
             raise WeightsError(f"{where}: could not download {WEIGHTS_FILE} ({exc}). {offline}") from None
         expected = (metadata.etag or "").strip('"')
