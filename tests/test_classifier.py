@@ -199,3 +199,27 @@ def test_a_bfloat16_classifier_classifies_in_bfloat16(tmp_path):
         probs[precision] = TextClassifier.from_folder(tmp_path / precision, base).predict_proba(texts)
     gap = (probs["float32"] - probs["bfloat16"]).abs().max().item()
     assert 0 < gap < 0.05
+
+
+@pytest.mark.parametrize("pool", ["last", "flexible"])
+def test_classify_takes_the_fast_path_in_groups_and_equals_the_full_forward(tmp_path, monkeypatch, pool):
+    from gpt2_classifier import predict
+    from gpt2_classifier.encode import pad, tokenize
+    from gpt2_classifier.fast import PrefixForward
+
+    model, _ = fit(epochs=1)
+    base = tmp_path / "base" / "model.safetensors"
+    save_hf(random_model(CFG, 0), base)
+    config = config_for(model, sha256_file(base)).model_copy(update={"pool": pool, "max_length": 12})
+    save_classifier(model, tmp_path / "clf", config)
+    texts = ["WIN a prize now", "see you at home later tonight", "ok", "call 0800 now to claim", "fine thanks"]
+    split = pad(tokenize(texts), [0] * len(texts), 12, PAD).tensors()
+    expected = predict_proba(model, FullForward(model, split, pool, "cpu"), 2)  # the whole model on every batch
+
+    taken = []
+    real_iter_inputs = predict.iter_inputs
+    monkeypatch.setattr(predict, "iter_inputs", lambda *a, **k: taken.append(r := list(real_iter_inputs(*a, **k))) or r)
+    monkeypatch.setattr(predict, "GROUP", 2)  # 5 messages: groups of 2, 2 and 1, put back in order
+    probs = predict.TextClassifier.from_folder(tmp_path / "clf", base).predict_proba(texts, batch_size=3)
+    assert len(taken) == 3 and all(isinstance(inputs, PrefixForward) for ((_, inputs),) in taken)
+    assert (probs - expected).abs().max() < 1e-5

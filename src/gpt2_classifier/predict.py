@@ -7,16 +7,19 @@ import os
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .classifier import ClassifierConfig, base_weights_for, load_classifier, read_classifier_config
 from .encode import pad, tokenize
 from .errors import WeightsError
+from .fast import iter_inputs
 from .params import ModelParams
 from .paths import BASE
 from .pretrained import WEIGHTS_FILE, fetch_pretrained
-from .train import FullForward, predict_proba
+from .train import predict_proba
 from .weights import random_model, save_hf
 
+GROUP = 512  # messages classified together (their prefix is held in memory at once)
 OFFLINE = (
     "Offline? Give the base weights file: classify --base, or GPT2_CLASSIFIER_BASE; or set HF_ENDPOINT to a mirror"
 )
@@ -42,11 +45,22 @@ class TextClassifier:
         return cls(model, config, device)
 
     def predict_proba(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """(len(texts), classes) probabilities."""
+        """(len(texts), classes) probabilities, through the fast path where it applies, as training
+        ran: the frozen blocks on the positions the classifier can see (the real tokens, where it reads
+        the last of them), packed; the last block at the read position only. Messages go GROUP at a
+        time, which bounds the memory a long file takes."""
         c = self.config
-        split = pad(tokenize(list(texts)), [0] * len(texts), self.max_length, c.pad_id).tensors()
-        inputs = FullForward(self.model, split, c.pool, self.device, c.causal_mask, c.unpadded, c.precision)
-        return predict_proba(self.model, inputs, batch_size, progress=progress)
+        probs = [torch.empty(0, len(self.labels))]
+        bar = tqdm(total=len(texts), unit="message", disable=not progress, desc="classify")
+        for start in range(0, len(texts), GROUP):
+            group = list(texts[start : start + GROUP])
+            split = pad(tokenize(group), [0] * len(group), self.max_length, c.pad_id).tensors()
+            ((_, inputs),) = iter_inputs(self.model, {"group": split}, c.pool, c.trainable_blocks, self.device,
+                                         causal=c.causal_mask, unpadded=c.unpadded, precision=c.precision)  # fmt: skip
+            probs.append(predict_proba(self.model, inputs, batch_size))
+            bar.update(len(group))
+        bar.close()
+        return torch.cat(probs)
 
     def predict(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[dict]:
         """Per message: the label and the probability of every label."""
