@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,6 +90,18 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "SMSSpamCollection").is_file():
         pytest.skip(f"real data not available: {SHARED_DATA} is absent (only on the project's machines)")
     return SHARED_DATA
+
+
+def send_slowly(handler: http.server.BaseHTTPRequestHandler, data: bytes, pause: float = 0.1) -> None:
+    """Write `data` a byte at a time, `pause` seconds apart: each read of it returns in time, the
+    whole takes as long as the server likes. Stops quietly when the client gives up."""
+    try:
+        for byte in data:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(pause)
+    except OSError:
+        pass
 
 
 def make_messages(n_ham: int = 60, n_spam: int = 20, seed: int = 0) -> bytes:

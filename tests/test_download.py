@@ -4,7 +4,7 @@ import sys
 import zipfile
 
 import pytest
-from conftest import PROJECT, make_messages, zip_bytes
+from conftest import PROJECT, make_messages, send_slowly, zip_bytes
 
 from gpt2_classifier.download import fetch_data_file, redact
 from gpt2_classifier.errors import DownloadError
@@ -173,13 +173,7 @@ def test_a_trickling_server_is_stopped_at_the_deadline(server, tmp_path):
         handler.send_response(200)
         handler.send_header("Content-Length", str(len(ZIP)))
         handler.end_headers()
-        try:
-            for byte in ZIP[:100]:
-                handler.wfile.write(bytes([byte]))
-                handler.wfile.flush()
-                time.sleep(0.1)
-        except OSError:
-            pass  # the client gave up
+        send_slowly(handler, ZIP[:100])
 
     server.routes["/slow.zip"] = trickle
     url = server.url + "/slow.zip"

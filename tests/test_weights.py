@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from conftest import send_slowly
 from test_model import transformers_checkpoint
 
 from gpt2_classifier.config import GPTConfig
@@ -93,13 +94,7 @@ def trickle(body: bytes):
         handler.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
         handler.end_headers()
         if handler.command == "GET":
-            try:
-                for byte in body[:100]:
-                    handler.wfile.write(bytes([byte]))
-                    handler.wfile.flush()
-                    time.sleep(0.1)
-            except OSError:
-                pass  # the client gave up
+            send_slowly(handler, body[:100])
 
     return answer
 
@@ -239,14 +234,7 @@ def test_a_hub_that_trickles_its_headers_is_stopped_at_the_deadline(server, tmp_
     # The Hub's client bounds each read of its metadata request, not the whole answer: headers sent a byte
     # every 0.1 s would hold it as long as the server likes. model.deadline bounds it too.
     def headers_forever(handler):
-        try:
-            handler.wfile.write(b"HTTP/1.1 200 OK\r\n")
-            for _ in range(100):
-                handler.wfile.write(b"X")
-                handler.wfile.flush()
-                time.sleep(0.1)
-        except OSError:
-            pass  # the client gave up
+        send_slowly(handler, b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 100, pause=0.05)
 
     server.routes[REPO_PATH] = headers_forever
     start = time.monotonic()
