@@ -16,8 +16,8 @@ def main(params: Params) -> None:
         for name, split in encoded.items():
             split.save(tmp / f"{name}.safetensors")
         write_json(tmp / META_FILE, meta.model_dump(mode="json"))
-    how = "no padding (stored to" if meta.unpadded else "padded to"
-    print(f"pad-encode: {how} {meta.max_length} tokens; longest training sequence {meta.longest_train}")
+    how = "no padding (stored padded to {} tokens)" if meta.unpadded else "padded to {} tokens"
+    print(f"pad-encode: {how.format(meta.max_length)}; longest training sequence {meta.longest_train}")
 
 
 if __name__ == "__main__":
