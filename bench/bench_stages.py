@@ -97,26 +97,41 @@ def environment(project: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": ""}
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
+# Runs its arguments as a grandchild and prints that one's peak resident memory: a process forked from
+# a big one (this bench, with torch imported) would count the big one's memory (Linux keeps a
+# process's peak across exec), one forked from this small wrapper counts at most the wrapper's.
+PEAK_WRAPPER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print("PEAK_KB", usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str, float]:
+    """Wall seconds, output (stdout and stderr), and the command's own peak resident memory in MiB."""
     start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *cmd], cwd=cwd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return seconds, out.stdout + out.stderr
+    peak_kb = next(line for line in out.stdout.splitlines()[::-1] if line.startswith("PEAK_KB "))
+    return seconds, out.stdout + out.stderr, int(peak_kb.split()[1]) / 1024
 
 
 def run_stages(project: Path, profile: Path | None = None) -> dict:
     """Each stage in its own process; with `profile`, under cProfile, its stats written there."""
-    env, times = environment(project), {}
+    env, times, peaks = environment(project), {}, {}
     for stage in STAGES:
         cmd = [sys.executable, f"stages/{stage}.py"]
         if profile:
             cmd[1:1] = ["-m", "cProfile", "-o", str(profile / f"{stage}.prof")]
-        times[stage], _ = timed(cmd, project, env)
+        times[stage], _, peaks[stage] = timed(cmd, project, env)
     summary = json.loads((project / "reports/train/summary.json").read_text())
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    return {"stages": times, "train_seconds": summary["seconds"], "metrics": metrics}
+    return {"stages": times, "peak_mib": peaks, "train_seconds": summary["seconds"], "metrics": metrics}
 
 
 def plain(folder: Path, data: Path, weights: Path, device: str, epochs: int) -> dict:
@@ -207,7 +222,7 @@ def plain(folder: Path, data: Path, weights: Path, device: str, epochs: int) -> 
 def run_plain(folder: Path, data: Path, weights: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child-plain", str(folder), "--data", str(data), "--weights", str(weights),
            "--device", args.device, "--epochs", str(args.epochs)]  # fmt: skip
-    seconds, output = timed(
+    seconds, output, _ = timed(
         cmd, ROOT, {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     )
     result = json.loads(next(line for line in output.splitlines() if line.startswith("{")))
@@ -220,7 +235,7 @@ def cold_dvc_repro(project: Path) -> float:
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "bench"]):  # fmt: skip
         subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True)
-    seconds, _ = timed(["dvc", "repro", "-q"], project, env)
+    seconds, _, _ = timed(["dvc", "repro", "-q"], project, env)
     return seconds
 
 
@@ -264,7 +279,7 @@ def main() -> None:
         data = (args.data or (SHARED_ZIP if SHARED_ZIP.is_file() else made_up_zip(tmp))).resolve()
         sys.path.insert(0, str(ROOT / "src"))
         args.checkpoint = None if args.model == "tiny" else published_checkpoint(tmp, args.model)
-        results["import_torch"], _ = timed([sys.executable, "-c", "import torch"], tmp, dict(os.environ))
+        results["import_torch"], _, _ = timed([sys.executable, "-c", "import torch"], tmp, dict(os.environ))
         import torch
 
         cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
@@ -311,6 +326,9 @@ def report(results: dict) -> None:
     }
     for label, cell in rows.items():
         print(f"{label:<16}" + "".join(cell(results["variants"][n]) for n in names))
+    print("peak RSS, MiB (each stage's own process)")
+    for stage in STAGES:
+        print(f"{stage:<16}" + "".join(f"{results['variants'][n]['peak_mib'][stage]:>14.0f}" for n in names))
     if "plain" in results:
         p = results["plain"]
         print(f"plain (book-style script): {p['seconds']:.2f} s end to end: {p['prepare_seconds']:.2f} s imports, "
