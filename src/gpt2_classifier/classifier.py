@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import GPTConfig
+from .config import GPTConfig, Precision
 from .errors import WeightsError
 from .files import atomic_path, read_validated, sha256_file, write_json
 from .lora import LinearWithLoRA, add_lora, merge_lora
@@ -45,7 +45,7 @@ class ClassifierConfig(BaseModel):
     base: BaseIdentity  # the base weights, found by their SHA-256 when the classifier loads
     gpt: GPTConfig
     lora: LoraSpec | None
-    precision: Literal["float32", "bfloat16"] = "float32"  # the forward pass's arithmetic (finetune.precision)
+    precision: Precision = "float32"  # the forward pass's arithmetic (finetune.precision)
 
     @property
     def unpadded(self) -> bool:

@@ -1,9 +1,12 @@
-"""GPT-2's architecture as a small dataclass, and the four published sizes (no torch here:
-the data stages validate params.yaml, which names the model, without importing it)."""
+"""GPT-2's architecture as a small dataclass, the four published sizes, and the arithmetic a forward
+pass may use (no torch here: the data stages validate params.yaml, which names them, without importing it)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
+
+Precision = Literal["float32", "bfloat16"]  # finetune.precision: float32 (exact) or bfloat16 autocast
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from .classifier import pool as pool_positions
+from .config import Precision
 from .encode import EncodedSplit
 from .errors import PipelineError
 from .files import atomic_path
 from .lora import LinearWithLoRA
 from .model import GPTModel, TransformerBlock
 from .tensorfile import TensorFile, read_tensors, write_tensors
-from .train import FullForward, Inputs, Precision, autocast
+from .train import FullForward, Inputs, autocast
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "prefix-v3"

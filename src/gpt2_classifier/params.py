@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import PRESETS, GPTConfig
+from .config import PRESETS, GPTConfig, Precision
 from .errors import ParamsError
 from .files import project_root
 from .paths import CHECKPOINTS, PREFIX_CACHE
@@ -122,7 +122,7 @@ class FinetuneParams(Section):
     causal_mask: bool = True
     ignore_index: int = -100
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["float32", "bfloat16"] = "float32"
+    precision: Precision = "float32"
     prefix_cache: bool = True
     resume: bool = True
 

@@ -12,13 +12,14 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .classifier import classify
+from .config import Precision
 from .encode import EncodedSplit
 from .errors import PipelineError
 from .model import GPTModel
@@ -80,9 +81,6 @@ class Inputs(Protocol):
     def __len__(self) -> int: ...
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor: ...
-
-
-Precision = Literal["float32", "bfloat16"]
 
 
 def autocast(device: torch.device, precision: Precision) -> torch.autocast:
