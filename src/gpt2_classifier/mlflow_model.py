@@ -89,10 +89,9 @@ def _existing_store() -> None:
 def run_model_uri(run_id: str) -> str:
     """`models:/<id>` of the classifier that an MLflow run logged (its latest, if several)."""
     from gpt2_classifier.errors import PipelineError
-    from gpt2_classifier.tracking import bound_http_waits, quick_http_failures, quiet_mlflow
+    from gpt2_classifier.tracking import quick_http_failures, set_up_mlflow
 
-    quiet_mlflow()
-    bound_http_waits()
+    set_up_mlflow()
     _existing_store()
     try:
         with quick_http_failures():  # the first call: a store that is down is named within seconds
@@ -109,10 +108,9 @@ def run_model_uri(run_id: str) -> str:
 
 def load_text_classifier(uri: str):
     """The TextClassifier inside a logged model (`models:/m-ID`, `models:/NAME/VERSION`)."""
-    from gpt2_classifier.tracking import bound_http_waits, quiet_mlflow
+    from gpt2_classifier.tracking import set_up_mlflow
 
-    quiet_mlflow()
-    bound_http_waits()
+    set_up_mlflow()
     if uri.startswith("models:/"):
         _existing_store()
     try:

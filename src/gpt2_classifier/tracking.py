@@ -103,7 +103,13 @@ def quick_http_failures() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def quiet_mlflow() -> None:
+def set_up_mlflow() -> None:
+    """What every use of MLflow here starts with: its output quiet, its HTTP waits bounded."""
+    _quiet_mlflow()
+    bound_http_waits()
+
+
+def _quiet_mlflow() -> None:
     """Stage output says what the stage did: MLflow's info lines (table creation, input example
     validation, system metrics start and stop) and artifact progress bars stay out of it; its
     warnings still show."""
@@ -119,8 +125,7 @@ def _first_call(uri: str) -> Iterator[None]:
     import mlflow
     from filelock import FileLock
 
-    quiet_mlflow()
-    bound_http_waits()
+    set_up_mlflow()
     mlflow.set_tracking_uri(uri)
     # Two runs starting at once on a fresh SQLite file would both try to create its tables.
     local = uri.startswith("sqlite:///")
