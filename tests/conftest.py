@@ -78,6 +78,15 @@ class LoopbackServer:
         self.httpd.server_close()
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_follows_the_environment() -> Iterator[None]:
+    """A test that runs stage code in-process leaves MLflow's tracking URI set for the process (the stages
+    call mlflow.set_tracking_uri): forget it afterwards, so the next test's MLFLOW_TRACKING_URI counts."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)  # None: back to MLFLOW_TRACKING_URI, as MLflow's own reset does
+
+
 @pytest.fixture
 def server() -> Iterator[LoopbackServer]:
     s = LoopbackServer()
