@@ -170,6 +170,22 @@ def run(
     return result
 
 
+# Runs a script to its end (error exits included), then prints which of the named modules it imported.
+IMPORT_PROBE = """import atexit, runpy, sys
+script, *names = sys.argv[1:]
+sys.argv = [script]
+atexit.register(lambda: print("IMPORTED", *[name for name in names if name in sys.modules]))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_seeing_imports(script: str | Path, cwd: Path, modules: list[str], check: bool = True):
+    """Run a stage script in `cwd`; return its completed process and which of `modules` it imported."""
+    result = run(["python", "-c", IMPORT_PROBE, str(script), *modules], cwd, check=check)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("IMPORTED"))
+    return result, set(line.split()[1:])
+
+
 def make_project(dest: Path, params: dict) -> Path:
     """A git+DVC copy of the project's pipeline with the given params, committed."""
     dest.mkdir(parents=True, exist_ok=True)

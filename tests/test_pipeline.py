@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from conftest import REAL_TSV_SHA256, make_project, run, stages_run, tiny_params
+from conftest import REAL_TSV_SHA256, make_project, run, run_seeing_imports, stages_run, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +34,9 @@ def set_param(project, section, key, value):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def heavy_imports(project, script: str) -> dict[str, bool]:
-    """Whether running stages/<script>.py (to its end) imported torch or pandas."""
-    code = ("import atexit, runpy, sys; atexit.register(lambda: print('IMPORTED', 'torch' in sys.modules, "
-            "'pandas' in sys.modules)); runpy.run_path(sys.argv[1], run_name='__main__')")  # fmt: skip
-    out = run(["python", "-c", code, f"stages/{script}.py"], project).stdout
-    torch, pandas = next(line for line in out.splitlines() if line.startswith("IMPORTED")).split()[1:]
-    return {"torch": torch == "True", "pandas": pandas == "True"}
+def heavy_imports(project, script: str) -> set[str]:
+    """Which of torch and pandas running stages/<script>.py (to its end) imported."""
+    return run_seeing_imports(f"stages/{script}.py", project, ["torch", "pandas"])[1]
 
 
 def repro(project, *args) -> list[str]:
@@ -75,9 +71,9 @@ def test_full_pipeline_caches_and_reruns_only_what_changed(tmp_path, made_data):
     # Last, as they rewrite outputs outside DVC. Lean stages: only fetch-weights (random weights) and finetune
     # import torch; the data stages not pandas either (evaluate's MLflow does).
     for script in ("download", "balance", "split", "pad_encode"):
-        assert heavy_imports(project, script) == {"torch": False, "pandas": False}, script
-    assert not heavy_imports(project, "evaluate")["torch"]
-    assert heavy_imports(project, "finetune")["torch"]  # the check can see an import
+        assert heavy_imports(project, script) == set(), script
+    assert "torch" not in heavy_imports(project, "evaluate")
+    assert "torch" in heavy_imports(project, "finetune")  # the check can see an import
 
 
 def test_failed_stage_reports_one_line_and_commits_nothing(tmp_path, made_data):

@@ -204,11 +204,8 @@ def test_random_weights_are_seeded_and_round_trip(tmp_path):
 
 
 def test_fetch_weights_errors_name_the_users_source(tmp_path, checkpoint):
-    import subprocess
-    import sys
-
     import yaml
-    from conftest import PROJECT
+    from conftest import PROJECT, run_seeing_imports
 
     path, _ = checkpoint  # a GPT-2 of emb_dim 32, not gpt2-small
     truncated = tmp_path / "cut.safetensors"
@@ -216,13 +213,10 @@ def test_fetch_weights_errors_name_the_users_source(tmp_path, checkpoint):
     for source, expected in ((truncated, "not a readable safetensors file"), (path, "has shape [50257, 32]")):
         params = {"data": {"url": "unused"}, "model": {"source": str(source)}}
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-        # Run to the end, then say whether torch was imported: pretrained weights are fetched and checked without it.
-        code = ("import atexit, runpy, sys; atexit.register(lambda: print('torch' in sys.modules)); "
-                "runpy.run_path(sys.argv[1], run_name='__main__')")  # fmt: skip
-        script = str(PROJECT / "stages" / "fetch_weights.py")
-        result = subprocess.run([sys.executable, "-c", code, script], cwd=tmp_path, capture_output=True, text=True,
-                                timeout=300)  # fmt: skip
-        assert result.returncode == 1 and result.stdout.strip() == "False"
+        # Pretrained weights are fetched and checked without torch.
+        script = PROJECT / "stages" / "fetch_weights.py"
+        result, imported = run_seeing_imports(script, tmp_path, ["torch"], check=False)
+        assert result.returncode == 1 and imported == set()
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith(f"error: {source}: ") and expected in line, line
         assert line.endswith("point model.source at GPT-2 weights in safetensors"), line
