@@ -127,6 +127,18 @@ def test_two_experiments_in_a_row_each_record_their_own_lineage_and_changes(tmp_
     assert runs["lr-high"].data.tags["output.model"] in first_lock
     assert tags["input.encoded"] == runs["lr-high"].data.tags["input.encoded"]  # same data, same hash
 
+    # The same params again: DVC restores the results from its run-cache instead of training, so there is no
+    # new run, and the experiment's mlflow_run_id names the run that made those outputs.
+    run(["dvc", "exp", "run", "-n", "lr-high-again", "-S", "finetune.lr=0.002"], project)
+    assert {r.info.run_name for r in all_runs(client)} == {"lr-high", "lr-low"}
+    summaries = {
+        exp["name"]: exp["data"]["metrics"]["reports/train/summary.json"]["data"]
+        for rev in json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+        for exp in (e for group in (rev.get("experiments") or []) for e in group["revs"])
+    }
+    assert summaries["lr-high-again"]["mlflow_run_id"] == runs["lr-high"].info.run_id
+    assert summaries["lr-low"]["mlflow_run_id"] == runs["lr-low"].info.run_id
+
     # dvc plots diff: one chart per plot overlaying both experiments, drawn from the declared columns.
     plots = json.loads(run(["dvc", "plots", "diff", "lr-high", "lr-low", "--json"], project).stdout)["data"]
     for name in ("loss", "accuracy", "confusion", "roc"):

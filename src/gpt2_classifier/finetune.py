@@ -95,7 +95,7 @@ def finetune(params: Params) -> History:
         )  # fmt: skip
         save_classifier(model, CLASSIFIER, config)
         write_all_predictions(model, inputs, meta.labels)
-        summary = write_reports(history, trainable)
+        summary = write_reports(history, trainable, tracker.run_id)
         final_step = trainer.step
         speed = {"train_seconds": summary["seconds"], "examples_per_second": summary["examples_per_second"]}
         tracker.log_metrics(speed, step=final_step)
@@ -148,9 +148,10 @@ def write_all_predictions(model: torch.nn.Module, inputs: dict[str, Inputs], cla
             write_predictions(tmp / f"{name}.csv", Predictions(classes, labels, probs))
 
 
-def write_reports(history: History, trainable: int) -> dict:
+def write_reports(history: History, trainable: int, run_id: str | None) -> dict:
     """The curves as CSV, which dvc plots draws (MLflow charts the same values, logged as metrics), and
-    summary.json (for dvc metrics); returns the summary."""
+    summary.json (for dvc metrics, with the MLflow run, so `dvc exp show` names each experiment's run);
+    returns the summary."""
     TRAIN_REPORTS.mkdir(parents=True, exist_ok=True)
     write_rows(TRAIN_REPORTS / "loss.csv", history.steps)
     write_rows(TRAIN_REPORTS / "accuracy.csv", history.epochs)
@@ -161,7 +162,7 @@ def write_reports(history: History, trainable: int) -> dict:
         "val_accuracy_estimate": last_epoch["val_accuracy_estimate"],
         "examples_seen": history.examples_seen, "seconds": round(history.seconds, 1),
         "examples_per_second": round(history.examples_seen / max(history.seconds, 1e-9), 2),
-        "trainable_parameters": trainable,
+        "trainable_parameters": trainable, "mlflow_run_id": run_id,
     }  # fmt: skip
     write_json(TRAIN_REPORTS / "summary.json", summary)
     return summary
