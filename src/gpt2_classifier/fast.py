@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from .classifier import pool as pool_positions
 from .config import Precision
@@ -38,7 +39,7 @@ from .errors import PipelineError
 from .files import atomic_path
 from .lora import LinearWithLoRA
 from .model import GPTModel, TransformerBlock
-from .tensorfile import TensorFile, read_tensors, write_tensors
+from .tensorfile import open_tensors, read_tensors
 from .train import FullForward, Inputs, autocast
 
 log = logging.getLogger(__name__)
@@ -287,8 +288,8 @@ def read_cached(path: Path) -> Prefix | None:
 
 def is_readable(path: Path) -> bool:
     try:
-        with TensorFile(path) as f:
-            return {"hidden", "offsets", "visible"} <= set(f.entries)
+        with open_tensors(path) as f:
+            return {"hidden", "offsets", "visible"} <= set(f.keys())
     except (OSError, ValueError):
         return False
 
@@ -296,7 +297,7 @@ def is_readable(path: Path) -> bool:
 def store_cached(path: Path, prefix: Prefix) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        write_tensors(tmp, {"hidden": prefix.hidden, "offsets": prefix.offsets, "visible": prefix.visible})
+        save_file({"hidden": prefix.hidden, "offsets": prefix.offsets, "visible": prefix.visible}, str(tmp))
     for old in sorted(path.parent.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[:-KEEP_CACHE_FILES]:
         old.unlink(missing_ok=True)
 
