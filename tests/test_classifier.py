@@ -205,7 +205,7 @@ def test_a_bfloat16_classifier_classifies_in_bfloat16(tmp_path):
 def test_classify_takes_the_fast_path_in_groups_and_equals_the_full_forward(tmp_path, monkeypatch, pool):
     from gpt2_classifier import predict
     from gpt2_classifier.encode import pad, tokenize
-    from gpt2_classifier.fast import PrefixForward
+    from gpt2_classifier.tail import PrefixForward
 
     model, _ = fit(epochs=1)
     base = tmp_path / "base" / "model.safetensors"

@@ -5,11 +5,13 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_same_parameters
 
-from gpt2_classifier import fast
+from gpt2_classifier import fast, onednn, prefix, prefix_cache
 from gpt2_classifier.classifier import replace_head, set_trainable
 from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.encode import EncodedSplit
-from gpt2_classifier.fast import PrefixForward, build_inputs
+from gpt2_classifier.fast import build_inputs
+from gpt2_classifier.prefix_cache import frozen_digest
+from gpt2_classifier.tail import PrefixForward
 from gpt2_classifier.train import FullForward, Trainer, TrainSettings
 from gpt2_classifier.weights import random_model
 
@@ -78,9 +80,9 @@ def test_training_on_the_fast_path_matches_the_plain_path(pool):
 
 def test_flexible_prefix_keeps_only_real_tokens():
     split = ragged_split()
-    prefix = fast.compute_prefix(classifier(), split, 2, fast.visible_positions(split, "flexible"), "cpu")
-    assert prefix.hidden.shape == (int(split.lengths.sum()), CFG.emb_dim)
-    x, visible = prefix.gather(torch.tensor([0, 1]))
+    computed = prefix.compute_prefix(classifier(), split, 2, prefix.visible_positions(split, "flexible"), "cpu")
+    assert computed.hidden.shape == (int(split.lengths.sum()), CFG.emb_dim)
+    x, visible = computed.gather(torch.tensor([0, 1]))
     assert x.shape[1] == int(split.lengths[:2].max()) and torch.equal(visible, split.lengths[:2])
 
 
@@ -122,23 +124,23 @@ def test_damaged_cache_file_is_recomputed(tmp_path):
 
 @pytest.mark.parametrize("chunk_tokens", [4096, 24])
 def test_packed_prefix_equals_each_row_through_the_blocks_alone(chunk_tokens, monkeypatch):
-    monkeypatch.setattr(fast, "CHUNK_TOKENS", chunk_tokens)  # 24: many chunks of mixed lengths
+    monkeypatch.setattr(prefix, "CHUNK_TOKENS", chunk_tokens)  # 24: many chunks of mixed lengths
     model, split = classifier(1), ragged_split()
-    visible = fast.visible_positions(split, "flexible")
-    prefix = fast.compute_prefix(model, split, 2, visible, "cpu")
+    visible = prefix.visible_positions(split, "flexible")
+    computed = prefix.compute_prefix(model, split, 2, visible, "cpu")
     with torch.no_grad():
         for row in range(len(split.labels)):
             x = model.embed(split.input_ids[row : row + 1, : int(visible[row])])
             for block in model.trf_blocks[:2]:
                 x = block(x)
-            start = int(prefix.offsets[row])
-            assert (prefix.hidden[start : start + int(visible[row])] - x[0]).abs().max() < 1e-5, row
+            start = int(computed.offsets[row])
+            assert (computed.hidden[start : start + int(visible[row])] - x[0]).abs().max() < 1e-5, row
 
 
 def test_prefix_chunks_cover_every_row_once_within_bounds(monkeypatch):
-    monkeypatch.setattr(fast, "CHUNK_TOKENS", 20)
+    monkeypatch.setattr(prefix, "CHUNK_TOKENS", 20)
     visible = ragged_split(200).lengths
-    chunks = fast.prefix_chunks(visible)
+    chunks = prefix.prefix_chunks(visible)
     assert sorted(torch.cat(chunks).tolist()) == list(range(200))
     for chunk in chunks:
         lengths = visible[chunk]
@@ -146,14 +148,14 @@ def test_prefix_chunks_cover_every_row_once_within_bounds(monkeypatch):
         assert len(chunk) == 1 or len(chunk) * int(lengths.max()) <= 40
 
 
-@pytest.mark.skipif(not fast.onednn_linear_works("cpu"), reason="oneDNN's fused linear is not available here")
+@pytest.mark.skipif(not onednn.onednn_linear_works("cpu"), reason="oneDNN's fused linear is not available here")
 def test_onednn_fused_block_equals_the_plain_ops():
     model, split = classifier(1), ragged_split()
     keep = torch.arange(16)[None, :] < split.lengths[:, None]
     x = model.embed(split.input_ids)[keep]
     with torch.no_grad():
-        fused = fast.packed_block(model.trf_blocks[0], x, keep, onednn=True)
-        plain = fast.packed_block(model.trf_blocks[0], x, keep, onednn=False)
+        fused = prefix.packed_block(model.trf_blocks[0], x, keep, onednn=True)
+        plain = prefix.packed_block(model.trf_blocks[0], x, keep, onednn=False)
         padded = model.trf_blocks[0](model.embed(split.input_ids))[keep]
     assert (fused - plain).abs().max() < 1e-5 and (plain - padded).abs().max() < 1e-5
 
@@ -201,7 +203,7 @@ def test_the_prefix_cache_keeps_float32_and_bfloat16_apart(tmp_path):
         build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path, precision=precision)
     files = sorted(tmp_path.glob("*.safetensors"))
     assert len(files) == 2  # one prefix per arithmetic: a bfloat16 run never reads float32 activations
-    hidden = [fast.read_cached(f).hidden for f in files]
+    hidden = [prefix_cache.read_cached(f).hidden for f in files]
     assert hidden[0].dtype == hidden[1].dtype == torch.float32 and not torch.equal(hidden[0], hidden[1])
 
 
@@ -213,7 +215,7 @@ def test_the_base_weights_hash_stands_for_the_frozen_weights_in_the_cache_key():
     )
     with torch.no_grad():
         b.trf_blocks[0].norm1.weight.add_(1)
-    assert fast.frozen_digest(a, 2) != fast.frozen_digest(b, 2)  # without it, the weights themselves
-    assert fast.frozen_digest(a, 2, base_sha256="a" * 64) == fast.frozen_digest(b, 2, base_sha256="a" * 64)
-    assert fast.frozen_digest(a, 2, base_sha256="a" * 64) != fast.frozen_digest(a, 2, base_sha256="b" * 64)
-    assert fast.frozen_digest(a, 2, base_sha256="a" * 64) != fast.frozen_digest(a, 1, base_sha256="a" * 64)
+    assert frozen_digest(a, 2) != frozen_digest(b, 2)  # without it, the weights themselves
+    assert frozen_digest(a, 2, base_sha256="a" * 64) == frozen_digest(b, 2, base_sha256="a" * 64)
+    assert frozen_digest(a, 2, base_sha256="a" * 64) != frozen_digest(a, 2, base_sha256="b" * 64)
+    assert frozen_digest(a, 2, base_sha256="a" * 64) != frozen_digest(a, 1, base_sha256="a" * 64)

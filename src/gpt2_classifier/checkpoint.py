@@ -13,10 +13,10 @@ import json
 import logging
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .files import atomic_path, sha256_file
+from .tensorfile import open_tensors
 from .train import Trainer
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,14 @@ def resume(path: Path, trainer: Trainer, fingerprint_: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with open_tensors(path) as f:
             metadata = f.metadata() or {}
             if metadata.get("fingerprint") != fingerprint_:
                 log.info("ignoring %s: written by a run with other params or data", path)
                 return None
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
         trainer.load_state(tensors, json.loads(metadata["info"]))
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError) as exc:  # ValueError: TensorFileError too
         log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
         return None
     return json.loads(metadata.get("extra", "{}"))

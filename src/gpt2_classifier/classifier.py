@@ -8,8 +8,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import GPTConfig, Precision
@@ -18,6 +17,7 @@ from .files import atomic_path, read_validated, sha256_file, write_json
 from .lora import LinearWithLoRA, add_lora, merge_lora
 from .model import GPTModel
 from .pretrained import CONFIG_FILE, WEIGHTS_FILE, BaseConfig, BaseIdentity
+from .tensorfile import TensorFileError, read_tensors
 from .weights import load_model
 
 POOLS = ("last", "first", "flexible", "mean")
@@ -184,10 +184,9 @@ def read_classifier_config(folder: Path) -> ClassifierConfig:
 def _trained_tensors(path: Path) -> dict[str, torch.Tensor]:
     """What training changed, from a classifier folder's model.safetensors."""
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        reason = str(exc).replace(str(path), "").strip(": ") or type(exc).__name__
-        raise WeightsError(f"{path}: not a readable safetensors file ({reason}); {INCOMPLETE}") from None
+        return read_tensors(path)
+    except TensorFileError as exc:
+        raise WeightsError(f"{exc}; {INCOMPLETE}") from None
 
 
 def load_classifier(

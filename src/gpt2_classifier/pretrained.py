@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
-from safetensors import SafetensorError, safe_open
 
 from .config import PRESETS, GPTConfig
 from .errors import DownloadError, WeightsError
 from .files import atomic_path, read_validated, sha256_file
+from .tensorfile import TensorFileError, open_tensors
 
 HF_REPOS = {
     "gpt2-small": "openai-community/gpt2",
@@ -124,11 +124,10 @@ def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
 def read_shapes(path: Path, shown: str | None = None, fix: str = REFETCH) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the safetensors header, ignoring buffers and the tied head."""
     try:
-        with safe_open(str(path), framework="numpy") as f:
+        with open_tensors(path, shown, framework="numpy") as f:
             shapes = {published_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as exc:
-        reason = str(exc).replace(str(path), "").strip(": ") or type(exc).__name__
-        raise WeightsError(f"{shown or path}: not a readable safetensors file ({reason}); {fix}") from None
+    except TensorFileError as exc:
+        raise WeightsError(f"{exc}; {fix}") from None
     return {name: shape for name, shape in shapes.items() if not IGNORED.match(name)}
 
 

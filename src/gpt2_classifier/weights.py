@@ -21,7 +21,7 @@ from .errors import WeightsError
 from .files import atomic_path
 from .model import GPTModel
 from .pretrained import check_checkpoint, published_name
-from .tensorfile import TensorFile, TensorFileError
+from .tensorfile import TensorFileError, open_tensors
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +57,22 @@ def to_hf_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: GPTModel, path: str | os.PathLike) -> GPTModel:
-    """Copy a published-layout checkpoint into `model`, one tensor at a time, straight from the file
-    (neither a second copy of the model nor the file mapped in memory); the head is tied to the token embedding."""
+    """Load a published-layout checkpoint into `model`, typically built on the meta device: each tensor
+    is read into memory of its own that becomes the parameter (no second copy of the model, the file
+    never mapped); the head is tied to the token embedding."""
     path = Path(path)
     check_checkpoint(path, model.cfg, "this model")
+    state = {}
     try:
-        with TensorFile(path) as f, torch.no_grad():
-            stored = {published_name(k): k for k in f.entries}
+        with open_tensors(path) as f:
+            stored = {published_name(k): k for k in f.keys()}  # noqa: SIM118 (not a dict)
             for ours, (theirs, conv) in hf_layout(model.cfg).items():
-                param = model.get_parameter(ours)
-                if conv:
-                    param.copy_(f.read(stored[theirs]).t())
-                else:
-                    f.read(stored[theirs], out=param.data)
+                tensor = f.get_tensor(stored[theirs]).to(model.get_parameter(ours).dtype)
+                state[ours] = tensor.t().contiguous() if conv else tensor
     except TensorFileError as exc:
         raise WeightsError(f"{exc}; delete it and fetch again") from None
+    state["out_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, assign=True)  # strict: every parameter comes from the file
     model.out_head.weight = model.tok_emb.weight
     return model
 
@@ -106,7 +107,4 @@ def save_hf(model: GPTModel, path: str | os.PathLike) -> None:
 def load_model(cfg: GPTConfig, path: str | os.PathLike) -> GPTModel:
     with _skip_init(), torch.device("meta"):
         model = GPTModel(cfg)
-        model.out_head.weight = model.tok_emb.weight  # allocate the tied head once
-    model = model.to_empty(device="cpu")
-    model.out_head.weight = model.tok_emb.weight
     return load_into(model, path)
