@@ -176,23 +176,22 @@ def _jsonl_rows(text: str, name: str, data: DataParams):
 
 
 def _read_parquet(path: Path, name: str, data: DataParams) -> LabelledTexts:
-    # pyarrow for this format only: importing it costs the other formats' data stages a second
+    # pyarrow for this format only (importing it costs the other formats' data stages a second); its
+    # batches rather than read_table, which imports pandas
     import pyarrow.parquet as pq
     from pyarrow import ArrowException
 
+    texts, labels = [], []
     try:
-        schema = pq.read_schema(path)
-        _columns(list(schema.names), name, data, "schema")
-        table = pq.read_table(path, columns=[data.text_column, data.label_column])
+        with pq.ParquetFile(path) as f:
+            _columns(list(f.schema_arrow.names), name, data, "schema")
+            for batch in f.iter_batches(columns=[data.text_column, data.label_column], batch_size=1 << 16):
+                for text, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+                    text, label = _checked(f"{name} row {len(texts) + 1}", text, label, data)
+                    texts.append(text)
+                    labels.append(label)
     except (ArrowException, OSError) as exc:
         raise DataError(f"{name}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
-    texts, labels = [], []
-    for row, (text, label) in enumerate(
-        zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True), start=1
-    ):
-        text, label = _checked(f"{name} row {row}", text, label, data)
-        texts.append(text)
-        labels.append(label)
     if not texts:
         raise DataError(f"{name}: holds no rows; expected {_expected(data)}")
     rows = list(range(1, len(texts) + 1))
