@@ -1,25 +1,25 @@
-"""Stage balance: parse the TSV exactly and under-sample every class to the smallest."""
+"""Stage balance: read the data in its format and under-sample every class to the smallest."""
 
-from gpt2_classifier.data import balance, class_counts, parse_tsv, write_csv
+from gpt2_classifier.data import BalanceRecord, balance, class_counts, write_csv
 from gpt2_classifier.files import atomic_path, write_json
 from gpt2_classifier.params import Params
 from gpt2_classifier.paths import BALANCE_COUNTS, BALANCED, RAW
+from gpt2_classifier.readers import number_labels, read_labelled
 from gpt2_classifier.stage import run_stage
 
 
 def main(params: Params) -> None:
-    labels = params.balance.labels
-    messages = parse_tsv(RAW, labels)
-    balanced = balance(messages, labels, params.balance.seed)
+    b, max_bytes = params.balance, int(params.data.max_unzipped_mb * 2**20)
+    read = read_labelled(RAW, params.data, b.labels, max_bytes)
+    messages, labels = number_labels(read, b.labels)
+    balanced = balance(messages, labels, b.seed, b.strategy)
     with atomic_path(BALANCED) as tmp:
         write_csv(balanced, tmp)
-    counts = {
-        "messages": len(messages),
-        "parsed": class_counts(messages, labels),
-        "balanced": class_counts(balanced, labels),
-    }
-    write_json(BALANCE_COUNTS, counts)
-    print(f"balance: {len(messages)} messages {counts['parsed']} -> {len(balanced)} {counts['balanced']}")
+    record = BalanceRecord(messages=len(messages), parsed=class_counts(messages, labels),
+                           balanced=class_counts(balanced, labels), labels=labels, left_out=read.left_out)  # fmt: skip
+    write_json(BALANCE_COUNTS, record.model_dump(exclude_defaults=True))
+    left_out = f"; left out {record.left_out} (not in balance.labels)" if record.left_out else ""
+    print(f"balance: {len(messages)} messages {record.parsed} -> {len(balanced)} {record.balanced}{left_out}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
 """Stage pad-encode: GPT-2 BPE, padded with <|endoftext|> to one length for every split."""
 
-from gpt2_classifier.data import SPLITS, read_csv
+from gpt2_classifier.data import SPLITS, BalanceRecord, read_csv
 from gpt2_classifier.encode import META_FILE, pad_encode
 from gpt2_classifier.files import atomic_dir, write_json
 from gpt2_classifier.params import Params
-from gpt2_classifier.paths import ENCODED, SPLIT_DIR
+from gpt2_classifier.paths import BALANCE_COUNTS, ENCODED, SPLIT_DIR
 from gpt2_classifier.stage import run_stage
 
 
 def main(params: Params) -> None:
     splits = {name: read_csv(SPLIT_DIR / f"{name}.csv") for name in SPLITS}
-    context = params.model.gpt_config().context_length
-    encoded, meta = pad_encode(splits, params.balance.labels, params.pad_encode.max_length, context)
+    context, p = params.model.gpt_config().context_length, params.pad_encode
+    labels = BalanceRecord.read(BALANCE_COUNTS).labels
+    encoded, meta = pad_encode(splits, labels, p.max_length, context, p.truncate)
     with atomic_dir(ENCODED) as tmp:
         for name, split in encoded.items():
             split.save(tmp / f"{name}.safetensors")

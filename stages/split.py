@@ -1,15 +1,15 @@
 """Stage split: seeded shuffle, then train / validation / test by fractions."""
 
-from gpt2_classifier.data import read_csv, split, write_csv
+from gpt2_classifier.data import BalanceRecord, read_csv, split, write_csv
 from gpt2_classifier.files import atomic_dir
 from gpt2_classifier.params import Params
-from gpt2_classifier.paths import BALANCED, SPLIT_DIR
+from gpt2_classifier.paths import BALANCE_COUNTS, BALANCED, SPLIT_DIR
 from gpt2_classifier.stage import run_stage
 
 
 def main(params: Params) -> None:
-    p = params.split
-    parts = split(read_csv(BALANCED), p.train, p.validation, p.test, p.seed)
+    p, labels = params.split, BalanceRecord.read(BALANCE_COUNTS).labels
+    parts = split(read_csv(BALANCED), p.train, p.validation, p.test, p.seed, p.stratify, labels)
     with atomic_dir(SPLIT_DIR) as tmp:
         for name, frame in parts.items():
             write_csv(frame, tmp / f"{name}.csv")

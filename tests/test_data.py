@@ -3,8 +3,9 @@ import pandas as pd
 import pytest
 from conftest import make_messages
 
-from gpt2_classifier.data import Messages, balance, class_counts, parse_tsv, read_csv, split, write_csv
+from gpt2_classifier.data import Messages, balance, class_counts, read_csv, split, write_csv
 from gpt2_classifier.errors import DataError
+from gpt2_classifier.readers import parse_tsv
 
 LABELS = ["ham", "spam"]
 

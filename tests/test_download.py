@@ -88,7 +88,7 @@ def test_stage_script_prints_one_line_error_and_exits_nonzero(tmp_path):
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "http://127.0.0.1:9/x.zip" in errors[0]
-    assert not (tmp_path / "data" / "raw" / "messages.tsv").exists()
+    assert not (tmp_path / "data" / "raw" / "source").exists()
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 ALL_STAGES = ["download", "balance", "split", "pad-encode", "fetch-weights", "finetune", "evaluate"]
 DATA_OUTS = [
-    "data/raw/messages.tsv",
+    "data/raw/source",
     "data/balanced.csv",
     "data/balance.json",
     "data/split/train.csv",
@@ -83,7 +83,7 @@ def test_failed_stage_reports_one_line_and_commits_nothing(tmp_path, made_data):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and url in errors[0] and "expected " + "0" * 64 in errors[0]
-    assert not (project / "data/raw/messages.tsv").exists()
+    assert not (project / "data/raw/source").exists()
     assert not (project / "dvc.lock").exists()
 
 
@@ -94,7 +94,8 @@ def test_real_data_stages_reproduce_the_reference_counts_byte_identically(tmp_pa
     for project in (first, second):
         assert repro(project, "pad-encode") == ["download", "balance", "split", "pad-encode"]
     counts = json.loads((first / "data/balance.json").read_text())
-    assert counts == {"messages": 5574, "parsed": {"ham": 4827, "spam": 747}, "balanced": {"ham": 747, "spam": 747}}
+    assert counts == {"messages": 5574, "parsed": {"ham": 4827, "spam": 747}, "balanced": {"ham": 747, "spam": 747},
+                      "labels": ["ham", "spam"]}  # fmt: skip
     meta = json.loads((first / "data/encoded/meta.json").read_text())
     assert [meta["splits"][s]["messages"] for s in ("train", "validation", "test")] == [1045, 149, 300]
     assert meta["max_length"] == meta["longest_train"] == 120

@@ -25,7 +25,8 @@ RUN_HERE = [
     "dvc plots show",
     "dvc exp run -S finetune.lr=1e-4",
     "dvc exp run -S finetune.trainable_blocks=2",
-    "dvc exp show --only-changed --drop 'Created|.*/|train|.*estimate|seconds|examples|.*\\.(precision|recall)$' "
+    "dvc exp show --only-changed --drop 'Created|.*/|train|.*estimate|seconds|examples|.*\\.(precision|recall)$"
+    "|.*\\.(macro|per_class)\\.' "
     "--keep '(validation|test)\\.accuracy'",
     "dvc plots diff $(dvc exp ls --name-only)",
     "dvc exp run -S model.weights=random -S '++model.config={emb_dim: 64, n_layers: 2, n_heads: 2}'",
@@ -65,6 +66,11 @@ ELSEWHERE = {
     "postgresql://mlflow@<db host>/mlflow --artifacts-destination s3://<bucket>/mlflow-artifacts": SERVER,
     "export MLFLOW_TRACKING_URI=https://<mlflow host>": SERVER,
     "export MLFLOW_TRACKING_USERNAME=<user> MLFLOW_TRACKING_PASSWORD=<password>": SERVER,
+    # with a test-made archive and CSV in place of the public archive and /path/to/...
+    "python experiments/own_data.py imdb": "test_own_data.py::test_imdb_example_on_a_small_archive_of_the_same_layout",
+    "python experiments/own_data.py intents --set data.url=/path/to/intents.csv": (
+        "test_own_data.py::test_intents_csv_example_three_classes_end_to_end"
+    ),
 }
 CLASSIFY_AND_SERVE = ("gpt2-classifier classify", "python -c", "mlflow models serve", "curl -s")  # test_use.py
 

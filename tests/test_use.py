@@ -31,12 +31,14 @@ def cli(project, *args, check=True):
     return run([sys.executable, "-m", "gpt2_classifier.cli", *args], project, check=check)
 
 
-def test_classify_prints_label_and_spam_probability(trained):
+def test_classify_prints_label_and_each_class_probability(trained):
     out = cli(trained, "classify", "WIN a FREE prize now, reply STOP", "see you at home later").stdout.splitlines()
     assert len(out) == 2
-    for line in out:
-        label, probability, _ = line.split("\t", 2)
-        assert label in ("ham", "spam") and 0.0 <= float(probability) <= 1.0
+    for line, text in zip(out, ("WIN a FREE prize now, reply STOP", "see you at home later"), strict=True):
+        label, scores, shown = line.split("\t", 2)
+        probability = {name: float(p) for name, p in (pair.split("=") for pair in scores.split(" "))}
+        assert list(probability) == ["ham", "spam"] and abs(sum(probability.values()) - 1) < 1e-3
+        assert label == max(probability, key=probability.get) and shown == text
 
 
 def test_classify_a_text_file_and_a_csv_column(trained, tmp_path):

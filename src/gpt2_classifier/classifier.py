@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import GPTConfig, Precision
+from .config import GPTConfig, Precision, Truncate
 from .errors import WeightsError
 from .files import atomic_path, read_validated, sha256_file, write_json
 from .lora import LinearWithLoRA, add_lora, merge_lora
@@ -46,6 +46,7 @@ class ClassifierConfig(BaseModel):
     gpt: GPTConfig
     lora: LoraSpec | None
     precision: Precision = "float32"  # the forward pass's arithmetic (finetune.precision)
+    truncate: Truncate = "head"  # which end of a longer text is read (pad_encode.truncate)
 
     @property
     def unpadded(self) -> bool:

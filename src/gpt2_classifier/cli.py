@@ -75,8 +75,8 @@ def classify(args: argparse.Namespace) -> None:
             raise PipelineError(f"message {empty[0]} of {len(args.texts)} is empty; give the text to classify")
         classifier = _load(args)
         for text, result in zip(args.texts, classifier.predict(args.texts, args.batch_size), strict=True):
-            score = result.get("p_spam", max(v for k, v in result.items() if k.startswith("p_")))
-            print(f"{result['label']}\t{score:.4f}\t{text}")
+            scores = " ".join(f"{name}={result['p_' + name]:.4f}" for name in classifier.labels)
+            print(f"{result['label']}\t{scores}\t{text}")
         return
     path = Path(args.file)
     texts = _read_messages(path, args.column)  # a bad file or output is reported before the model loads
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpt2-classifier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
-    c = commands.add_parser("classify", help="print the label and spam probability of messages")
+    c = commands.add_parser("classify", help="print the label of messages and each class's probability")
     c.add_argument("texts", nargs="*", help="messages to score")
     c.add_argument("--file", help="a text file (one message per line) or a CSV file")
     c.add_argument("--column", help="the CSV column holding the messages (default: text)")

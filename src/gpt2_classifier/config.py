@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 Precision = Literal["float32", "bfloat16"]  # finetune.precision: float32 (exact) or bfloat16 autocast
+Truncate = Literal["head", "tail"]  # pad_encode.truncate: which end of a text longer than max_length is kept
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,17 @@
-"""Parse, balance and split the labelled messages (numpy and the csv module: no pandas, no torch,
-so the data stages start in a fraction of a second)."""
+"""Balance and split the labelled messages (numpy and the csv module: no pandas, no torch, so the data
+stages start in a fraction of a second; readers.py reads the downloaded data into them)."""
 
 from __future__ import annotations
 
 import csv
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from .errors import DataError
+from .files import read_validated
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("text", "label", "line")
@@ -19,7 +20,7 @@ COLUMNS = ("text", "label", "line")
 @dataclass(frozen=True)
 class Messages:
     """Labelled messages: `labels[i]` is the index of message i's class in balance.labels and
-    `lines[i]` its 1-based line in the downloaded file."""
+    `lines[i]` its 1-based line (or row) in the downloaded data."""
 
     texts: list[str]
     labels: np.ndarray  # (n,) int64
@@ -46,39 +47,21 @@ def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
     return np.random.RandomState(seed).choice(n, size=size, replace=False)
 
 
-def parse_tsv(path: str | os.PathLike, labels: list[str]) -> Messages:
-    """Read `label<TAB>text` lines exactly: no quoting, tabs after the first belong to the text.
+class BalanceRecord(BaseModel):
+    """data/balance.json: what balance read and kept, and the class names in class order (split,
+    pad-encode and the classifier take them from here, so `balance.labels: null` names the classes)."""
 
-    Lines end in LF, CRLF, or (old Mac files) CR alone; a UTF-8 byte-order mark and blank lines
-    at the end are ignored. Returns the messages with their label
-    indices and line numbers. Any other malformed line is an error naming it.
-    """
-    path = Path(path)
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # editors save UTF-8 with a BOM
-    if not raw.strip():
-        raise DataError(f"{path}: the file is empty; expected lines of 'label<TAB>text'")
-    label_ids = {label: i for i, label in enumerate(labels)}
-    lines = raw.split(b"\n") if b"\n" in raw else raw.split(b"\r")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    texts, targets = [], []
-    for number, line_bytes in enumerate(lines, start=1):
-        try:
-            line = line_bytes.decode("utf-8").removesuffix("\r")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid UTF-8 at byte {exc.start}") from None
-        if not line.strip():
-            raise DataError(f"{path}:{number}: blank line; remove it (or give it 'label<TAB>text')")
-        label, tab, text = line.partition("\t")
-        if not tab:
-            raise DataError(f"{path}:{number}: no tab; expected 'label<TAB>text'")
-        if label not in label_ids:
-            raise DataError(f"{path}:{number}: unknown label {label!r}; expected one of {labels} (balance.labels)")
-        if not text.strip():
-            raise DataError(f"{path}:{number}: empty message text")
-        texts.append(text)
-        targets.append(label_ids[label])
-    return Messages(texts, np.array(targets, dtype=np.int64), np.arange(1, len(texts) + 1, dtype=np.int64))
+    model_config = ConfigDict(frozen=True)
+
+    messages: int
+    parsed: dict[str, int]
+    balanced: dict[str, int]
+    labels: list[str]
+    left_out: dict[str, int] = {}  # data.format folders: texts of folders that balance.labels does not name
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> BalanceRecord:
+        return read_validated(cls, path, DataError, "run `dvc repro balance`")
 
 
 def class_counts(messages: Messages, labels: list[str]) -> dict[str, int]:
@@ -86,12 +69,15 @@ def class_counts(messages: Messages, labels: list[str]) -> dict[str, int]:
     return {label: int(counts[i]) for i, label in enumerate(labels)}
 
 
-def balance(messages: Messages, labels: list[str], seed: int) -> Messages:
-    """Under-sample every class to the size of the smallest, as the reference does for ham."""
+def balance(messages: Messages, labels: list[str], seed: int, strategy: str = "undersample") -> Messages:
+    """Under-sample every class to the size of the smallest, as the reference does for ham; with
+    strategy "none", keep every message (finetune.class_weights can weight the loss instead)."""
     counts = class_counts(messages, labels)
     missing = [label for label, count in counts.items() if count == 0]
     if missing:
         raise DataError(f"no messages labelled {missing}; every class in balance.labels needs examples")
+    if strategy == "none":
+        return messages
     smallest = min(counts.values())
     parts = []
     for i in range(len(labels)):
@@ -102,10 +88,43 @@ def balance(messages: Messages, labels: list[str], seed: int) -> Messages:
     return Messages.concat(parts)
 
 
-def split(messages: Messages, train: float, validation: float, test: float, seed: int) -> dict[str, Messages]:
-    """Shuffle, then cut by fractions. When they sum to 1, test takes the remainder."""
-    n = len(messages)
-    shuffled = messages.take(sample_rows(n, n, seed))
+def split(
+    messages: Messages, train: float, validation: float, test: float, seed: int,
+    stratify: bool = False, labels: list[str] | None = None,
+) -> dict[str, Messages]:  # fmt: skip
+    """Shuffle, then cut by fractions; when they sum to 1, test takes the remainder. With `stratify`,
+    each class is shuffled and cut by the fractions, and each split shuffled again. Every class needs
+    an example in every split (`labels` name the classes in errors)."""
+    names = labels or [str(c) for c in range(int(messages.labels.max(initial=0)) + 1)]
+    counts = np.bincount(messages.labels, minlength=len(names))
+    small = [(names[c], int(n)) for c, n in enumerate(counts) if 0 < n < len(SPLITS)]
+    if small:
+        name, n = small[0]
+        raise DataError(
+            f"class '{name}' has {n} example{'s' * (n != 1)}, too few to split into {', '.join(SPLITS)}; "
+            "add examples of it, or remove its rows from the data"
+        )
+    if not stratify:
+        return _cut(messages.take(sample_rows(len(messages), len(messages), seed)), train, validation, test)
+    parts: dict[str, list[Messages]] = {name: [] for name in SPLITS}
+    for c in np.flatnonzero(counts):
+        members = messages.take(np.flatnonzero(messages.labels == c))
+        shuffled = members.take(sample_rows(len(members), len(members), seed))
+        try:
+            cut = _cut(shuffled, train, validation, test)
+        except DataError:
+            raise DataError(
+                f"class '{names[c]}' has {len(members)} examples, too few to give each of {', '.join(SPLITS)} one "
+                "by the split fractions (split.stratify); add examples of it, or set split.stratify: false"
+            ) from None
+        for name in SPLITS:
+            parts[name].append(cut[name])
+    joined = {name: Messages.concat(parts[name]) for name in SPLITS}
+    return {name: part.take(sample_rows(len(part), len(part), seed)) for name, part in joined.items()}
+
+
+def _cut(shuffled: Messages, train: float, validation: float, test: float) -> dict[str, Messages]:
+    n = len(shuffled)
     train_end = int(n * train)
     validation_end = train_end + int(n * validation)
     test_end = n if abs(train + validation + test - 1) < 1e-9 else validation_end + int(n * test)

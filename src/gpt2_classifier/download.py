@@ -2,7 +2,7 @@
 
 HTTP(S) goes through pooch (timeouts, retries with growing waits, a progress bar);
 `file://` URLs and plain paths are read from disk so an offline user can point the
-pipeline at a copy. A source may be the zip or the data file itself.
+pipeline at a copy. A source may be a zip or tar archive (.tar, .tar.gz) or the data file itself.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import url2pathname
@@ -26,13 +25,13 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
+from .archive import label_folders, open_archive
 from .errors import DownloadError, PipelineError
 from .files import atomic_path, sha256_file
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-ZIP_MAGIC = b"PK\x03\x04"
 SCHEMES = ("http", "https", "file")
 
 
@@ -176,68 +175,47 @@ def retrieve(
     return path
 
 
-def extract_member(archive: Path, member: str, out: Path, max_bytes: int, label: str | None = None) -> None:
-    """Copy `member` out of a zip (or the file itself when it is no zip), at most `max_bytes`.
+def extract_member(archive: Path, member: str | None, out: Path, max_bytes: int, label: str | None = None) -> None:
+    """Copy `member` out of a zip or tar (or the file itself when it is no archive), at most `max_bytes`.
 
-    `member` is a member's full path, or a file name that exactly one member has. Errors name
-    the archive as `label` (the user's URL or file) rather than where it was downloaded to."""
+    `member` is a member's full path, or a file name that exactly one member has (None: the archive's
+    only file). Errors name the archive as `label` (the user's URL or file) rather than where it was
+    downloaded to."""
     label = label or str(archive)
-    with open(archive, "rb") as f:
-        is_zip = f.read(4) == ZIP_MAGIC
-    if not is_zip:
-        if archive.stat().st_size > max_bytes:
-            raise DownloadError(f"{label}: larger than data.max_unzipped_mb")
-        shutil.copyfile(archive, out)
-        return
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
-            matches = [i for i in members if i.filename == member] or [
-                i for i in members if PurePosixPath(i.filename).name == member
-            ]
-            if not matches:
-                names = [info.filename for info in members][:10]
-                raise DownloadError(f"{label}: zip has no member '{member}' (data.member); it holds {names}")
-            if len(matches) > 1:
-                names = ", ".join(info.filename for info in matches)
-                raise DownloadError(
-                    f"{label}: zip holds {len(matches)} members named '{member}' ({names}); "
-                    "set data.member to the full path of the one to use"
-                )
-            info = matches[0]
-            name = PurePosixPath(info.filename)
-            if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
-                raise DownloadError(f"{label}: member '{info.filename}' would extract outside its folder")
-            if info.file_size > max_bytes:
-                raise DownloadError(
-                    f"{label}: member '{member}' expands to {info.file_size} bytes, over data.max_unzipped_mb"
-                )
-            _copy_bounded(zf, info, out, max_bytes, label)
-    except zipfile.BadZipFile as exc:
-        raise DownloadError(f"{label}: corrupt or truncated zip ({exc})") from None
+    with open_archive(archive, label) as opened:
+        if opened is None:
+            if archive.stat().st_size > max_bytes:
+                raise DownloadError(f"{label}: larger than data.max_unzipped_mb")
+            shutil.copyfile(archive, out)
+            return
+        opened.copy(opened.find(member) if member else opened.only_member(), out, max_bytes)
 
 
-def _copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path, max_bytes: int, archive: str) -> None:
-    written = 0
-    with zf.open(info) as src, open(out, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            written += len(chunk)
-            if written > max_bytes:
-                raise DownloadError(f"{archive}: member '{info.filename}' expands beyond data.max_unzipped_mb")
-            dst.write(chunk)
+def keep_archive(archive: Path, folder: str | None, out: Path, label: str) -> None:
+    """data.format folders: the archive itself is the data (balance reads its folders in place), once
+    it is known to hold `<folder>/<label>/<name>.txt` files."""
+    with open_archive(archive, label) as opened:
+        if opened is None:
+            raise DownloadError(
+                f"{label}: no zip or tar archive; data.format folders reads one folder per label from one"
+            )
+        label_folders(opened, folder)
+    shutil.copyfile(archive, out)
 
 
 def fetch_data_file(
     sources: list[str],
-    member: str,
+    member: str | None,
     sha256: str | None,
     dest: Path,
     timeout: float = 30.0,
     retries: int = 3,
     max_bytes: int = 100 << 20,
     deadline: float = 600.0,
+    folders: bool = False,
 ) -> str:
-    """Write the verified data file to `dest` from the first source that works; return that source."""
+    """Write the verified data file to `dest` from the first source that works; return that source.
+    With `folders`, the data is the whole archive, of one folder of texts per label inside `member`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -246,7 +224,10 @@ def fetch_data_file(
             with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
                 archive = retrieve(source, Path(tmp), timeout, retries, deadline, "data.deadline")
                 with atomic_path(dest) as out:
-                    extract_member(archive, member, out, max_bytes, redact(source))
+                    if folders:
+                        keep_archive(archive, member, out, redact(source))
+                    else:
+                        extract_member(archive, member, out, max_bytes, redact(source))
                     verify_sha256(out, sha256, source)
             return source
         except PipelineError as exc:
@@ -257,9 +238,11 @@ def fetch_data_file(
     else:
         fix = ("Offline? Download it elsewhere and set data.url to the local zip or file, "
                "e.g. dvc exp run -S data.url=/path/to/sms+spam+collection.zip")  # fmt: skip
-    raise DownloadError(
-        f"could not get '{member}' from {', '.join(redact(s) for s in sources)} ({failures[-1]}). {fix}"
-    )
+    if folders:
+        what = f"the folders of '{member}'" if member else "the archive"
+    else:
+        what = f"'{member}'" if member else "the data file"
+    raise DownloadError(f"could not get {what} from {', '.join(redact(s) for s in sources)} ({failures[-1]}). {fix}")
 
 
 def verify_sha256(path: Path, expected: str | None, source: str) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from .config import Truncate
 from .data import SPLITS, Messages
 from .errors import PipelineError
 from .files import read_validated
@@ -42,6 +43,7 @@ class EncodingInfo(BaseModel):
     longest_train: int
     splits: dict[str, SplitStats]
     labels: list[str]
+    truncate: Truncate = "head"  # which end of a longer text was kept
 
     @property
     def unpadded(self) -> bool:
@@ -88,19 +90,25 @@ def tokenize(texts: list[str]) -> list[list[int]]:
     return gpt2_encoding().encode_ordinary_batch(texts, num_threads=1)
 
 
-def pad(token_lists: list[list[int]], labels: list[int], max_length: int, pad_id: int = END_OF_TEXT_ID) -> PaddedSplit:
+def pad(
+    token_lists: list[list[int]], labels: list[int], max_length: int, pad_id: int = END_OF_TEXT_ID,
+    truncate: Truncate = "head",
+) -> PaddedSplit:  # fmt: skip
+    """Rows of `max_length` tokens: each text's first `max_length` tokens (its last ones, for
+    truncate "tail"), then padding."""
     input_ids = np.full((len(token_lists), max_length), pad_id, dtype=np.int64)
     lengths = np.empty(len(token_lists), dtype=np.int64)
     for row, tokens in enumerate(token_lists):
-        tokens = tokens[:max_length]
+        tokens = tokens[:max_length] if truncate == "head" else tokens[max(len(tokens) - max_length, 0) :]
         input_ids[row, : len(tokens)] = tokens
         lengths[row] = len(tokens)
     return PaddedSplit(input_ids, np.array(labels, dtype=np.int64), lengths)
 
 
 def pad_encode(
-    splits: dict[str, Messages], labels: list[str], max_length: int | str = "longest", context_length: int = 1024
-) -> tuple[dict[str, PaddedSplit], EncodingInfo]:
+    splits: dict[str, Messages], labels: list[str], max_length: int | str = "longest", context_length: int = 1024,
+    truncate: Truncate = "head",
+) -> tuple[dict[str, PaddedSplit], EncodingInfo]:  # fmt: skip
     """Encode every split and pad (truncating to the model's context) to one length:
 
     - "longest": the longest training sequence, as the reference does;
@@ -108,13 +116,15 @@ def pad_encode(
     - "none": no padding for the model; stored padded to the longest sequence of any split,
       with `lengths`, so the trainer reads each message at its own length;
     - a number of tokens.
+
+    A longer text keeps its first tokens, or its last ones with truncate "tail".
     """
     tokens = {name: tokenize(splits[name].texts) for name in SPLITS}
     longest_train = max(len(t) for t in tokens["train"])
     longest_any = max(len(t) for name in SPLITS for t in tokens[name])
     wanted = {"longest": longest_train, "context": context_length, "none": longest_any}.get(max_length, max_length)
     length = min(int(wanted), context_length)
-    encoded = {name: pad(tokens[name], splits[name].labels.tolist(), length) for name in SPLITS}
+    encoded = {name: pad(tokens[name], splits[name].labels.tolist(), length, truncate=truncate) for name in SPLITS}
     info = EncodingInfo(
         padding="none" if max_length == "none" else "fixed",
         max_length=length,
@@ -130,6 +140,7 @@ def pad_encode(
             for name in SPLITS
         },
         labels=labels,
+        truncate=truncate,
     )
     return encoded, info
 

@@ -4,11 +4,13 @@ matrix and ROC, written for DVC and logged to finetune's MLflow run and model. N
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .data import SPLITS
 from .files import write_json, write_rows
-from .metrics import classification_report, confusion_matrix, roc_auc, roc_curve
+from .metrics import classification_report, confusion_matrix, per_class_report, roc_auc, roc_curve
 from .params import Params
 from .paths import EVAL_REPORTS, METRICS, PREDICTIONS, RUN_FILE
 from .plots import plot_confusion
@@ -19,13 +21,16 @@ from .tracking import continue_run
 def evaluate(params: Params) -> dict[str, dict[str, float]]:
     with continue_run(params.mlflow, RUN_FILE) as (tracker, record):
         predictions = {name: read_predictions(PREDICTIONS / f"{name}.csv") for name in SPLITS}
-        metrics = {name: classification_report(p.labels, p.probs) for name, p in predictions.items()}
+        metrics = {
+            name: classification_report(p.labels, p.probs) | per_class_report(p.labels, p.probs, p.classes)
+            for name, p in predictions.items()
+        }
         test_auc = write_test_reports(predictions["test"])
         if test_auc is not None:
             metrics["test"]["roc_auc"] = test_auc
         write_json(METRICS, metrics)
         # At the training's last step, where the logged model reads its metrics.
-        flat = {f"{split}/{name}": value for split, values in metrics.items() for name, value in values.items()}
+        flat = {metric_key(split, *keys): value for split, values in metrics.items() for keys, value in leaves(values)}
         tracker.log_metrics(flat, step=record.step, model_id=record.model_id)
         reports = [EVAL_REPORTS / name for name in ("confusion.png", "confusion.csv", "roc.csv")]
         tracker.log_artifacts([METRICS, *reports], "evaluate")
@@ -36,6 +41,20 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
             print(f"evaluate: registered {register_as} version {version}")
     print("evaluate: accuracy " + ", ".join(f"{name} {metrics[name]['accuracy']:.2%}" for name in SPLITS))
     return metrics
+
+
+def leaves(tree: dict, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
+    """(path of keys, value) of every number in nested dicts."""
+    found = []
+    for key, value in tree.items():
+        found += leaves(value, (*keys, key)) if isinstance(value, dict) else [((*keys, key), value)]
+    return found
+
+
+def metric_key(*parts: str) -> str:
+    """An MLflow metric name: test/accuracy, test/per_class/<class>/f1 (a class name's characters that
+    MLflow refuses in names, '/' among them, become '_')."""
+    return "/".join(re.sub(r"[^\w.\- :]", "_", part) for part in parts)
 
 
 def write_test_reports(test: Predictions) -> float | None:

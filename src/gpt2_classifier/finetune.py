@@ -91,7 +91,7 @@ def finetune(params: Params) -> History:
         config = ClassifierConfig(
             labels=meta.labels, pool=pool, max_length=meta.max_length, pad_id=meta.pad_id, padding=meta.padding,
             causal_mask=f.causal_mask, trainable_blocks="all" if f.lora.enabled else f.trainable_blocks,
-            base=base.identity(), gpt=cfg, lora=lora_spec(model), precision=f.precision,
+            base=base.identity(), gpt=cfg, lora=lora_spec(model), precision=f.precision, truncate=meta.truncate,
         )  # fmt: skip
         save_classifier(model, CLASSIFIER, config)
         write_all_predictions(model, inputs, meta.labels)

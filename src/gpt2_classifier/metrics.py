@@ -29,6 +29,28 @@ def classification_report(labels: np.ndarray, probs: np.ndarray) -> dict[str, fl
     }
 
 
+def per_class_report(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """Precision, recall and F1 macro-averaged over the classes, and of each class with its support
+    (its number of examples); a class never predicted has precision 0."""
+    matrix = confusion_matrix(labels, probs.argmax(1), len(classes)).astype(np.float64)
+    true_positive = np.diag(matrix)
+    precision = true_positive / np.maximum(matrix.sum(0), 1)
+    recall = true_positive / np.maximum(matrix.sum(1), 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return {
+        "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
+        "per_class": {
+            name: {
+                "precision": float(precision[c]),
+                "recall": float(recall[c]),
+                "f1": float(f1[c]),
+                "support": int(matrix[c].sum()),
+            }  # fmt: skip
+            for c, name in enumerate(classes)
+        },
+    }
+
+
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> list[dict[str, float]]:
     """False and true positive rates as the threshold on `scores` (of class 1) falls."""
     order = np.argsort(-scores, kind="stable")

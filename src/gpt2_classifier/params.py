@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import PRESETS, GPTConfig, Precision
+from .config import PRESETS, GPTConfig, Precision, Truncate
 from .errors import ParamsError
 from .files import project_root
 from .paths import CHECKPOINTS, PREFIX_CACHE
@@ -23,15 +23,39 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DataFormat = Literal["sms", "csv", "tsv", "jsonl", "parquet", "folders"]
+TABULAR = ("csv", "tsv", "jsonl", "parquet")  # read by column name (data.text_column, data.label_column)
+
+
 class DataParams(Section):
     url: str
     mirrors: list[str] = []
-    member: str = "SMSSpamCollection"
-    sha256: Sha256 | None = None
+    # The data file inside a zip or tar.gz (its path there, or a name that one member has); for
+    # folders, the folder in the archive that holds one folder per label (null: the archive's top)
+    member: str | None = "SMSSpamCollection"
+    sha256: Sha256 | None = None  # of the data file (for folders: of the archive); null: not checked
+    # sms: `label<TAB>text` lines (the SMS Spam Collection); csv, tsv (header row), jsonl, parquet:
+    # columns text_column and label_column; folders: <member>/<label>/<name>.txt in a zip or tar.gz
+    format: DataFormat = "sms"
+    text_column: str = "text"
+    label_column: str = "label"
     timeout: float = Field(30.0, gt=0)
     deadline: float = Field(600.0, gt=0)
     retries: int = Field(3, ge=0)
     max_unzipped_mb: float = Field(100.0, gt=0)
+
+    @field_validator("text_column", "label_column")
+    @classmethod
+    def _column_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; name the column of the data file's header")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> DataParams:
+        if self.format in TABULAR and self.text_column == self.label_column:
+            raise ValueError(f"text_column and label_column are both {self.text_column!r}; name two columns")
+        return self
 
     @field_validator("url", "mirrors")
     @classmethod
@@ -47,11 +71,14 @@ class DataParams(Section):
 
 class BalanceParams(Section):
     seed: Seed = 123
-    labels: list[str] = Field(["ham", "spam"], min_length=2)
+    # Class i is labels[i]; null: the labels found in the data, sorted (recorded in data/balance.json)
+    labels: list[str] | None = Field(["ham", "spam"], min_length=2)
+    # undersample: every class to the size of the smallest (the reference); none: keep every row
+    strategy: Literal["undersample", "none"] = "undersample"
 
     @model_validator(mode="after")
     def _unique_labels(self) -> BalanceParams:
-        if len(set(self.labels)) != len(self.labels):
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels must be distinct, got {self.labels}")
         return self
 
@@ -61,6 +88,7 @@ class SplitParams(Section):
     train: Fraction = 0.7
     validation: Fraction = 0.1
     test: Fraction = 0.2
+    stratify: bool = False  # true: each class split by the fractions; false: the reference's one shuffle
 
     @model_validator(mode="after")
     def _sum_at_most_one(self) -> SplitParams:
@@ -73,6 +101,7 @@ class SplitParams(Section):
 class PadEncodeParams(Section):
     # longest training sequence | the model's context | none (each message at its own length) | a number
     max_length: Literal["longest", "context", "none"] | Annotated[int, Field(ge=1)] = "longest"
+    truncate: Truncate = "head"  # which end of a longer text is kept: head (its start) | tail (its end)
 
 
 class ModelParams(Section):
@@ -121,6 +150,8 @@ class FinetuneParams(Section):
     accumulation_steps: int = Field(1, ge=1)
     causal_mask: bool = True
     ignore_index: int = -100
+    # balanced: each class's loss weighted by n / (classes * its training examples); none: unweighted
+    class_weights: Literal["balanced", "none"] = "none"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Precision = "float32"
     prefix_cache: bool = True
@@ -183,10 +214,10 @@ class Params(Section):
         length = self.pad_encode.max_length
         if isinstance(length, int) and length > config.context_length:
             raise ValueError(f"pad_encode.max_length={length} exceeds the model's context of {config.context_length}")
-        ignored = self.finetune.ignore_index
-        if 0 <= ignored < len(self.balance.labels):
+        ignored, labels = self.finetune.ignore_index, self.balance.labels
+        if labels is not None and 0 <= ignored < len(labels):
             raise ValueError(
-                f"finetune.ignore_index={ignored} is the class of '{self.balance.labels[ignored]}' (balance.labels): "
+                f"finetune.ignore_index={ignored} is the class of '{labels[ignored]}' (balance.labels): "
                 "its messages would not train; use a value that is no class, e.g. -100"
             )
         blocks = self.finetune.trainable_blocks

@@ -3,7 +3,7 @@ of the pipeline (dvc.yaml declares the same ones; a test checks they agree)."""
 
 from pathlib import Path
 
-RAW = Path("data/raw/messages.tsv")  # download
+RAW = Path("data/raw/source")  # download: the data file (data.format folders: the archive)
 BALANCED = Path("data/balanced.csv")  # balance
 BALANCE_COUNTS = Path("data/balance.json")
 SPLIT_DIR = Path("data/split")  # split: {train,validation,test}.csv

@@ -20,12 +20,15 @@ def _save(fig, path: str | os.PathLike) -> None:
 
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], path: str | os.PathLike) -> None:
-    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    size = max(3.4, 0.6 * len(labels) + 2.2)  # room for every class's name and counts
+    fig, ax = plt.subplots(figsize=(size + 0.4, size))
     ax.imshow(matrix, cmap="Blues")
     for i, row in enumerate(matrix):
         for j, count in enumerate(row):
             ax.text(j, i, str(count), ha="center", va="center")
-    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xticks(
+        range(len(labels)), labels, rotation=45 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center"
+    )
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")

@@ -38,6 +38,7 @@ class TrainSettings:
     pool: str = "last"
     accumulation_steps: int = 1
     ignore_index: int = -100
+    class_weights: str = "none"  # balanced: each class's loss weighted by n / (classes * its training rows)
 
     @classmethod
     def from_params(cls, f: FinetuneParams, pool: str) -> TrainSettings:
@@ -131,6 +132,14 @@ def index_batches(n: int, batch_size: int, generator: torch.Generator | None = N
     yield from order.split(batch_size)
 
 
+def class_weights(labels: torch.Tensor, num_classes: int, settings: TrainSettings) -> torch.Tensor:
+    """finetune.class_weights balanced: n / (classes * count) for each class of the training rows (the
+    rows labelled ignore_index aside), so every class weighs as much in the loss as a balanced set."""
+    counted = labels[labels != settings.ignore_index]
+    counts = torch.bincount(counted[(counted >= 0) & (counted < num_classes)], minlength=num_classes)
+    return (len(counted) / (num_classes * counts.clamp(min=1))).to(torch.float32)
+
+
 class Trainer:
     def __init__(self, model: GPTModel, train: Inputs, val: Inputs, settings: TrainSettings, device):
         self.model, self.train_inputs, self.val_inputs, self.s = model, train, val, settings
@@ -139,13 +148,19 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         # The fused kernel does AdamW's update in one pass: the same update, several times faster on CPU.
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
+        self.weight = (
+            class_weights(train.labels, model.out_head.out_features, settings)
+            if settings.class_weights == "balanced"
+            else None
+        )
         self.history = History()
         self.epoch = 0  # epochs done
         self.step = -1  # the reference counts from -1, so its first estimate follows the first step
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the batch; rows labelled `ignore_index` do not count."""
-        return F.cross_entropy(logits, labels, ignore_index=self.s.ignore_index)
+        weight = None if self.weight is None else self.weight.to(logits.device)
+        return F.cross_entropy(logits, labels, weight=weight, ignore_index=self.s.ignore_index)
 
     def _train_batches(self) -> Iterator[torch.Tensor]:
         return index_batches(len(self.train_inputs), self.s.batch_size, self.generator)

@@ -1,0 +1,244 @@
+"""Your own data: every data.format read the same, archives read in place and bounded, one-line errors
+naming the user's file and row, N classes through split, padding and metrics."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import zip_bytes
+
+from gpt2_classifier.data import Messages, split
+from gpt2_classifier.download import fetch_data_file
+from gpt2_classifier.encode import pad, pad_encode
+from gpt2_classifier.errors import DataError, DownloadError, ParamsError
+from gpt2_classifier.metrics import per_class_report
+from gpt2_classifier.params import DataParams, parse_params
+from gpt2_classifier.readers import data_name, number_labels, read_labelled
+from gpt2_classifier.train import TrainSettings, class_weights
+
+ROWS = [(f'order {i}, "late", café\nline two' if i % 5 == 0 else f"text {i}", ("billing", "shipping", "refund")[i % 3])
+        for i in range(30)]  # fmt: skip
+
+
+def csv_bytes(rows, delimiter=",", text="text", label="label") -> bytes:
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    writer.writerow(["id", label, text])
+    writer.writerows([i, lab, t] for i, (t, lab) in enumerate(rows))
+    return buffer.getvalue().encode()
+
+
+def jsonl_bytes(rows) -> bytes:
+    return "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows).encode()
+
+
+def parquet_bytes(rows) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [lab for _, lab in rows]}), buffer)
+    return buffer.getvalue()
+
+
+def tar_gz(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def folder_members(rows, top="data/train") -> dict[str, bytes]:
+    members = {f"{top}/{lab}/{i:03d}.txt": t.encode() for i, (t, lab) in enumerate(rows)}
+    return members | {f"{top}/urls.txt": b"not a text", f"{top}/unsup/900.txt": b"no label", "data/README": b"about"}
+
+
+def write(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def read(path, **data):
+    params = DataParams(url=str(path), **data)
+    return read_labelled(path, params, None, 1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "data"),
+    [
+        ("d.csv", lambda: csv_bytes(ROWS), {"format": "csv"}),
+        ("d.tsv", lambda: csv_bytes(ROWS, "\t"), {"format": "tsv"}),
+        ("d.jsonl", lambda: jsonl_bytes(ROWS), {"format": "jsonl"}),
+        ("d.parquet", lambda: parquet_bytes(ROWS), {"format": "parquet"}),
+        (
+            "d.csv",
+            lambda: csv_bytes(ROWS, text="body", label="intent"),
+            {"format": "csv", "text_column": "body", "label_column": "intent"},
+        ),
+    ],  # fmt: skip
+    ids=["csv", "tsv", "jsonl", "parquet", "csv with other column names"],
+)
+def test_every_tabular_format_reads_the_same_texts_and_labels(tmp_path, name, content, data):
+    texts = read(write(tmp_path, name, content()), **data)
+    assert texts.texts == [t for t, _ in ROWS] and texts.labels == [lab for _, lab in ROWS]
+    messages, labels = number_labels(texts, None)
+    assert labels == ["billing", "refund", "shipping"]  # sorted from the data
+    assert messages.labels.tolist() == [labels.index(lab) for _, lab in ROWS]
+
+
+def test_folders_in_a_tar_gz_and_a_zip_read_each_label_folder(tmp_path):
+    members = folder_members(ROWS)
+    for archive in (write(tmp_path, "d.tar.gz", tar_gz(members)), write(tmp_path, "d.zip", zip_bytes(members))):
+        params = DataParams(url=str(archive), format="folders", member="data/train")
+        texts = read_labelled(archive, params, ["billing", "refund", "shipping"], 1 << 20)
+        assert sorted(zip(texts.texts, texts.labels, strict=True)) == sorted(ROWS)
+        assert texts.left_out == {"unsup": 1}  # a folder balance.labels does not name; urls.txt is no label's
+        everything = read_labelled(archive, params, None, 1 << 20)
+        assert set(everything.labels) == {"billing", "refund", "shipping", "unsup"}
+        with pytest.raises(DataError, match=r"over data.max_unzipped_mb \(all texts together\)"):
+            read_labelled(archive, params, None, 200)  # every text counts against the bound
+
+
+def test_download_keeps_a_folders_archive_and_extracts_a_file_from_a_tar_gz(tmp_path):
+    archive = write(tmp_path, "reviews.tar.gz", tar_gz(folder_members(ROWS)))
+    fetch_data_file([str(archive)], "data/train", None, tmp_path / "raw", retries=0, folders=True)
+    assert (tmp_path / "raw").read_bytes() == archive.read_bytes()
+    with pytest.raises(DownloadError, match="no folder of .txt files inside 'data/test'"):
+        fetch_data_file([str(archive)], "data/test", None, tmp_path / "raw2", retries=0, folders=True)
+    data = csv_bytes(ROWS)
+    packed = write(tmp_path, "t.tar.gz", tar_gz({"export/intents.csv": data, "export/notes.txt": b"x"}))
+    fetch_data_file([str(packed)], "intents.csv", None, tmp_path / "one", retries=0)
+    assert (tmp_path / "one").read_bytes() == data
+    with pytest.raises(DownloadError, match="holds 2 files"):
+        fetch_data_file([str(packed)], None, None, tmp_path / "none", retries=0)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"../evil.csv": b"text,label\n"}, "would extract outside its folder"),
+        ({"/abs/evil.csv": b"text,label\n"}, "would extract outside its folder"),
+        ({"evil.csv": b"\0" * 5000}, "expands to 5000 bytes, over data.max_unzipped_mb"),
+    ],
+)
+def test_tar_members_are_bounded_and_kept_inside(tmp_path, members, message):
+    archive = write(tmp_path, "bad.tar.gz", tar_gz(members))
+    name = next(iter(members)).rsplit("/", 1)[-1]
+    with pytest.raises(DownloadError, match=message) as info:
+        fetch_data_file([str(archive)], name, None, tmp_path / "out", retries=0, max_bytes=1000)
+    assert str(archive) in str(info.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "data", "message"),
+    [
+        ("u.csv", b"text,label\nok,a\n,b\n", {"format": "csv"}, r"^u.csv:3: empty text \(data.text_column 'text'\)"),
+        (
+            "u.csv",
+            b"body,label\nok,a\n",
+            {"format": "csv"},
+            r"^u.csv: no column 'text' in its header \['body', 'label'\]"
+            r"; set data.text_column",
+        ),
+        ("u.csv", b"text,label\nok,a\nok,b,extra\n", {"format": "csv"}, r"^u.csv:3: 3 fields where the header has 2"),
+        (
+            "u.jsonl",
+            b'{"text": "a", "label": "x"}\n{"text": "b"}\n',
+            {"format": "jsonl"},
+            r"^u.jsonl:2: no key 'label'",
+        ),
+        ("u.jsonl", b'{"text": "a", "label": "x"}\nnot json\n', {"format": "jsonl"}, r"^u.jsonl:2: not JSON"),
+        (
+            "u.jsonl",
+            b'{"text": "a", "label": "x"}\n{"text": "  ", "label": "y"}\n',
+            {"format": "jsonl"},
+            r"^u.jsonl:2: empty text",
+        ),
+        ("u.tsv", b"text\tlabel\nok\t\n", {"format": "tsv"}, r"^u.tsv:2: empty label \(data.label_column 'label'\)"),
+        ("u.csv", b"text,label\nok,a\n\xff,b\n", {"format": "csv"}, r"^u.csv:3: not valid UTF-8"),
+    ],  # fmt: skip
+)
+def test_bad_rows_are_named_by_file_and_line(tmp_path, name, content, data, message):
+    with pytest.raises(DataError, match=message) as info:
+        read(write(tmp_path, name, content), **data)
+    assert "\n" not in str(info.value) and str(tmp_path) not in str(info.value)  # the user's file name, one line
+
+
+def test_parquet_rows_and_unknown_labels_are_named(tmp_path):
+    path = write(tmp_path, "u.parquet", parquet_bytes([("ok", "a"), ("", "b")]))
+    with pytest.raises(DataError, match=r"^u.parquet row 2: empty text"):
+        read(path, format="parquet")
+    texts = read(write(tmp_path, "v.csv", b"text,label\nok,a\nfine,b\nwhat,c\n"), format="csv")
+    with pytest.raises(
+        DataError, match=r"^v.csv:4: unknown label 'c'; expected one of \['a', 'b'\] \(balance.labels\)"
+    ):
+        number_labels(texts, ["a", "b"])
+
+
+def test_the_data_file_is_named_as_the_user_gave_it():
+    assert data_name(DataParams(url="https://x.org/sms+spam+collection.zip")) == "SMSSpamCollection"
+    assert data_name(DataParams(url="/home/me/tickets.csv", format="csv", member=None)) == "tickets.csv"
+    assert data_name(DataParams(url="https://x.org/aclImdb_v1.tar.gz", format="folders", member="a/b")) == (
+        "aclImdb_v1.tar.gz"
+    )
+
+
+def test_new_params_have_one_line_errors():
+    base = {"data": {"url": "x"}}
+    for change, message in [
+        ({"data": {"url": "x", "format": "xml"}}, "data.format: Input should be 'sms', 'csv'"),
+        ({"data": {"url": "x", "format": "csv", "text_column": "a", "label_column": "a"}}, "both 'a'"),
+        ({"balance": {"strategy": "oversample"}}, "balance.strategy: Input should be 'undersample' or 'none'"),
+        ({"pad_encode": {"truncate": "middle"}}, "pad_encode.truncate: Input should be 'head' or 'tail'"),
+        ({"finetune": {"class_weights": "inverse"}}, "finetune.class_weights: Input should be 'balanced' or 'none'"),
+    ]:
+        with pytest.raises(ParamsError, match=message) as info:
+            parse_params(base | change)
+        assert "\n" not in str(info.value)
+    assert parse_params(base | {"balance": {"labels": None}}).balance.labels is None
+
+
+def messages(labels) -> Messages:
+    n = len(labels)
+    return Messages([f"m{i}" for i in range(n)], np.array(labels, dtype=np.int64), np.arange(1, n + 1))
+
+
+def test_stratified_split_keeps_each_class_share_and_small_classes_are_refused():
+    frame = messages([0] * 70 + [1] * 20 + [2] * 10)
+    parts = split(frame, 0.7, 0.1, 0.2, seed=1, stratify=True)
+    counts = {name: np.bincount(p.labels, minlength=3).tolist() for name, p in parts.items()}
+    assert counts == {"train": [49, 14, 7], "validation": [7, 2, 1], "test": [14, 4, 2]}
+    assert parts["train"].labels.tolist() != sorted(parts["train"].labels.tolist())  # shuffled across classes
+    with pytest.raises(DataError, match=r"class 'rare' has 2 examples, too few to split into train, validation"):
+        split(messages([0] * 50 + [1] * 2), 0.7, 0.1, 0.2, seed=1, labels=["common", "rare"])
+    with pytest.raises(DataError, match=r"class 'b' has 5 examples, too few to give each of .* \(split.stratify\)"):
+        split(messages([0] * 50 + [1] * 5), 0.7, 0.1, 0.2, seed=1, stratify=True, labels=["a", "b"])
+
+
+def test_truncate_tail_keeps_the_end_and_is_recorded():
+    assert pad([[1, 2, 3, 4, 5]], [0], 3).input_ids.tolist() == [[1, 2, 3]]
+    assert pad([[1, 2, 3, 4, 5]], [0], 3, truncate="tail").input_ids.tolist() == [[3, 4, 5]]
+    splits = {name: messages([0, 1, 2]) for name in ("train", "validation", "test")}
+    _, meta = pad_encode(splits, ["a", "b", "c"], 1, truncate="tail")
+    assert meta.truncate == "tail" and meta.labels == ["a", "b", "c"]
+
+
+def test_balanced_class_weights_and_per_class_metrics():
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2] * 3 + [-100])
+    weights = class_weights(labels, 3, TrainSettings(class_weights="balanced"))
+    assert weights.tolist() == pytest.approx([12 / 18, 12 / 9, 12 / 9])  # n / (classes * count), -100 skipped
+    actual = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.eye(3, dtype=np.float32)[[0, 1, 1, 1, 2, 0]]
+    report = per_class_report(actual, probs, ["a", "b", "c"])
+    assert report["per_class"]["a"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert report["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert report["macro"]["recall"] == pytest.approx((0.5 + 1 + 0.5) / 3)
