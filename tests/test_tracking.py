@@ -127,17 +127,20 @@ def test_two_experiments_in_a_row_each_record_their_own_lineage_and_changes(tmp_
     assert runs["lr-high"].data.tags["output.model"] in first_lock
     assert tags["input.encoded"] == runs["lr-high"].data.tags["input.encoded"]  # same data, same hash
 
-    # The same params again: DVC restores the results from its run-cache instead of training, so there is no
-    # new run, and the experiment's mlflow_run_id names the run that made those outputs.
+    # The same params again train again, as a run of its own: DVC never restores finetune (nor evaluate) from
+    # its run-cache, since they write outputs it does not cache, so no experiment goes without its run.
     run(["dvc", "exp", "run", "-n", "lr-high-again", "-S", "finetune.lr=0.002"], project)
-    assert {r.info.run_name for r in all_runs(client)} == {"lr-high", "lr-low"}
+    again = {r.info.run_name: r for r in all_runs(client)}["lr-high-again"]
+    assert again.data.params["finetune.lr"] == "0.002" and again.info.run_id != runs["lr-high"].info.run_id
     summaries = {
         exp["name"]: exp["data"]["metrics"]["reports/train/summary.json"]["data"]
         for rev in json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
         for exp in (e for group in (rev.get("experiments") or []) for e in group["revs"])
     }
-    assert summaries["lr-high-again"]["mlflow_run_id"] == runs["lr-high"].info.run_id
-    assert summaries["lr-low"]["mlflow_run_id"] == runs["lr-low"].info.run_id
+    assert {name: summary["mlflow_run_id"] for name, summary in summaries.items()} == {
+        "lr-high": runs["lr-high"].info.run_id, "lr-low": runs["lr-low"].info.run_id,
+        "lr-high-again": again.info.run_id,
+    }  # fmt: skip
 
     # dvc plots diff: one chart per plot overlaying both experiments, drawn from the declared columns.
     plots = json.loads(run(["dvc", "plots", "diff", "lr-high", "lr-low", "--json"], project).stdout)["data"]
@@ -184,6 +187,7 @@ def mlflow_server(tmp_path):
     process.wait(timeout=30)
 
 
+@pytest.mark.team
 def test_team_setup_logs_to_a_real_mlflow_server(tmp_path, made_data, mlflow_server, monkeypatch):
     project = make_project(tmp_path / "p", tiny_params(*made_data))
     run(["dvc", "repro"], project, extra_env={"MLFLOW_TRACKING_URI": mlflow_server, **FAST_SAMPLES})
