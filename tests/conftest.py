@@ -191,7 +191,7 @@ def make_project(dest: Path, params: dict) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(PROJECT / name, dest / name)
-    for folder in ("stages", "src", "experiments"):
+    for folder in ("stages", "src", "experiments", "inputs"):
         shutil.copytree(PROJECT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (dest / ".dvc").mkdir()
     shutil.copy(PROJECT / ".dvc" / "config", dest / ".dvc" / "config")

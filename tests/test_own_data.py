@@ -10,7 +10,16 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import PROJECT, make_messages, make_project, run, run_seeing_imports, tiny_params, zip_bytes
+from conftest import (
+    PROJECT,
+    make_messages,
+    make_project,
+    run,
+    run_seeing_imports,
+    stages_run,
+    tiny_params,
+    zip_bytes,
+)
 from test_readers import csv_bytes, jsonl_bytes, parquet_bytes, tar_gz
 
 pytestmark = pytest.mark.slow
@@ -158,3 +167,19 @@ def test_a_class_without_examples_stops_balance_with_one_line(tmp_path):
         "error: no messages labelled ['promo']; every class in balance.labels needs examples"
     ]
     assert not (project / "data/balanced.csv").exists()
+
+
+def test_a_data_file_in_inputs_is_watched_by_dvc(tmp_path):
+    """data.url: inputs/... (relative to the project): download depends on inputs/, so editing the file
+    reruns the stages it feeds, and the new rows are what they read."""
+    rows = intents({"billing": 12, "shipping": 12})
+    params = tiny_params("inputs/tickets.csv", None, balance={"labels": None})
+    params["data"].update(format="csv", member=None)
+    project = make_project(tmp_path / "p", params)
+    (project / "inputs/tickets.csv").write_bytes(csv_bytes(rows))
+    assert stages_run(run(["dvc", "repro", "split"], project).stdout) == ["download", "balance", "split"]
+    assert stages_run(run(["dvc", "repro", "split"], project).stdout) == []
+
+    (project / "inputs/tickets.csv").write_bytes(csv_bytes(rows + intents({"account": 9}, seed=1)))
+    assert stages_run(run(["dvc", "repro", "split"], project).stdout) == ["download", "balance", "split"]
+    assert json.loads((project / "data/balance.json").read_text())["labels"] == ["account", "billing", "shipping"]
