@@ -53,7 +53,7 @@ ELSEWHERE = {
     # Working as a team: placeholders (<bucket>, <host>) stand for the servers those tests start.
     '.venv/bin/pip install -c constraints.txt -e ".[s3]"': EXTRAS,
     'make setup && .venv/bin/pip install -c constraints.txt -e ".[s3]"': EXTRAS,
-    'pip install "mlflow[auth]" "psycopg[binary]"': EXTRAS,
+    'pip install "mlflow[auth]" "psycopg[binary]" boto3': EXTRAS,
     "dvc remote add -d storage s3://<bucket>/gpt2-classifier": S3,
     "dvc remote modify storage endpointurl https://<minio host>": S3,
     "dvc remote modify --local storage access_key_id <key id>": S3,
