@@ -25,7 +25,8 @@ RUN_HERE = [
     "dvc plots show",
     "dvc exp run -S finetune.lr=1e-4",
     "dvc exp run -S finetune.trainable_blocks=2",
-    "dvc exp show --only-changed --drop 'Created|.*/|train|.*estimate|seconds|examples|.*\\.(precision|recall)$"
+    "dvc exp show --only-changed --drop 'Created|.*/|train|.*estimate|seconds|examples|mlflow_run_id"
+    "|.*\\.(precision|recall)$"
     "|.*\\.(macro|per_class)\\.' "
     "--keep '(validation|test)\\.accuracy'",
     "dvc plots diff $(dvc exp ls --name-only)",
