@@ -259,3 +259,24 @@ def test_two_processes_write_the_embedded_store_at_once(tmp_path):
     for r in runs:
         assert r.info.status == "FINISHED"
         assert len(client.get_metric_history(r.info.run_id, "val_loss")) == 200
+
+
+def test_runs_starting_at_once_share_the_experiment_that_one_of_them_created(tmp_path, monkeypatch):
+    """Two queued runs on a server both find no experiment and both create it; the second create is
+    refused (RESOURCE_ALREADY_EXISTS). The second run uses the first one's experiment instead of failing,
+    which cost a sweep one of its four runs on a PostgreSQL-backed server."""
+    import mlflow
+
+    from gpt2_classifier import tracking
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    created = MlflowClient(uri).create_experiment("race")
+    real, looks = mlflow.get_experiment_by_name, []
+
+    def look(name):  # the first look happens before the other run created it
+        looks.append(name)
+        return None if len(looks) == 1 else real(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", look)
+    assert tracking._use_experiment(uri, "race") == created
+    assert [e.name for e in MlflowClient(uri).search_experiments()].count("race") == 1

@@ -134,6 +134,24 @@ def _first_call(uri: str) -> Iterator[None]:
         yield
 
 
+def _create_experiment(uri: str, name: str) -> str:
+    """A new experiment, or the one another run created since we looked: runs that start at once
+    (`dvc queue start -j 2`) on a server both find no experiment and both create it, and the second
+    create is refused (RESOURCE_ALREADY_EXISTS), which would fail that run before it starts."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    local = uri.startswith("sqlite:///")
+    artifacts = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri() if local else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifacts)
+    except MlflowException as exc:
+        existing = mlflow.get_experiment_by_name(name) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
 def _use_experiment(uri: str, name: str) -> str:
     """Set the tracking URI and experiment (creating it, with artifacts beside a local store)."""
     import mlflow
@@ -142,12 +160,7 @@ def _use_experiment(uri: str, name: str) -> str:
         try:
             experiment = mlflow.get_experiment_by_name(name)
             deleted = experiment is not None and experiment.lifecycle_stage == "deleted"
-            if experiment is None:
-                local = uri.startswith("sqlite:///")
-                artifacts = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri() if local else None
-                experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
-            else:
-                experiment_id = experiment.experiment_id
+            experiment_id = experiment.experiment_id if experiment else _create_experiment(uri, name)
         except Exception as exc:  # MLflow raises many types for an unreachable or broken store
             raise store_failure(uri, exc) from None
     if deleted:
