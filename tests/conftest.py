@@ -7,6 +7,7 @@ import http.server
 import io
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -221,3 +222,17 @@ def assert_same_parameters(model, other, atol: float) -> None:
             d = p.shape[0] // 3
             p, q = torch.cat([p[:d], p[2 * d :]]), torch.cat([q[:d], q[2 * d :]])
         assert torch.allclose(p, q, atol=atol), name
+
+
+def wait_for_queue(project: Path, limit: float = 900) -> None:
+    """Until `dvc queue status` lists nothing queued or running; a Failed task fails the test with its log."""
+    deadline = time.monotonic() + limit
+    while True:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            failed = re.findall(r"^\w+\s+(\S+)\s+.*\bFailed\b", status, re.M)
+            logs = [run(["dvc", "queue", "logs", name], project, check=False).stdout[-3000:] for name in failed]
+            assert "Failed" not in status, status + "\n".join(logs)
+            return
+        assert time.monotonic() < deadline, status
+        time.sleep(3)

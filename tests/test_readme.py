@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import yaml
-from conftest import PROJECT, make_project, run, tiny_params
+from conftest import PROJECT, make_project, run, tiny_params, wait_for_queue
 from mlflow.tracking import MlflowClient
 from test_team import README_COMMANDS as TEAM_HERE
 
@@ -186,14 +186,3 @@ def test_readme_dvc_commands_work_as_written(tmp_path, made_data):
     finally:
         ui.terminate()
         ui.wait(timeout=30)
-
-
-def wait_for_queue(project, limit: float = 900) -> None:
-    deadline = time.monotonic() + limit
-    while True:
-        status = shell("dvc queue status", project).stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            assert "Failed" not in status, status
-            return
-        assert time.monotonic() < deadline, status
-        time.sleep(3)

@@ -9,12 +9,11 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import servers
-from conftest import make_project, run, stages_run, tiny_params
+from conftest import make_project, run, stages_run, tiny_params, wait_for_queue
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
@@ -217,19 +216,6 @@ def test_a_sweep_lands_every_run_on_a_postgres_backed_server(tmp_path, made_data
     assert stages_run(sh(["dvc", "repro", "-f", "-s", "evaluate"], project, tracking).stdout) == ["evaluate"]
     assert len(client.get_metric_history(first.info.run_id, "test/accuracy")) == 2
     assert len(client.search_runs([experiment])) == 4
-
-
-def wait_for_queue(project: Path, limit: float = 900) -> None:
-    deadline = time.monotonic() + limit
-    while True:
-        status = sh(["dvc", "queue", "status"], project).stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            failed = re.findall(r"^\w+\s+(\S+)\s+.*\bFailed\b", status, re.M)
-            logs = [sh(["dvc", "queue", "logs", name], project, check=False).stdout[-3000:] for name in failed]
-            assert not failed, status + "\n".join(logs)
-            return
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
 
 
 def test_s3_remote_pushes_and_pulls_with_credentials_kept_out_of_git_and_output(tmp_path, made_data):

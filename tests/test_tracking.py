@@ -1,12 +1,12 @@
 """MLflow: what a run records, the DVC experiment workflows, a real server, failures."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+import servers
 import yaml
 from conftest import make_project, run, stages_run, tiny_params
 from mlflow.tracking import MlflowClient
@@ -158,33 +158,10 @@ def test_two_experiments_in_a_row_each_record_their_own_lineage_and_changes(tmp_
         assert plots[name][0]["content"]["encoding"]["x"]["title"] == x_title  # labelled axes, not "x"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts")]  # fmt: skip
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            MlflowClient(url).search_experiments(max_results=1)
-            break
-        except Exception:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not start within 120 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with servers.mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts", workers=1) as url:
+        yield url
 
 
 @pytest.mark.team
@@ -201,7 +178,7 @@ def test_team_setup_logs_to_a_real_mlflow_server(tmp_path, made_data, mlflow_ser
 
 def test_unreachable_server_fails_before_training(tmp_path, made_data):
     project = make_project(tmp_path / "p", tiny_params(*made_data))
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = f"http://127.0.0.1:{servers.free_port()}"
     start = time.monotonic()
     result = run(["dvc", "repro"], project, check=False, extra_env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode != 0
