@@ -71,7 +71,7 @@ def make_project(dest: Path, data: Path, args: argparse.Namespace, overrides: li
     dest.mkdir(parents=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, dest / name)
-    for folder in ("stages", "src"):
+    for folder in ("stages", "src", "inputs"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(url=str(data), mirrors=[], sha256=None)

@@ -1,6 +1,7 @@
 """MLflow: what a run records, the DVC experiment workflows, a real server, failures."""
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -257,3 +258,37 @@ def test_runs_starting_at_once_share_the_experiment_that_one_of_them_created(tmp
     monkeypatch.setattr(mlflow, "get_experiment_by_name", look)
     assert tracking._use_experiment(uri, "race") == created
     assert [e.name for e in MlflowClient(uri).search_experiments()].count("race") == 1
+
+
+def test_a_new_store_is_a_copy_of_the_empty_one_made_once_per_machine(tmp_path, monkeypatch):
+    """MLflow's schema migrations (1-2 s) run once per machine: each later new `mlflow.db` is a copy
+    of that empty store, which MLflow accepts as current and fills as one it made itself."""
+    from gpt2_classifier import store_template, tracking
+
+    monkeypatch.setattr(store_template, "USER_CACHE", tmp_path / "cache")
+    made, make = [], store_template._make
+    monkeypatch.setattr(store_template, "_make", lambda path: made.append(path) or make(path))
+    for project in ("a", "b"):
+        (tmp_path / project).mkdir()
+        uri = f"sqlite:///{tmp_path / project / 'mlflow.db'}"
+        experiment = tracking._use_experiment(uri, "spam")
+        client = MlflowClient(uri)
+        assert client.get_experiment(experiment).artifact_location == (tmp_path / project / "mlartifacts").as_uri()
+        assert sorted(e.name for e in client.search_experiments()) == ["Default", "spam"]
+    assert made == [store_template.template_path()]  # made for project a, copied for b
+    MlflowClient(f"sqlite:///{store_template.template_path()}").search_experiments()  # MLflow adds its Default
+    tracking._use_experiment(f"sqlite:///{tmp_path / 'c.db'}", "spam")
+    assert len(made) == 2  # a template that is no longer empty is made again
+    with sqlite3.connect(store_template.template_path()) as template:  # not through MLflow, which would fill it
+        assert template.execute("SELECT count(*) FROM experiments").fetchone() == (0,)  # no other store's paths
+
+
+def test_without_a_writable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypatch):
+    from gpt2_classifier import store_template, tracking
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(store_template, "USER_CACHE", tmp_path / "a-file" / "cache")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking._use_experiment(uri, "spam")
+    assert MlflowClient(uri).get_experiment(experiment).name == "spam"
+    assert not list(tmp_path.glob("*.tmp"))

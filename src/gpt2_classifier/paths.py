@@ -1,6 +1,7 @@
 """Where the stages read and write, relative to the project folder: one place for every path
 of the pipeline (dvc.yaml declares the same ones; a test checks they agree)."""
 
+import os
 from pathlib import Path
 
 RAW = Path("data/raw/source")  # download: the data file (data.format folders: the archive)
@@ -19,3 +20,7 @@ EVAL_REPORTS = Path("reports/eval")  # evaluate: confusion matrix, ROC
 # Outside DVC's outputs, under the project folder (see files.project_root): kept between runs.
 PREFIX_CACHE = Path(".cache/prefix")
 CHECKPOINTS = Path(".cache/checkpoints")
+
+# Outside the project: what any project on this machine can reuse (rebuilt base weights, an empty
+# MLflow store).
+USER_CACHE = Path(os.environ.get("GPT2_CLASSIFIER_CACHE", Path.home() / ".cache" / "gpt2-classifier"))

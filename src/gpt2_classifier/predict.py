@@ -14,7 +14,7 @@ from .encode import pad, tokenize
 from .errors import WeightsError
 from .fast import iter_inputs
 from .params import ModelParams
-from .paths import BASE
+from .paths import BASE, USER_CACHE
 from .pretrained import WEIGHTS_FILE, fetch_pretrained
 from .train import predict_proba
 from .weights import random_model, save_hf
@@ -23,7 +23,7 @@ GROUP = 512  # messages classified together (their prefix is held in memory at o
 OFFLINE = (
     "Offline? Give the base weights file: classify --base, or GPT2_CLASSIFIER_BASE; or set HF_ENDPOINT to a mirror"
 )
-BASE_CACHE = Path(os.environ.get("GPT2_CLASSIFIER_CACHE", Path.home() / ".cache" / "gpt2-classifier")) / "base"
+BASE_CACHE = USER_CACHE / "base"
 
 
 class TextClassifier:

@@ -24,6 +24,7 @@ from .errors import PipelineError
 from .files import project_root, read_validated, write_json
 from .lineage import baseline_params, changed_params, code_differs, git_head
 from .params import MlflowParams
+from .store_template import create_store
 
 log = logging.getLogger(__name__)
 DEFAULT_DB = "mlflow.db"
@@ -131,6 +132,9 @@ def _first_call(uri: str) -> Iterator[None]:
     local = uri.startswith("sqlite:///")
     lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if local else contextlib.nullcontext()
     with lock, quick_http_failures():
+        db = uri.removeprefix("sqlite:///")
+        if local and not any(c in db for c in "?:") and not Path(db).exists() and Path(db).parent.is_dir():
+            create_store(Path(db))  # not a query string or `:memory:`
         yield
 
 
