@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,8 +62,8 @@ def test_resumed_run_ends_with_the_same_weights_and_history(tmp_path, blocks):
         if record["epoch"] == 2:
             raise Interrupt
 
-    with pytest.raises(Interrupt):
-        first.fit(on_epoch=stop_in_epoch_two, on_checkpoint=lambda t: checkpoint.save(path, t, "fp", {"run_id": "r1"}))
+    with pytest.raises(Interrupt), checkpoint.Writer(path, "fp", {"run_id": "r1"}) as writer:
+        first.fit(on_epoch=stop_in_epoch_two, on_checkpoint=writer.save)
 
     torch.manual_seed(999)  # a resumed process starts with other random state; the checkpoint restores it
     second = trainer(blocks)
@@ -72,6 +73,59 @@ def test_resumed_run_ends_with_the_same_weights_and_history(tmp_path, blocks):
     assert history.steps == expected.steps and history.epochs == expected.epochs
     for name, param in second.model.named_parameters():
         assert torch.equal(param, expected_state[name]), name
+
+
+def test_a_checkpoint_is_written_while_training_goes_on_and_holds_its_epochs_state(tmp_path, monkeypatch):
+    """The write of epoch 1's checkpoint is held up until epoch 2 has trained a few steps: training
+    does not wait for it, and what is written is still the state at the end of epoch 1 (training
+    updates the parameters and moments in place)."""
+    t = trainer("all")
+    writing, release, written, at_epoch_end, steps_during_write = threading.Event(), threading.Event(), [], {}, []
+    save_file = checkpoint.save_file
+
+    def slow_save_file(tensors, filename, metadata):
+        writing.set()
+        assert release.wait(60)
+        written.append({k: v.clone() for k, v in tensors.items()})
+        save_file(tensors, filename, metadata=metadata)
+
+    def on_step(record):
+        if writing.is_set() and not release.is_set():
+            steps_during_write.append(record["step"])
+            release.set()
+
+    def on_epoch(record):
+        if record["epoch"] == 1:
+            at_epoch_end.update({f"param.{n}": p.detach().clone() for n, p in t.model.named_parameters()})
+            at_epoch_end.update(
+                {
+                    f"optim.{i}.{k}": v.clone()
+                    for i, s in t.optimizer.state_dict()["state"].items()
+                    for k, v in s.items()
+                }
+            )
+
+    monkeypatch.setattr(checkpoint, "save_file", slow_save_file)
+    path = tmp_path / "ckpt.safetensors"
+    with checkpoint.Writer(path, "fp", {}) as writer:
+        t.fit(on_step, on_epoch, writer.save)
+    assert steps_during_write and steps_during_write[0] >= 6  # a step of epoch 2 (steps 6-11) ran meanwhile
+    assert len(written) == 2  # after epochs 1 and 2, not after the last
+    for key, value in at_epoch_end.items():
+        assert torch.equal(written[0][key], value), key
+    assert not torch.equal(written[0]["param.out_head.weight"], t.model.out_head.weight.detach())
+    resumed = trainer("all")
+    assert checkpoint.resume(path, resumed, "fp") == {} and resumed.epoch == 2
+
+
+def test_a_failed_checkpoint_write_fails_training(tmp_path, monkeypatch):
+    def full_disk(tensors, filename, metadata):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space"), checkpoint.Writer(tmp_path / "c.safetensors", "fp", {}) as writer:
+        trainer().fit(on_checkpoint=writer.save)
+    assert not list(tmp_path.iterdir())
 
 
 def test_checkpoint_of_another_configuration_or_damaged_is_ignored(tmp_path):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from .files import atomic_path, sha256_file
@@ -31,11 +33,58 @@ def fingerprint(params: dict, files: list[Path]) -> str:
 
 
 def save(path: Path, trainer: Trainer, fingerprint_: str, extra: dict) -> None:
-    tensors, info = trainer.state()
+    """Write `trainer`'s state now, in this thread."""
+    _write(path, *trainer.state(), fingerprint_, extra)
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], info: dict, fingerprint_: str, extra: dict) -> None:
     metadata = {"fingerprint": fingerprint_, "info": json.dumps(info), "extra": json.dumps(extra)}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    log.debug("checkpoint after epoch %d: %s", trainer.epoch, path)
+    log.debug("checkpoint after epoch %d: %s", info["epoch"], path)
+
+
+class Writer:
+    """End-of-epoch checkpoints written on a thread, so training goes on while the file is written
+    (1.5 GB for GPT-2 small with every layer training, 18 GB for gpt2-xl; safetensors writes without
+    holding the GIL). The state is copied first, in the training thread; one write at a time. Leaving
+    the `with` block waits for the last write, also when training failed or was interrupted: the last
+    finished epoch's checkpoint is then complete, for the next run to resume from."""
+
+    def __init__(self, path: Path, fingerprint_: str, extra: dict):
+        self.path, self.fingerprint, self.extra = path, fingerprint_, extra
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, trainer: Trainer) -> None:
+        self.wait()
+        tensors, info = trainer.state()
+        self._thread = threading.Thread(target=self._write, args=(tensors, info), name="checkpoint")
+        self._thread.start()
+
+    def _write(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        try:
+            _write(self.path, tensors, info, self.fingerprint, self.extra)
+        except BaseException as exc:  # raised in the training thread, by the next wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Until the write in flight is done; raises its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.wait()
+        elif self._thread is not None:  # the error that ended training is the one to report
+            self._thread.join()
 
 
 def resume(path: Path, trainer: Trainer, fingerprint_: str) -> dict | None:

@@ -132,9 +132,8 @@ def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: 
             on_step(record)
         for record in trainer.history.epochs:
             on_epoch(record)
-    history = trainer.fit(
-        on_step, on_epoch, lambda t: checkpoint.save(saved, t, fingerprint, {"run_id": tracker.run_id})
-    )
+    with checkpoint.Writer(saved, fingerprint, {"run_id": tracker.run_id}) as writer:
+        history = trainer.fit(on_step, on_epoch, writer.save)
     saved.unlink(missing_ok=True)
     return history
 

@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+from matplotlib.figure import Figure  # drawn by Agg on savefig; no pyplot, no GUI backend, no global state
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .files import atomic_path  # noqa: E402
+from .files import atomic_path
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def _save(fig: Figure, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
 
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], path: str | os.PathLike) -> None:
     size = max(3.4, 0.6 * len(labels) + 2.2)  # room for every class's name and counts
-    fig, ax = plt.subplots(figsize=(size + 0.4, size))
+    fig = Figure(figsize=(size + 0.4, size))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     for i, row in enumerate(matrix):
         for j, count in enumerate(row):

@@ -248,12 +248,15 @@ class Trainer:
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything a resumed run needs to continue bit for bit: trained parameters, optimizer
-        moments, both random generators, and the counters and history (JSON-able)."""
-        tensors = {f"param.{n}": p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        moments, both random generators, and the counters and history (JSON-able). The tensors are
+        copies on the CPU, which training may go on changing in place while they are written."""
+        tensors = {
+            f"param.{n}": p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad
+        }
         optimizer = self.optimizer.state_dict()
         for index, moments in optimizer["state"].items():
             for key, value in moments.items():
-                tensors[f"optim.{index}.{key}"] = value.detach().cpu()
+                tensors[f"optim.{index}.{key}"] = value.detach().to("cpu", copy=True)
         tensors["rng.batches"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         info = {"epoch": self.epoch, "step": self.step, "history": asdict(self.history),
