@@ -85,6 +85,29 @@ def test_pyfunc_model_loads_and_predicts_probabilities(trained):
     assert ((out.p_ham + out.p_spam) - 1).abs().max() < 1e-5
 
 
+def test_logging_the_model_loads_it_once(trained, tmp_path, monkeypatch):
+    """MLflow loads a model twice as it logs it (the output schema, then the serving check): the second
+    takes the first's classifier. Outside logging, each load is its own."""
+    import mlflow
+
+    from gpt2_classifier import mlflow_model, predict
+
+    loads, from_folder = [], predict.TextClassifier.from_folder.__func__
+    monkeypatch.setattr(
+        predict.TextClassifier,
+        "from_folder",
+        classmethod(lambda cls, f, *a: loads.append(f) or from_folder(cls, f, *a)),
+    )
+    monkeypatch.chdir(trained)  # where the base weights are
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("logging")):
+        info = mlflow_model.log_classifier(trained / "models/classifier", "c")
+    assert len(loads) == 1
+    for _ in range(2):
+        mlflow.pyfunc.load_model(info.model_uri).predict(["hi"])
+    assert len(loads) == 3
+
+
 def test_registered_version_carries_test_accuracy_and_serves_the_cli(trained):
     from mlflow.tracking import MlflowClient
 

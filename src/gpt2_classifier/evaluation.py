@@ -34,7 +34,7 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
         tracker.log_metrics(flat, step=record.step, model_id=record.model_id)
         reports = [EVAL_REPORTS / name for name in ("confusion.png", "confusion.csv", "roc.csv")]
         tracker.log_artifacts([METRICS, *reports], "evaluate")
-        tracker.log_lineage("evaluate", inputs={}, outputs={"metrics": METRICS})
+        tracker.log_lineage("evaluate", inputs=None, outputs={"metrics": METRICS})
         register_as = params.mlflow.register_as
         if register_as and record.model_uri:
             version = tracker.register(record.model_uri, register_as, metrics["test"]["accuracy"])

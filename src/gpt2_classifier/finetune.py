@@ -19,7 +19,7 @@ from .encode import EncodingInfo, load_splits
 from .errors import PipelineError
 from .fast import build_inputs
 from .files import atomic_dir, write_json, write_rows
-from .lineage import flatten
+from .lineage import flatten, hash_in_background
 from .params import FinetuneParams, Params, parse_params
 from .paths import BASE, CLASSIFIER, ENCODED, PREDICTIONS, RUN_FILE, SPLIT_DIR, TRAIN_REPORTS
 from .predictions import Predictions, write_predictions
@@ -62,6 +62,8 @@ def finetune(params: Params) -> History:
     tags = run_tags(raw, lambda p: parse_params(p).model_dump(mode="json")) | {"architecture": trained}
     # Fails here, before training, if the tracking store cannot be used.
     with finetune_run(params.mlflow, RUN_FILE, run_name(trained, base.weights), tags) as tracker:
+        reads = {"splits": SPLIT_DIR, "encoded": ENCODED, "base": BASE}
+        inputs_hashed = hash_in_background(reads) if tracker.run_id else None  # beside the work, for lineage
         torch.manual_seed(f.seed)  # dropout, when model.drop_rate > 0
         device = pick_device(f.device)
         lora_rank = f.lora.rank if f.lora.enabled else None
@@ -100,8 +102,7 @@ def finetune(params: Params) -> History:
         speed = {"train_seconds": summary["seconds"], "examples_per_second": summary["examples_per_second"]}
         tracker.log_metrics(speed, step=final_step)
         tracker.log_artifacts([TRAIN_REPORTS / name for name in REPORT_FILES] + [Path("params.yaml")], "finetune")
-        tracker.log_lineage("finetune", inputs={"splits": SPLIT_DIR, "encoded": ENCODED, "base": BASE},
-                            outputs={"model": CLASSIFIER, "predictions": PREDICTIONS})  # fmt: skip
+        tracker.log_lineage("finetune", inputs_hashed, outputs={"model": CLASSIFIER, "predictions": PREDICTIONS})
         del trainer, inputs, model  # logging the model loads it again: free the training copy first
         gc.collect()
         tracker.log_classifier(CLASSIFIER, f"{trained}-classifier", final_step, {"architecture": trained})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,22 @@ def dvc_hashes(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
         tree.add(file.relative_to(path).parts, Meta(size=file.stat().st_size), md5)
     tree.digest()
     return tree.hash_info.value, hashes
+
+
+Hashed = dict[str, tuple[Path, str, dict[str, str]]]  # name -> (path, DVC's hash, MD5 of every file in it)
+
+
+def path_hashes(paths: dict[str, Path]) -> Hashed:
+    return {name: (path, *dvc_hashes(path)) for name, path in paths.items()}
+
+
+def hash_in_background(paths: dict[str, Path]) -> Future[Hashed]:
+    """`path_hashes` on a thread, as the run found its inputs: MD5 does not hold the GIL, so the hashing
+    of GPT-2's weights (0.5 GB; 6 GB for gpt2-xl) goes on beside building the model and training."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lineage")
+    future = executor.submit(path_hashes, paths)
+    executor.shutdown(wait=False)
+    return future
 
 
 def git_output(*args: str) -> str | None:

