@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,13 @@ def run_stages(project: Path, profile: Path | None = None) -> dict:
     summary = json.loads((project / "reports/train/summary.json").read_text())
     metrics = json.loads((project / "reports/metrics.json").read_text())
     return {"stages": times, "peak_mib": peaks, "train_seconds": summary["seconds"], "metrics": metrics}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Each stage's median time and peak over repeated runs (the metrics are the same in each)."""
+    middle = {key: {stage: statistics.median(r[key][stage] for r in runs) for stage in STAGES}
+              for key in ("stages", "peak_mib")}  # fmt: skip
+    return runs[0] | middle | {"train_seconds": statistics.median(r["train_seconds"] for r in runs)}
 
 
 def plain(folder: Path, data: Path, weights: Path, device: str, epochs: int) -> dict:
@@ -256,6 +264,7 @@ def main() -> None:
         metavar="NAME:K=V,K=V",
         help="a run of the seven stages with these params changed (default: one, unchanged)",
     )
+    parser.add_argument("--repeat", type=int, default=1, help="run each variant this many times; report medians")
     parser.add_argument("--data", type=Path, help="the zipped SMS Spam Collection")
     parser.add_argument("--profile", type=Path, help="then run the first variant again under cProfile, stats here")
     parser.add_argument("--json", type=Path, help="write the results here too")
@@ -287,15 +296,19 @@ def main() -> None:
               f"model {args.model}, {args.epochs} epoch(s), device {args.device}, "
               f"MLflow {'on' if args.mlflow else 'off'}; "
               f"data {data.name}")  # fmt: skip
-        first = None
-        for name, _, changes in variants:
-            project = make_project(tmp / f"stages-{name}", data, args, [c for c in changes.split(",") if c])
-            try:
-                results["variants"][name] = run_stages(project)
-            except SystemExit as failed:  # report it, and measure the other variants
-                print(f"variant {name} failed: {failed}", file=sys.stderr)
-                continue
-            first = first or project
+        first, runs = None, {}
+        for repeat in range(args.repeat):  # the variants take turns, so a drift of the machine's speed hits all
+            for name, _, changes in variants:
+                project = make_project(
+                    tmp / f"stages-{name}-{repeat}", data, args, [c for c in changes.split(",") if c]
+                )
+                try:
+                    runs.setdefault(name, []).append(run_stages(project))
+                except SystemExit as failed:  # report it, and measure the other variants
+                    print(f"variant {name} failed: {failed}", file=sys.stderr)
+                    continue
+                first = first or project
+        results["variants"] = {name: median_run(each) for name, each in runs.items()}
         if args.plain:
             results["plain"] = run_plain(tmp / "plain", data, first / "models/base/model.safetensors", args)
         if args.profile:
@@ -304,8 +317,9 @@ def main() -> None:
             project = make_project(tmp / "profiled", data, args, [c for c in changes.split(",") if c])
             results["profiled"] = run_stages(project, args.profile)["stages"]
         if args.dvc:
-            project = make_project(tmp / "dvc", data, args, [])
-            results["dvc_repro"] = cold_dvc_repro(project)
+            results["dvc_repro"] = statistics.median(
+                cold_dvc_repro(make_project(tmp / f"dvc-{repeat}", data, args, [])) for repeat in range(args.repeat)
+            )
     report(results)
     print(f"bench wall time {time.perf_counter() - start:.0f} s")
     if args.json:
