@@ -256,3 +256,23 @@ def test_killed_finetune_keeps_the_last_result_and_the_rerun_resumes(tmp_path, s
     assert client.get_run(interrupted_id).info.status == expected_status
     assert len(client.get_metric_history(resumed_runs[0].info.run_id, "val_accuracy_estimate")) == 6
     assert json.loads((project / "reports/train/mlflow_run.json").read_text())["run_id"] != interrupted_id
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_committed_outputs_have_the_mode_of_any_new_file(tmp_path, umask):
+    """The temporary file or folder is private while it is written; once committed it reads as any file
+    the user makes would (a team's other users, `mlflow server`, a serving container read the models)."""
+    code = f"""
+import os
+os.umask({umask})
+from gpt2_classifier.files import atomic_dir, atomic_path, write_json
+with atomic_path("model.safetensors") as tmp:
+    tmp.write_bytes(b"x")
+write_json("metrics.json", {{}})
+with atomic_dir("predictions") as tmp:
+    (tmp / "test.csv").write_text("p")
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
+    for name in ("model.safetensors", "metrics.json", "predictions/test.csv"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert (tmp_path / "predictions").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -26,6 +26,20 @@ def _raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: done once, as this module is imported)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Temporary files and folders are private (0600, 0700); what is committed gets the mode any new
+# file would have, so a team's other users (a shared project, `mlflow server`, a serving container)
+# can read models, metrics and logged artifacts.
+UMASK = _umask()
+FILE_MODE, DIR_MODE = 0o666 & ~UMASK, 0o777 & ~UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only on success (not after a Ctrl-C)."""
@@ -37,6 +51,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         _raise_if_interrupted()
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -51,6 +66,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _raise_if_interrupted()
+        os.chmod(tmp, DIR_MODE)
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)
