@@ -118,6 +118,36 @@ def test_a_checkpoint_is_written_while_training_goes_on_and_holds_its_epochs_sta
     assert checkpoint.resume(path, resumed, "fp") == {} and resumed.epoch == 2
 
 
+def test_ctrl_c_while_a_checkpoint_is_written_keeps_it(tmp_path, monkeypatch):
+    """Ctrl-C early in epoch 2 while epoch 1's checkpoint is still being written: the write finishes and
+    is kept (stage outputs are not committed after a Ctrl-C; a finished epoch's state is whole)."""
+    from gpt2_classifier import files
+
+    release, save_file = threading.Event(), checkpoint.save_file
+
+    def slow_save_file(tensors, filename, metadata):
+        assert release.wait(60)
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", slow_save_file)
+    path = tmp_path / "ckpt.safetensors"
+    writer = checkpoint.Writer(path, "fp", {})
+
+    def save_then_ctrl_c(t):
+        writer.save(t)
+        files.INTERRUPTED.set()  # as the stage's SIGINT handler does, then the KeyboardInterrupt
+        threading.Timer(0.5, release.set).start()
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt), writer:
+            trainer().fit(on_checkpoint=save_then_ctrl_c)
+    finally:
+        files.INTERRUPTED.clear()
+    resumed = trainer()
+    assert checkpoint.resume(path, resumed, "fp") == {} and resumed.epoch == 1
+
+
 def test_a_failed_checkpoint_write_fails_training(tmp_path, monkeypatch):
     def full_disk(tensors, filename, metadata):
         raise OSError(28, "No space left on device")

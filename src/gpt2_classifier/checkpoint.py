@@ -39,7 +39,7 @@ def save(path: Path, trainer: Trainer, fingerprint_: str, extra: dict) -> None:
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], info: dict, fingerprint_: str, extra: dict) -> None:
     metadata = {"fingerprint": fingerprint_, "info": json.dumps(info), "extra": json.dumps(extra)}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, after_ctrl_c=True) as tmp:  # an epoch's state, whole: resumable after a Ctrl-C
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     log.debug("checkpoint after epoch %d: %s", info["epoch"], path)
 

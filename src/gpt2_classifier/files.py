@@ -41,8 +41,9 @@ FILE_MODE, DIR_MODE = 0o666 & ~UMASK, 0o777 & ~UMASK
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only on success (not after a Ctrl-C)."""
+def atomic_path(path: str | os.PathLike, after_ctrl_c: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only on success (not after a Ctrl-C,
+    unless `after_ctrl_c`: a file that is whole even if the stage was stopped, such as a checkpoint)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -50,7 +51,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        _raise_if_interrupted()
+        if not after_ctrl_c:
+            _raise_if_interrupted()
         os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     finally:
