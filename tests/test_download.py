@@ -66,7 +66,9 @@ def test_a_missing_local_copy_is_not_blamed_on_the_network(tmp_path):
 
 
 def test_a_folder_as_the_source_is_named_as_one(tmp_path):
-    with pytest.raises(DownloadError, match=rf"\({tmp_path}: a folder; give the zip or the data file itself\)"):
+    with pytest.raises(
+        DownloadError, match=rf"\({tmp_path}: a folder; give the zip or the data file itself \(data.format folders"
+    ):
         fetch([str(tmp_path)], tmp_path / "out" / "messages.tsv")
 
 

@@ -169,6 +169,25 @@ def test_a_class_without_examples_stops_balance_with_one_line(tmp_path):
     assert not (project / "data/balanced.csv").exists()
 
 
+def test_a_folder_of_texts_in_inputs_is_the_data_and_watched_by_dvc(tmp_path):
+    """data.url: inputs/tickets, a folder of <label>/<name>.txt: download packs it (the same bytes for the
+    same texts), and a new text reruns the stages it feeds."""
+    rows = intents({"billing": 12, "shipping": 12})
+    params = tiny_params("inputs/tickets", None, balance={"labels": None})
+    params["data"].update(format="folders", member=None)
+    project = make_project(tmp_path / "p", params)
+    for i, (text, label) in enumerate(rows):
+        (project / "inputs/tickets" / label).mkdir(parents=True, exist_ok=True)
+        (project / "inputs/tickets" / label / f"{i:03d}.txt").write_text(text)
+    assert stages_run(run(["dvc", "repro", "split"], project).stdout) == ["download", "balance", "split"]
+    assert json.loads((project / "data/balance.json").read_text())["labels"] == ["billing", "shipping"]
+    (project / "inputs/tickets/account").mkdir()
+    for i in range(9):
+        (project / "inputs/tickets/account" / f"{i:03d}.txt").write_text(f"my password does not work {i}")
+    assert stages_run(run(["dvc", "repro", "split"], project).stdout) == ["download", "balance", "split"]
+    assert json.loads((project / "data/balance.json").read_text())["labels"] == ["account", "billing", "shipping"]
+
+
 def test_a_data_file_in_inputs_is_watched_by_dvc(tmp_path):
     """data.url: inputs/... (relative to the project): download depends on inputs/, so editing the file
     reruns the stages it feeds, and the new rows are what they read."""

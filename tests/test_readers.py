@@ -3,6 +3,7 @@ naming the user's file and row, N classes through split, padding and metrics."""
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -70,6 +71,27 @@ def write(tmp_path, name, data: bytes):
 def read(path, **data):
     params = DataParams(url=str(path), **data)
     return read_labelled(path, params, None, 1 << 20)
+
+
+def test_a_folder_of_your_own_is_packed_the_same_wherever_it_is_and_read_as_its_archive(tmp_path):
+    members = folder_members(ROWS)
+    for root in ("a", "b"):
+        for name, data in members.items():
+            (tmp_path / root / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / root / name).write_bytes(data)
+    (tmp_path / "b" / "data" / "train" / "billing" / "link.txt").symlink_to(
+        tmp_path / "b" / "data" / "train" / "urls.txt"
+    )
+    os.utime(tmp_path / "b" / "data" / "train" / "billing" / "003.txt", (0, 0))  # another time, same text
+    for root in ("a", "b"):
+        fetch_data_file([str(tmp_path / root)], "data/train", None, tmp_path / f"raw-{root}", retries=0, folders=True)
+    assert (tmp_path / "raw-a").read_bytes() == (tmp_path / "raw-b").read_bytes()  # the texts only: one hash
+    params = DataParams(url=str(tmp_path / "a"), format="folders", member="data/train")
+    texts = read_labelled(tmp_path / "raw-a", params, ["billing", "refund", "shipping"], 1 << 20)
+    archive = write(tmp_path, "d.tar.gz", tar_gz(members))
+    assert texts == read_labelled(archive, params, ["billing", "refund", "shipping"], 1 << 20)
+    with pytest.raises(DownloadError, match="a folder; give the zip or the data file itself"):
+        fetch_data_file([str(tmp_path / "a")], "data/train", None, tmp_path / "raw-c", retries=0)  # format csv
 
 
 @pytest.mark.parametrize(

@@ -149,6 +149,21 @@ def open_archive(path: Path, label: str | None = None) -> Iterator[Archive | Non
         archive.close()
 
 
+def pack_folder(folder: Path, out: Path) -> None:
+    """A folder of your own (data.format folders: `<label>/<name>.txt`) as an uncompressed tar, the
+    same bytes for the same files: sorted names, and no times, owners or modes from this machine, so
+    its hash (DVC's, data.sha256) follows the texts only. Links and other non-regular files are left
+    out, as archives' are."""
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_symlink() or not path.is_file():
+                continue
+            info = tarfile.TarInfo(path.relative_to(folder).as_posix())
+            info.size, info.mode = path.stat().st_size, 0o644
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+
+
 def label_folders(archive: Archive, folder: str | None) -> dict[str, list[Member]]:
     """data.format folders: the `.txt` files of each folder directly inside `folder` (the archive's top
     when None), by the folder's name (the label), in archive order (a compressed tar reads fastest in

@@ -25,7 +25,7 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
-from .archive import label_folders, open_archive
+from .archive import label_folders, open_archive, pack_folder
 from .errors import DownloadError, PipelineError
 from .files import atomic_path, sha256_file
 
@@ -169,7 +169,9 @@ def retrieve(
     if path is None:
         return _http_get(source, folder, timeout, retries, deadline, setting, headers, started)
     if path.is_dir():
-        raise DownloadError(f"{path}: a folder; give the zip or the data file itself")
+        raise DownloadError(
+            f"{path}: a folder; give the zip or the data file itself (data.format folders reads a folder)"
+        )
     if not path.is_file():
         raise DownloadError(f"{path}: no such file")
     return path
@@ -222,7 +224,12 @@ def fetch_data_file(
     for source in sources:
         try:
             with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
-                archive = retrieve(source, Path(tmp), timeout, retries, deadline, "data.deadline")
+                local = local_path(source)
+                if folders and local is not None and local.is_dir():
+                    archive = Path(tmp) / "folder.tar"
+                    pack_folder(local, archive)
+                else:
+                    archive = retrieve(source, Path(tmp), timeout, retries, deadline, "data.deadline")
                 with atomic_path(dest) as out:
                     if folders:
                         keep_archive(archive, member, out, redact(source))

@@ -35,7 +35,7 @@ class DataParams(Section):
     member: str | None = "SMSSpamCollection"
     sha256: Sha256 | None = None  # of the data file (for folders: of the archive); null: not checked
     # sms: `label<TAB>text` lines (the SMS Spam Collection); csv, tsv (header row), jsonl, parquet:
-    # columns text_column and label_column; folders: <member>/<label>/<name>.txt in a zip or tar.gz
+    # columns text_column and label_column; folders: <member>/<label>/<name>.txt in a folder, zip or tar.gz
     format: DataFormat = "sms"
     text_column: str = "text"
     label_column: str = "label"
