@@ -90,6 +90,10 @@ def test_a_folder_of_your_own_is_packed_the_same_wherever_it_is_and_read_as_its_
     texts = read_labelled(tmp_path / "raw-a", params, ["billing", "refund", "shipping"], 1 << 20)
     archive = write(tmp_path, "d.tar.gz", tar_gz(members))
     assert texts == read_labelled(archive, params, ["billing", "refund", "shipping"], 1 << 20)
+    with pytest.raises(DownloadError, match=rf"{tmp_path / 'a'}: its files are larger than data.max_unzipped_mb"):
+        fetch_data_file(
+            [str(tmp_path / "a")], "data/train", None, tmp_path / "raw-d", retries=0, max_bytes=100, folders=True
+        )
     with pytest.raises(DownloadError, match="a folder; give the zip or the data file itself"):
         fetch_data_file([str(tmp_path / "a")], "data/train", None, tmp_path / "raw-c", retries=0)  # format csv
 

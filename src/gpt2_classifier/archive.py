@@ -149,15 +149,16 @@ def open_archive(path: Path, label: str | None = None) -> Iterator[Archive | Non
         archive.close()
 
 
-def pack_folder(folder: Path, out: Path) -> None:
+def pack_folder(folder: Path, out: Path, max_bytes: int, label: str) -> None:
     """A folder of your own (data.format folders: `<label>/<name>.txt`) as an uncompressed tar, the
     same bytes for the same files: sorted names, and no times, owners or modes from this machine, so
     its hash (DVC's, data.sha256) follows the texts only. Links and other non-regular files are left
-    out, as archives' are."""
+    out, as archives' are; files over `max_bytes` in all are refused before any is copied."""
+    files = [p for p in sorted(folder.rglob("*")) if not p.is_symlink() and p.is_file()]
+    if sum(p.stat().st_size for p in files) > max_bytes:
+        raise DownloadError(f"{label}: its files are larger than data.max_unzipped_mb; raise it")
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(folder.rglob("*")):
-            if path.is_symlink() or not path.is_file():
-                continue
+        for path in files:
             info = tarfile.TarInfo(path.relative_to(folder).as_posix())
             info.size, info.mode = path.stat().st_size, 0o644
             with open(path, "rb") as f:

@@ -227,7 +227,7 @@ def fetch_data_file(
                 local = local_path(source)
                 if folders and local is not None and local.is_dir():
                     archive = Path(tmp) / "folder.tar"
-                    pack_folder(local, archive)
+                    pack_folder(local, archive, max_bytes, redact(source))
                 else:
                     archive = retrieve(source, Path(tmp), timeout, retries, deadline, "data.deadline")
                 with atomic_path(dest) as out:
