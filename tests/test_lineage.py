@@ -7,7 +7,7 @@ import yaml
 from conftest import PROJECT
 
 from gpt2_classifier.config import GPTConfig, architecture_name
-from gpt2_classifier.lineage import changed_params, code_differs, dvc_hashes, pipeline_outputs
+from gpt2_classifier.lineage import changed_params, code_differs, dvc_hashes, hash_in_background, pipeline_outputs
 
 
 def git(*args, cwd):
@@ -33,6 +33,17 @@ def test_folder_hash_is_dvcs(tmp_path):
     assert dvc_hashes(folder / "a.json") == (files[one], {one: files[one]})  # a file: DVC's hash is its MD5
     (folder / "a.json").write_text('{"a": 2}\n')
     assert dvc_hashes(folder)[0] != obj.hash_info.value
+
+
+def test_inputs_hashed_in_the_background_are_dvcs_hashes_and_a_failure_reaches_the_caller(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"w" * 3_000_000)
+    (tmp_path / "train.csv").write_text("text,label\nhi,ham\n")
+    paths = {"base": tmp_path / "base", "splits": tmp_path / "train.csv"}
+    hashed = hash_in_background(paths).result(timeout=60)
+    assert hashed == {name: (path, *dvc_hashes(path)) for name, path in paths.items()}
+    with pytest.raises(FileNotFoundError):
+        hash_in_background({"gone": tmp_path / "gone.csv"}).result(timeout=60)
 
 
 def test_code_differs_only_for_code(tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ def dvc_hashes(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
     from dvc_data.hashfile.hash import file_md5
 
     path = Path(path)
+    if not path.exists():  # not the hash of an empty folder
+        raise FileNotFoundError(f"{path}: not found, so it has no hash")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     hashes = {file.as_posix(): file_md5(str(file)) for file in files}
     if path.is_file():
@@ -54,10 +57,17 @@ def path_hashes(paths: dict[str, Path]) -> Hashed:
 
 def hash_in_background(paths: dict[str, Path]) -> Future[Hashed]:
     """`path_hashes` on a thread, as the run found its inputs: MD5 does not hold the GIL, so the hashing
-    of GPT-2's weights (0.5 GB; 6 GB for gpt2-xl) goes on beside building the model and training."""
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lineage")
-    future = executor.submit(path_hashes, paths)
-    executor.shutdown(wait=False)
+    of GPT-2's weights (0.5 GB; 6 GB for gpt2-xl) goes on beside building the model and training. The
+    thread only reads, so a stage that fails or is stopped exits without waiting for it."""
+    future: Future[Hashed] = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(path_hashes(paths))
+        except BaseException as exc:  # raised where the result is asked for
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="lineage", daemon=True).start()
     return future
 
 
