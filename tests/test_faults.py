@@ -75,19 +75,28 @@ def test_resumed_run_ends_with_the_same_weights_and_history(tmp_path, blocks):
         assert torch.equal(param, expected_state[name]), name
 
 
+def held_writes(monkeypatch) -> tuple[threading.Event, threading.Event, list[dict]]:
+    """Checkpoint writes that wait for `release` (`writing` is set once one waits); `written` gets a
+    copy of the tensors each one wrote, as they were when it wrote them."""
+    writing, release, written, save_file = threading.Event(), threading.Event(), [], checkpoint.save_file
+
+    def held(tensors, filename, metadata):
+        writing.set()
+        assert release.wait(60)
+        written.append({k: v.clone() for k, v in tensors.items()})
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", held)
+    return writing, release, written
+
+
 def test_a_checkpoint_is_written_while_training_goes_on_and_holds_its_epochs_state(tmp_path, monkeypatch):
     """The write of epoch 1's checkpoint is held up until epoch 2 has trained a few steps: training
     does not wait for it, and what is written is still the state at the end of epoch 1 (training
     updates the parameters and moments in place)."""
     t = trainer("all")
-    writing, release, written, at_epoch_end, steps_during_write = threading.Event(), threading.Event(), [], {}, []
-    save_file = checkpoint.save_file
-
-    def slow_save_file(tensors, filename, metadata):
-        writing.set()
-        assert release.wait(60)
-        written.append({k: v.clone() for k, v in tensors.items()})
-        save_file(tensors, filename, metadata=metadata)
+    writing, release, written = held_writes(monkeypatch)
+    at_epoch_end, steps_during_write = {}, []
 
     def on_step(record):
         if writing.is_set() and not release.is_set():
@@ -105,7 +114,6 @@ def test_a_checkpoint_is_written_while_training_goes_on_and_holds_its_epochs_sta
                 }
             )
 
-    monkeypatch.setattr(checkpoint, "save_file", slow_save_file)
     path = tmp_path / "ckpt.safetensors"
     with checkpoint.Writer(path, "fp", {}) as writer:
         t.fit(on_step, on_epoch, writer.save)
@@ -123,13 +131,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_keeps_it(tmp_path, monkeypatch):
     is kept (stage outputs are not committed after a Ctrl-C; a finished epoch's state is whole)."""
     from gpt2_classifier import files
 
-    release, save_file = threading.Event(), checkpoint.save_file
-
-    def slow_save_file(tensors, filename, metadata):
-        assert release.wait(60)
-        save_file(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(checkpoint, "save_file", slow_save_file)
+    _, release, _ = held_writes(monkeypatch)
     path = tmp_path / "ckpt.safetensors"
     writer = checkpoint.Writer(path, "fp", {})
 
