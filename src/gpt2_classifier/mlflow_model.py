@@ -104,9 +104,10 @@ def _not_found_or_unusable(exc: mlflow.exceptions.MlflowException, not_found: st
 def _existing_store() -> None:
     """A local store that is not there holds no run or model: say so, rather than create an empty one."""
     from gpt2_classifier.errors import PipelineError
+    from gpt2_classifier.tracking import sqlite_file
 
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if (db := sqlite_file(uri)) is not None and not db.is_file():
         raise PipelineError(
             f"{uri}: no MLflow store here; run classify in the project folder, or set MLFLOW_TRACKING_URI "
             "to the store that holds the model"

@@ -52,6 +52,11 @@ PROBE_TIMEOUT = 10  # seconds the check before a run waits for the server: once,
 WHAT_TO_DO = "start the server or fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The file of a SQLite store's URI (`sqlite:///mlflow.db`, `sqlite:////abs/mlflow.db`), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def bound_http_waits() -> None:
     """MLflow's HTTP retries and timeouts as HTTP_WAITS has them, where the user did not set them."""
     for key, value in HTTP_WAITS.items():
@@ -130,12 +135,11 @@ def _first_call(uri: str) -> Iterator[None]:
     set_up_mlflow()
     mlflow.set_tracking_uri(uri)
     # Two runs starting at once on a fresh SQLite file would both try to create its tables.
-    local = uri.startswith("sqlite:///")
-    lock = FileLock(uri.removeprefix("sqlite:///") + ".lock") if local else contextlib.nullcontext()
+    db = sqlite_file(uri)
+    lock = FileLock(f"{db}.lock") if db is not None else contextlib.nullcontext()
     with lock, quick_http_failures():
-        db = uri.removeprefix("sqlite:///")
-        if local and not any(c in db for c in "?:") and not Path(db).exists() and Path(db).parent.is_dir():
-            create_store(Path(db))  # not a query string or `:memory:`
+        if db is not None and not any(c in str(db) for c in "?:") and not db.exists() and db.parent.is_dir():
+            create_store(db)  # not a query string or `:memory:`
         yield
 
 
@@ -146,8 +150,8 @@ def _create_experiment(uri: str, name: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    local = uri.startswith("sqlite:///")
-    artifacts = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri() if local else None
+    db = sqlite_file(uri)
+    artifacts = (db.parent / ARTIFACTS_DIR).as_uri() if db is not None else None
     try:
         return mlflow.create_experiment(name, artifact_location=artifacts)
     except MlflowException as exc:
