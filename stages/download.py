@@ -1,8 +1,9 @@
 """Stage download: fetch the data (the SMS Spam Collection by default) and verify its SHA-256."""
 
-from gpt2_classifier.download import fetch_data_file, redact
+from gpt2_classifier.download import fetch_data_file
 from gpt2_classifier.params import Params
 from gpt2_classifier.paths import RAW
+from gpt2_classifier.redact import redact
 from gpt2_classifier.stage import run_stage
 
 

@@ -4,12 +4,14 @@ from gpt2_classifier.data import BalanceRecord, read_csv, split, write_csv
 from gpt2_classifier.files import atomic_dir
 from gpt2_classifier.params import Params
 from gpt2_classifier.paths import BALANCE_COUNTS, BALANCED, SPLIT_DIR
+from gpt2_classifier.redact import redact
 from gpt2_classifier.stage import run_stage
 
 
 def main(params: Params) -> None:
     p, labels = params.split, BalanceRecord.read(BALANCE_COUNTS).labels
-    parts = split(read_csv(BALANCED), p.train, p.validation, p.test, p.seed, p.stratify, labels)
+    source = f"{redact(params.data.url)} (data.url)"  # named in errors only: not a dvc.yaml param of split
+    parts = split(read_csv(BALANCED), p.train, p.validation, p.test, p.seed, p.stratify, labels, source)
     with atomic_dir(SPLIT_DIR) as tmp:
         for name, frame in parts.items():
             write_csv(frame, tmp / f"{name}.csv")

@@ -6,8 +6,9 @@ import zipfile
 import pytest
 from conftest import PROJECT, make_messages, send_slowly, zip_bytes
 
-from gpt2_classifier.download import fetch_data_file, redact
+from gpt2_classifier.download import fetch_data_file
 from gpt2_classifier.errors import DownloadError
+from gpt2_classifier.redact import redact
 
 DATA = make_messages()
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -169,6 +169,19 @@ def test_a_class_without_examples_stops_balance_with_one_line(tmp_path):
     assert not (project / "data/balanced.csv").exists()
 
 
+def test_a_class_too_small_to_split_names_the_users_data_and_the_fix(tmp_path):
+    data = tmp_path / "sms.zip"
+    data.write_bytes(zip_bytes({"SMSSpamCollection": make_messages(30, 2)}))
+    project = make_project(tmp_path / "p", tiny_params(str(data), None))
+    result = run(["dvc", "repro", "split"], project, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and errors == [
+        f"error: class 'ham' has 2 examples in {data} (data.url), too few to split into train, validation, test; "
+        "add examples of it, or list only the classes to keep in balance.labels"
+    ]
+    assert not (project / "data/split").exists() and (project / "data/balanced.csv").is_file()
+
+
 def test_a_folder_of_texts_in_inputs_is_the_data_and_watched_by_dvc(tmp_path):
     """data.url: inputs/tickets, a folder of <label>/<name>.txt: download packs it (the same bytes for the
     same texts), and a new text reruns the stages it feeds."""

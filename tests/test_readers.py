@@ -244,9 +244,13 @@ def test_stratified_split_keeps_each_class_share_and_small_classes_are_refused()
     counts = {name: np.bincount(p.labels, minlength=3).tolist() for name, p in parts.items()}
     assert counts == {"train": [49, 14, 7], "validation": [7, 2, 1], "test": [14, 4, 2]}
     assert parts["train"].labels.tolist() != sorted(parts["train"].labels.tolist())  # shuffled across classes
-    with pytest.raises(DataError, match=r"class 'rare' has 2 examples, too few to split into train, validation"):
+    with pytest.raises(
+        DataError, match=r"class 'rare' has 2 examples in the data, too few to split into train, validation"
+    ):
         split(messages([0] * 50 + [1] * 2), 0.7, 0.1, 0.2, seed=1, labels=["common", "rare"])
-    with pytest.raises(DataError, match=r"class 'b' has 5 examples, too few to give each of .* \(split.stratify\)"):
+    with pytest.raises(
+        DataError, match=r"class 'b' has 5 examples in the data, too few to give each of .* \(split.stratify\)"
+    ):
         split(messages([0] * 50 + [1] * 5), 0.7, 0.1, 0.2, seed=1, stratify=True, labels=["a", "b"])
 
 

@@ -90,19 +90,19 @@ def balance(messages: Messages, labels: list[str], seed: int, strategy: str = "u
 
 def split(
     messages: Messages, train: float, validation: float, test: float, seed: int,
-    stratify: bool = False, labels: list[str] | None = None,
+    stratify: bool = False, labels: list[str] | None = None, source: str = "the data",
 ) -> dict[str, Messages]:  # fmt: skip
     """Shuffle, then cut by fractions; when they sum to 1, test takes the remainder. With `stratify`,
     each class is shuffled and cut by the fractions, and each split shuffled again. Every class needs
-    an example in every split (`labels` name the classes in errors)."""
+    an example in every split (errors name the class by `labels`, and the user's data by `source`)."""
     names = labels or [str(c) for c in range(int(messages.labels.max(initial=0)) + 1)]
     counts = np.bincount(messages.labels, minlength=len(names))
     small = [(names[c], int(n)) for c, n in enumerate(counts) if 0 < n < len(SPLITS)]
     if small:
         name, n = small[0]
         raise DataError(
-            f"class '{name}' has {n} example{'s' * (n != 1)}, too few to split into {', '.join(SPLITS)}; "
-            "add examples of it, or remove its rows from the data"
+            f"class '{name}' has {n} example{'s' * (n != 1)} in {source}, too few to split into "
+            f"{', '.join(SPLITS)}; add examples of it, or list only the classes to keep in balance.labels"
         )
     if not stratify:
         return _cut(messages.take(sample_rows(len(messages), len(messages), seed)), train, validation, test)
@@ -114,8 +114,9 @@ def split(
             cut = _cut(shuffled, train, validation, test)
         except DataError:
             raise DataError(
-                f"class '{names[c]}' has {len(members)} examples, too few to give each of {', '.join(SPLITS)} one "
-                "by the split fractions (split.stratify); add examples of it, or set split.stratify: false"
+                f"class '{names[c]}' has {len(members)} examples in {source}, too few to give each of "
+                f"{', '.join(SPLITS)} one by the split fractions (split.stratify); add examples of it, or set "
+                "split.stratify: false"
             ) from None
         for name in SPLITS:
             parts[name].append(cut[name])

@@ -8,7 +8,6 @@ pipeline at a copy. A source may be a zip or tar archive (.tar, .tar.gz) or the 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import pooch
@@ -28,29 +27,12 @@ from tqdm.auto import tqdm
 from .archive import label_folders, open_archive, pack_folder
 from .errors import DownloadError, PipelineError
 from .files import atomic_path, sha256_file
+from .redact import redact
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 SCHEMES = ("http", "https", "file")
-
-
-def redact(url: str) -> str:
-    """The URL without user name or password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-CREDENTIALS = re.compile(r"//[^/@\s]+@")  # user:password@ in a URL
-
-
-def redact_text(text: str) -> str:
-    """A message with the credentials of every URL in it hidden (as other programs' errors quote URLs)."""
-    return CREDENTIALS.sub("//***@", text)
 
 
 def local_path(source: str) -> Path | None:

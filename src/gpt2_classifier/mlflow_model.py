@@ -88,8 +88,8 @@ def log_classifier(folder: Path, name: str, step: int = 0, tags: dict | None = N
 def _not_found_or_unusable(exc: mlflow.exceptions.MlflowException, not_found: str) -> Exception:
     """Why the store cannot be reached, else `not_found` (with MLflow's reason unless that is all it says);
     never the store's credentials."""
-    from gpt2_classifier.download import redact
     from gpt2_classifier.errors import PipelineError
+    from gpt2_classifier.redact import redact
     from gpt2_classifier.tracking import first_line, store_failure, unreachable
 
     uri = mlflow.get_tracking_uri()

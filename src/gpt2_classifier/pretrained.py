@@ -148,7 +148,8 @@ def fetch_pretrained(
     A download takes at most `deadline` seconds in all (model.deadline), retries included; a Hub that
     cannot deliver is reported with the ways around it, `offline`.
     """
-    from .download import local_path, redact, retrieve
+    from .download import local_path, retrieve
+    from .redact import redact
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     if source is not None:
@@ -174,7 +175,8 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None,
     from huggingface_hub.errors import RevisionNotFoundError
     from huggingface_hub.utils import build_hf_headers
 
-    from .download import call_within, redact, redact_text, retrieve
+    from .download import call_within, retrieve
+    from .redact import redact, redact_text
 
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     where = f"{redact(endpoint)}/{repo_id}"

@@ -20,11 +20,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .download import redact, redact_text
 from .errors import PipelineError
 from .files import project_root, read_validated, write_json
 from .lineage import Hashed, baseline_params, changed_params, code_differs, git_head
 from .params import MlflowParams
+from .redact import redact, redact_text
 from .store_template import create_store
 
 log = logging.getLogger(__name__)
