@@ -1,5 +1,7 @@
 """The fast path (precomputed frozen prefix, single-position tail) against the full forward pass."""
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,6 +176,34 @@ def test_released_frozen_weights_give_the_same_inputs_and_are_gone(cached, tmp_p
         assert torch.equal(released[name].logits(idx), kept[name].logits(idx))
     assert model.tok_emb.weight.is_meta and model.trf_blocks[1].att.qkv.weight.is_meta
     assert not model.trf_blocks[2].att.qkv.weight.is_meta and not model.out_head.weight.is_meta
+
+
+def test_computed_prefixes_wait_in_the_cache_not_in_memory_and_survive_pruning(tmp_path, monkeypatch):
+    """With a cache, each split's prefix is written and dropped before the next one is computed (the frozen
+    blocks and every split's prefix are never in memory at once), then read back once the blocks are freed,
+    even where another run pruned the files meanwhile."""
+    model, splits = classifier(1), {"a": ragged_split(), "b": ragged_split(seed=3), "c": ragged_split(seed=4)}
+    expected = build_inputs(model, splits, "flexible", 1, "cpu")  # no cache: kept in memory
+    alive, compute, release = [], fast.compute_prefix, fast.release_frozen
+
+    def compute_one_at_a_time(*args, **kwargs):
+        assert all(ref() is None for ref in alive), "the previous split's prefix is still in memory"
+        alive.append(weakref.ref(prefix := compute(*args, **kwargs)))
+        return prefix
+
+    def pruned_meanwhile(model, n_frozen, blocks=True):
+        if blocks:  # after the last split is computed, before any is read back
+            for path in tmp_path.glob("*.safetensors"):
+                path.unlink()
+        release(model, n_frozen, blocks=blocks)
+
+    monkeypatch.setattr(fast, "compute_prefix", compute_one_at_a_time)
+    monkeypatch.setattr(fast, "release_frozen", pruned_meanwhile)
+    inputs = build_inputs(model, splits, "flexible", 1, "cpu", tmp_path, release=True)
+    assert len(alive) == 3 and not list(tmp_path.glob("*.safetensors"))
+    for name in splits:
+        assert torch.equal(inputs[name].prefix.hidden, expected[name].prefix.hidden)
+        assert torch.equal(inputs[name].logits(torch.arange(10)), expected[name].logits(torch.arange(10)))
 
 
 @pytest.mark.parametrize("pool", ["last", "flexible"])

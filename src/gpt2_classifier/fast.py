@@ -11,6 +11,7 @@ Everything here equals the full forward pass up to float rounding (tested).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from .lora import LinearWithLoRA
 from .memory import return_freed_memory
 from .model import GPTModel
 from .prefix import Prefix, compute_prefix, visible_positions
-from .prefix_cache import cache_key, frozen_digest, is_readable, read_cached, store_cached
+from .prefix_cache import cache_key, frozen_digest, held_open, is_readable, read_cached, store_cached
 from .release import compact_embedding, release_frozen
 from .tail import PrefixForward
 from .train import FullForward, Inputs
@@ -56,8 +57,9 @@ def iter_inputs(
     base_sha256: str | None = None,
 ) -> Iterator[tuple[str, Inputs]]:
     """The fastest exact way to feed each split (prefix + tail where it applies, else the full
-    forward). Prefixes missing from the cache are computed first; cached ones are read as the
-    caller reaches their split, so a caller done with a split before the next holds one at a time.
+    forward). Prefixes missing from the cache are computed first, each written to the cache rather than
+    kept in memory; every split's is read as the caller reaches it, so a caller done with a split before
+    the next holds one at a time.
 
     `release`: free the frozen weights (see `release_frozen`): the token table before the prefix is
     computed, the blocks after. The model then only runs through the inputs returned here.
@@ -77,24 +79,34 @@ def iter_inputs(
         paths = {name: Path(cache_dir) / f"{cache_key(digest, split, visible[name])}.safetensors"
                  for name, split in splits.items()}  # fmt: skip
     missing = [name for name in splits if name not in paths or not is_readable(paths[name])]
-    computed = {}
-    if missing:
-        embed = None
+    computed: dict[str, Prefix] = {}
+    with contextlib.ExitStack() as held:
+        stored = {}  # computed, written to the cache and held open there rather than in memory
+        if missing:
+            embed = None
+            if release:
+                embed = compact_embedding(model, [splits[name] for name in missing])
+                release_frozen(model, n_frozen, blocks=False)
+            for name in missing:
+                prefix = compute_prefix(model, splits[name], n_frozen, visible[name], device, embed, precision)
+                if name in paths:
+                    # Read back once the frozen blocks are freed, so that they and every split's prefix are never
+                    # in memory at once; the open file stays readable even if another run prunes it meanwhile.
+                    store_cached(paths[name], prefix)
+                    stored[name] = held.enter_context(held_open(paths[name]))
+                else:
+                    computed[name] = prefix
+                del prefix  # else held while the next split is computed
         if release:
-            embed = compact_embedding(model, [splits[name] for name in missing])
-            release_frozen(model, n_frozen, blocks=False)
-        for name in missing:
-            computed[name] = compute_prefix(model, splits[name], n_frozen, visible[name], device, embed, precision)
-            if name in paths:
-                store_cached(paths[name], computed[name])
-    if release:
-        release_frozen(model, n_frozen)
-        return_freed_memory()
-    for name, split in splits.items():
-        prefix = computed.pop(name, None) or read_cached(paths[name])
-        if prefix is None:
-            raise PipelineError(f"{paths[name]}: the prefix cache file went missing while in use; run again")
-        yield name, PrefixForward(model, on_device(prefix, device), split.labels, n_frozen, pool, device, precision)
+            release_frozen(model, n_frozen)
+            return_freed_memory()
+        for name, split in splits.items():
+            prefix = computed.pop(name, None)
+            if prefix is None:
+                prefix = stored.pop(name)() if name in stored else read_cached(paths[name])
+            if prefix is None:
+                raise PipelineError(f"{paths[name]}: the prefix cache file went missing while in use; run again")
+            yield name, PrefixForward(model, on_device(prefix, device), split.labels, n_frozen, pool, device, precision)
 
 
 def on_device(prefix: Prefix, device) -> Prefix:

@@ -4,13 +4,16 @@ recomputed, never trusted; the oldest files beyond KEEP_CACHE_FILES are deleted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import Precision
@@ -18,7 +21,7 @@ from .encode import EncodedSplit
 from .files import atomic_path
 from .model import GPTModel
 from .prefix import Prefix
-from .tensorfile import open_tensors, read_tensors
+from .tensorfile import open_tensors
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "prefix-v3"
@@ -57,12 +60,26 @@ def read_cached(path: Path) -> Prefix | None:
     if not path.is_file():
         return None
     try:
-        tensors = read_tensors(path)
+        with open_tensors(path) as f:
+            prefix = read_prefix(f)
     except Exception as exc:
         log.warning("ignoring unreadable prefix cache %s (%s)", path, exc)
         return None
     os.utime(path)  # recently used: kept when old files are pruned
-    return Prefix(tensors["hidden"], tensors["offsets"], tensors["visible"])
+    return prefix
+
+
+def read_prefix(f: safe_open) -> Prefix:
+    """The prefix in an open cache file."""
+    return Prefix(f.get_tensor("hidden"), f.get_tensor("offsets"), f.get_tensor("visible"))
+
+
+@contextlib.contextmanager
+def held_open(path: Path) -> Iterator[Callable[[], Prefix]]:
+    """A stored prefix held open rather than in memory, for reading later: the open file keeps its data
+    even if another run prunes it meanwhile."""
+    with open_tensors(path) as f:
+        yield lambda: read_prefix(f)
 
 
 def is_readable(path: Path) -> bool:
