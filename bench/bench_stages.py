@@ -132,7 +132,9 @@ def run_stages(project: Path, profile: Path | None = None) -> dict:
         times[stage], _, peaks[stage] = timed(cmd, project, env)
     summary = json.loads((project / "reports/train/summary.json").read_text())
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    return {"stages": times, "peak_mib": peaks, "train_seconds": summary["seconds"], "metrics": metrics}
+    peak_gpu = summary.get("peak_gpu_memory_mib")  # finetune writes it on CUDA only
+    return {"stages": times, "peak_mib": peaks, "train_seconds": summary["seconds"], "metrics": metrics,
+            "peak_gpu_mib": peak_gpu}  # fmt: skip
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -223,8 +225,9 @@ def plain(folder: Path, data: Path, weights: Path, device: str, epochs: int) -> 
     trained = time.perf_counter()
     accuracy = {name: estimate(name, index_batches(len(tokens[name]), 8))[1] for name in parts}
     done = time.perf_counter()
+    peak_gpu = round(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None
     return {"prepare_seconds": prepared - start, "train_seconds": trained - prepared,
-            "evaluate_seconds": done - trained, "accuracy": accuracy}  # fmt: skip
+            "evaluate_seconds": done - trained, "accuracy": accuracy, "peak_gpu_mib": peak_gpu}  # fmt: skip
 
 
 def run_plain(folder: Path, data: Path, weights: Path, args: argparse.Namespace) -> dict:
@@ -343,11 +346,15 @@ def report(results: dict) -> None:
     print("peak RSS, MiB (each stage's own process)")
     for stage in STAGES:
         print(f"{stage:<16}" + "".join(f"{results['variants'][n]['peak_mib'][stage]:>14.0f}" for n in names))
+    if any(results["variants"][n]["peak_gpu_mib"] is not None for n in names):
+        print(f"{'finetune GPU':<16}" + "".join(f"{results['variants'][n]['peak_gpu_mib']:>14}" for n in names)
+              + "  (peak MiB of PyTorch's tensors, reports/train/summary.json)")  # fmt: skip
     if "plain" in results:
         p = results["plain"]
         print(f"plain (book-style script): {p['seconds']:.2f} s end to end: {p['prepare_seconds']:.2f} s imports, "
               f"data and weights, {p['train_seconds']:.2f} s training, {p['evaluate_seconds']:.2f} s evaluation; "
-              f"test accuracy {p['accuracy']['test']:.2%}, validation {p['accuracy']['validation']:.2%}")  # fmt: skip
+              f"test accuracy {p['accuracy']['test']:.2%}, validation {p['accuracy']['validation']:.2%}"
+              + (f"; peak GPU memory {p['peak_gpu_mib']} MiB" if p["peak_gpu_mib"] is not None else ""))  # fmt: skip
         for n in names:
             total = sum(results["variants"][n]["stages"].values())
             train = results["variants"][n]["train_seconds"]

@@ -37,6 +37,7 @@ def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     assert not {"val_accuracy", "train_accuracy"} & set(run.data.metrics)  # estimates never pose as full-set values
     summary = json.loads((project / "reports/train/summary.json").read_text())
     assert run.data.metrics["examples_seen"] == summary["examples_seen"]  # one true value everywhere
+    assert "peak_gpu_memory_mib" not in summary and "peak_gpu_memory_mib" not in run.data.metrics  # no GPU here
     test_accuracy = json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"]
     assert run.data.metrics["test/accuracy"] == pytest.approx(test_accuracy)
     for key in ("validation/accuracy", "train/accuracy", "test/precision", "test/recall", "test/f1"):

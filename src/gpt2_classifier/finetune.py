@@ -97,9 +97,11 @@ def finetune(params: Params) -> History:
         )  # fmt: skip
         save_classifier(model, CLASSIFIER, config)
         write_all_predictions(model, inputs, meta.labels)
-        summary = write_reports(history, trainable, tracker.run_id)
+        summary = write_reports(history, trainable, tracker.run_id, peak_gpu_memory_mib(device))
         final_step = trainer.step
         speed = {"train_seconds": summary["seconds"], "examples_per_second": summary["examples_per_second"]}
+        if "peak_gpu_memory_mib" in summary:
+            speed["peak_gpu_memory_mib"] = summary["peak_gpu_memory_mib"]
         tracker.log_metrics(speed, step=final_step)
         tracker.log_artifacts([TRAIN_REPORTS / name for name in REPORT_FILES] + [Path("params.yaml")], "finetune")
         tracker.log_lineage("finetune", inputs_hashed, outputs={"model": CLASSIFIER, "predictions": PREDICTIONS})
@@ -148,10 +150,16 @@ def write_all_predictions(model: torch.nn.Module, inputs: dict[str, Inputs], cla
             write_predictions(tmp / f"{name}.csv", Predictions(classes, labels, probs))
 
 
-def write_reports(history: History, trainable: int, run_id: str | None) -> dict:
+def peak_gpu_memory_mib(device: torch.device) -> int | None:
+    """On CUDA, the most memory the stage's tensors held on the device so far (PyTorch's allocator: the
+    model, optimizer state, prefix and activations; not the CUDA context or the allocator's spare cache)."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None
+
+
+def write_reports(history: History, trainable: int, run_id: str | None, peak_gpu_mib: int | None = None) -> dict:
     """The curves as CSV, which dvc plots draws (MLflow charts the same values, logged as metrics), and
-    summary.json (for dvc metrics, with the MLflow run, so `dvc exp show` names each experiment's run);
-    returns the summary."""
+    summary.json (for dvc metrics, with the MLflow run, so `dvc exp show` names each experiment's run;
+    on CUDA, with the peak GPU memory); returns the summary."""
     TRAIN_REPORTS.mkdir(parents=True, exist_ok=True)
     write_rows(TRAIN_REPORTS / "loss.csv", history.steps)
     write_rows(TRAIN_REPORTS / "accuracy.csv", history.epochs)
@@ -164,5 +172,7 @@ def write_reports(history: History, trainable: int, run_id: str | None) -> dict:
         "examples_per_second": round(history.examples_seen / max(history.seconds, 1e-9), 2),
         "trainable_parameters": trainable, "mlflow_run_id": run_id,
     }  # fmt: skip
+    if peak_gpu_mib is not None:
+        summary["peak_gpu_memory_mib"] = peak_gpu_mib
     write_json(TRAIN_REPORTS / "summary.json", summary)
     return summary
