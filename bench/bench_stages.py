@@ -347,7 +347,7 @@ def report(results: dict) -> None:
     for stage in STAGES:
         print(f"{stage:<16}" + "".join(f"{results['variants'][n]['peak_mib'][stage]:>14.0f}" for n in names))
     if any(results["variants"][n]["peak_gpu_mib"] is not None for n in names):
-        print(f"{'finetune GPU':<16}" + "".join(f"{results['variants'][n]['peak_gpu_mib']:>14}" for n in names)
+        print(f"{'finetune GPU':<16}" + "".join(f"{results['variants'][n]['peak_gpu_mib'] or '-':>14}" for n in names)
               + "  (peak MiB of PyTorch's tensors, reports/train/summary.json)")  # fmt: skip
     if "plain" in results:
         p = results["plain"]
