@@ -101,9 +101,12 @@ def iter_inputs(
             release_frozen(model, n_frozen)
             return_freed_memory()
         for name, split in splits.items():
-            prefix = computed.pop(name, None)
-            if prefix is None:
-                prefix = stored.pop(name)() if name in stored else read_cached(paths[name])
+            if name in computed:
+                prefix = computed.pop(name)
+            elif name in stored:
+                prefix = stored.pop(name)()
+            else:
+                prefix = read_cached(paths[name])
             if prefix is None:
                 raise PipelineError(f"{paths[name]}: the prefix cache file went missing while in use; run again")
             yield name, PrefixForward(model, on_device(prefix, device), split.labels, n_frozen, pool, device, precision)
