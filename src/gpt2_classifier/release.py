@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from .encode import EncodedSplit
 from .model import GPTModel
@@ -30,4 +31,14 @@ def release_frozen(model: GPTModel, n_frozen: int, blocks: bool = True) -> None:
     fails loudly. A head tied to the token table keeps it."""
     modules = [model.pos_emb] if model.out_head.weight is model.tok_emb.weight else [model.tok_emb, model.pos_emb]
     for module in modules + (list(model.trf_blocks[:n_frozen]) if blocks else []):
-        module.to_empty(device="meta")
+        for owner in module.modules():
+            # Not `to_empty(device="meta")`: from CUDA tensors its `empty_like` goes through PyTorch's Python
+            # reference, which imports sympy (2.4 s of the finetune stage on an H200 machine).
+            for name, param in list(owner.named_parameters(recurse=False)):
+                owner.register_parameter(name, nn.Parameter(on_meta(param), requires_grad=param.requires_grad))
+            for name, buffer in list(owner.named_buffers(recurse=False)):
+                owner.register_buffer(name, on_meta(buffer))
+
+
+def on_meta(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
