@@ -1,5 +1,6 @@
 """The fast path (precomputed frozen prefix, single-position tail) against the full forward pass."""
 
+import contextlib
 import weakref
 
 import pytest
@@ -7,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_same_parameters
 
-from gpt2_classifier import fast, onednn, prefix, prefix_cache
+from gpt2_classifier import fast, onednn, prefix, prefix_cache, tail, train
 from gpt2_classifier.classifier import replace_head, set_trainable
 from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.encode import EncodedSplit
 from gpt2_classifier.fast import build_inputs
 from gpt2_classifier.prefix_cache import frozen_digest
+from gpt2_classifier.release import release_frozen
 from gpt2_classifier.tail import PrefixForward
 from gpt2_classifier.train import FullForward, Trainer, TrainSettings
 from gpt2_classifier.weights import random_model
@@ -78,6 +80,27 @@ def test_training_on_the_fast_path_matches_the_plain_path(pool):
     estimates = [[e["val_accuracy_estimate"] for e in h.epochs] for h in (fast_history, plain_history)]
     assert estimates[0] == estimates[1]
     assert_same_parameters(fast_model, plain_model, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["last", "flexible", "mean"])
+@pytest.mark.parametrize("blocks", [0, 1, 2])
+def test_a_training_step_never_waits_for_the_device(pool, blocks, monkeypatch):
+    """On a GPU, reading a value back (a batch's length, whether a row needs the mask) stalls the host
+    until the device has caught up, every step. On the meta device any such read raises."""
+    monkeypatch.setattr(tail, "autocast", lambda *_: contextlib.nullcontext())  # there is none for meta
+    monkeypatch.setattr(train, "autocast", lambda *_: contextlib.nullcontext())
+    model, split = classifier(blocks), ragged_split()
+    on_cpu = build_inputs(model, {"s": split}, pool, blocks, "cpu")["s"]
+    on_meta = prefix.Prefix(on_cpu.prefix.hidden.to("meta"), on_cpu.prefix.offsets, on_cpu.prefix.visible)
+    model.to("meta")
+    idx = torch.tensor([5, 0, 17, 39, 22, 8])
+    for inputs in (
+        PrefixForward(model, on_meta, split.labels, on_cpu.n_frozen, pool, "meta"),
+        FullForward(model, split, pool, "meta", unpadded=True),
+    ):
+        logits = inputs.logits(idx)
+        F.cross_entropy(logits, split.labels[idx].to("meta")).backward()
+        assert logits.shape == (len(idx), 2) and logits.is_meta
 
 
 def test_flexible_prefix_keeps_only_real_tokens():
@@ -176,6 +199,17 @@ def test_released_frozen_weights_give_the_same_inputs_and_are_gone(cached, tmp_p
         assert torch.equal(released[name].logits(idx), kept[name].logits(idx))
     assert model.tok_emb.weight.is_meta and model.trf_blocks[1].att.qkv.weight.is_meta
     assert not model.trf_blocks[2].att.qkv.weight.is_meta and not model.out_head.weight.is_meta
+
+
+def test_releasing_frozen_weights_never_calls_empty_like(monkeypatch):
+    """From CUDA tensors, `to_empty`'s `empty_like` runs PyTorch's Python reference, which imports sympy
+    (2.4 s of finetune on a GPU machine); releasing must not go through it."""
+    model = classifier(1)
+    monkeypatch.setattr(torch, "empty_like", lambda *_, **__: pytest.fail("release_frozen called empty_like"))
+    release_frozen(model, 2)
+    for module in (model.tok_emb, model.pos_emb, model.trf_blocks[0], model.trf_blocks[1]):  # the head is new
+        assert all(p.is_meta and not p.requires_grad for p in module.parameters())
+    assert all(not p.is_meta and p.requires_grad for p in model.trf_blocks[2].parameters())
 
 
 def test_computed_prefixes_wait_in_the_cache_not_in_memory_and_survive_pruning(tmp_path, monkeypatch):

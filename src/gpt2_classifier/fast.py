@@ -113,15 +113,16 @@ def iter_inputs(
 
 
 def on_device(prefix: Prefix, device) -> Prefix:
-    """The prefix on a CUDA device where it fits in a quarter of the free memory, else where it is
-    (then each batch is gathered on the CPU and copied over)."""
+    """The prefix's activations on a CUDA device where they fit in a quarter of the free memory, else
+    where they are (then each batch is gathered on the CPU and copied over). Offsets and lengths stay
+    on the CPU, where each batch's shape is worked out."""
     device = torch.device(device)
     if device.type != "cuda":
         return prefix
     free, _ = torch.cuda.mem_get_info(device)
     if prefix.hidden.nbytes > free // 4:
         return prefix
-    return Prefix(*(t.to(device) for t in (prefix.hidden, prefix.offsets, prefix.visible)))
+    return Prefix(prefix.hidden.to(device), prefix.offsets, prefix.visible)
 
 
 def build_inputs(*args, **kwargs) -> dict[str, Inputs]:

@@ -37,17 +37,18 @@ def visible_positions(split: EncodedSplit, pool: str) -> torch.Tensor:
 class Prefix:
     """Activations entering block `n_frozen`, for each row's visible positions, stored back to back."""
 
-    hidden: torch.Tensor  # (sum of visible, emb_dim)
-    offsets: torch.Tensor  # (rows,) first row of each example in `hidden`
-    visible: torch.Tensor  # (rows,)
+    hidden: torch.Tensor  # (sum of visible, emb_dim), on the CPU or the training device
+    offsets: torch.Tensor  # (rows,) first row of each example in `hidden`; on the CPU
+    visible: torch.Tensor  # (rows,); on the CPU
 
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (batch, max visible, emb_dim) block; positions past a row's end repeat its last one."""
-        idx = idx.to(self.visible.device)
+        """For row indices on the CPU: a (batch, max visible, emb_dim) block where `hidden` is, positions
+        past a row's end repeating its last one, and the rows' visible counts on the CPU. The lengths
+        are known without reading anything back from a GPU, so the host never waits for the device."""
         visible = self.visible[idx]
-        positions = torch.arange(int(visible.max()), device=visible.device)
+        positions = torch.arange(int(visible.max()))
         rows = self.offsets[idx, None] + torch.minimum(positions[None, :], visible[:, None] - 1)
-        return self.hidden[rows], visible
+        return self.hidden[rows.to(self.hidden.device)], visible
 
 
 def prefix_chunks(visible: torch.Tensor) -> list[torch.Tensor]:

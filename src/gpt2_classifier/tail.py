@@ -20,6 +20,8 @@ from .train import autocast
 
 def last_block_at(block: TransformerBlock, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """The block's output at one position per row, (batch, emb_dim), without per-position keys/values.
+    With `position` on the CPU and `x` on a GPU, the host need not wait for the device to know whether
+    any row needs the causal mask.
 
     For one query q per head, score_j = q . (W_k h_j + b_k) = (W_k^T q) . h_j + const, and the
     context is sum_j a_j (W_v h_j + b_v) = W_v (sum_j a_j h_j) + b_v since the weights sum to one.
@@ -29,6 +31,8 @@ def last_block_at(block: TransformerBlock, x: torch.Tensor, position: torch.Tens
     batch, length, emb_dim = x.shape
     att = block.att
     heads, head_dim = att.n_heads, att.head_dim
+    masked = bool((position < length - 1).any())  # some row reads a position before the last
+    position = position.to(x.device)
     rows = torch.arange(batch, device=x.device)
     h = block.norm1(x)
     w_q, w_k, w_v = att.qkv.weight.split(emb_dim)
@@ -36,7 +40,7 @@ def last_block_at(block: TransformerBlock, x: torch.Tensor, position: torch.Tens
     q = F.linear(h[rows, position], w_q, b_q).view(batch, heads, head_dim)
     key_query = torch.einsum("bhe,hed->bhd", q, w_k.view(heads, head_dim, emb_dim))
     scores = torch.einsum("bjd,bhd->bhj", h, key_query) / head_dim**0.5
-    if bool((position < length - 1).any()):
+    if masked:
         future = torch.arange(length, device=x.device)[None, :] > position[:, None]
         scores = scores.masked_fill(future[:, None, :], float("-inf"))
     mixed = torch.einsum("bhj,bjd->bhd", torch.softmax(scores, dim=-1), h)
@@ -48,12 +52,13 @@ def last_block_at(block: TransformerBlock, x: torch.Tensor, position: torch.Tens
 
 
 def tail_logits(model: GPTModel, n_frozen: int, x: torch.Tensor, visible: torch.Tensor, pool: str) -> torch.Tensor:
-    """Class logits from the activations entering block `n_frozen`."""
+    """Class logits from the activations entering block `n_frozen`; `visible` (each row's visible
+    positions) may be on the CPU while `x` is on a GPU."""
     blocks = model.trf_blocks[n_frozen:]
     if pool == "mean" or len(blocks) == 0:
         for block in blocks:
             x = block(x)
-        return model.out_head(pool_positions(model.final_norm(x), visible, pool))
+        return model.out_head(pool_positions(model.final_norm(x), visible.to(x.device), pool))
     for block in blocks[:-1]:
         x = block(x)
     return model.out_head(model.final_norm(last_block_at(blocks[-1], x, visible - 1)))
@@ -75,4 +80,4 @@ class PrefixForward:
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         x, visible = self.prefix.gather(idx)
         with autocast(self.device, self.precision):
-            return tail_logits(self.model, self.n_frozen, x.to(self.device), visible.to(self.device), self.pool)
+            return tail_logits(self.model, self.n_frozen, x.to(self.device), visible, self.pool)

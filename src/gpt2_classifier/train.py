@@ -112,9 +112,10 @@ class FullForward:
         return len(self.labels)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        ids, lengths = self.split.input_ids[idx].to(self.device), self.split.lengths[idx].to(self.device)
-        if self.trim:
+        ids, lengths = self.split.input_ids[idx], self.split.lengths[idx]
+        if self.trim:  # on the CPU: the host does not wait for a GPU to know the batch's length
             ids = ids[:, : int(lengths.max())]
+        ids, lengths = ids.to(self.device), lengths.to(self.device)
         key_mask = None
         if self.unpadded and not self.causal:
             key_mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
@@ -149,7 +150,7 @@ class Trainer:
         # The fused kernel does AdamW's update in one pass: the same update, several times faster on CPU.
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
         self.weight = (
-            class_weights(train.labels, model.out_head.out_features, settings)
+            class_weights(train.labels, model.out_head.out_features, settings).to(self.device)
             if settings.class_weights == "balanced"
             else None
         )
@@ -159,8 +160,7 @@ class Trainer:
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the batch; rows labelled `ignore_index` do not count."""
-        weight = None if self.weight is None else self.weight.to(logits.device)
-        return F.cross_entropy(logits, labels, weight=weight, ignore_index=self.s.ignore_index)
+        return F.cross_entropy(logits, labels, weight=self.weight, ignore_index=self.s.ignore_index)
 
     def _train_batches(self) -> Iterator[torch.Tensor]:
         return index_batches(len(self.train_inputs), self.s.batch_size, self.generator)
@@ -170,21 +170,22 @@ class Trainer:
 
     @torch.no_grad()
     def estimate(self, inputs: Inputs, loader: Iterator[torch.Tensor], metric: str) -> float:
-        """Mean loss over, or accuracy of, the first `eval_iter` batches of a loader."""
+        """Mean loss over, or accuracy of, the first `eval_iter` batches of a loader. Read back from the
+        device once, at the end, so the batches are queued without waiting for each other."""
         self.model.eval()
-        losses, correct, seen = [], 0, 0
+        losses, correct, seen = [], [], 0
         for i, idx in enumerate(loader):
             if i == self.s.eval_iter:
                 break
             logits = inputs.logits(idx)
             labels = inputs.labels[idx].to(self.device)
-            losses.append(self.loss(logits, labels).item())
-            correct += (logits.argmax(-1) == labels).sum().item()
+            losses.append(self.loss(logits, labels))
+            correct.append((logits.argmax(-1) == labels).sum())
             seen += len(labels)
         self.model.train()
         if metric == "loss":
-            return sum(losses) / max(len(losses), 1)
-        return correct / max(seen, 1)
+            return sum(torch.stack(losses).tolist()) / len(losses) if losses else 0.0
+        return int(torch.stack(correct).sum()) / seen if correct else 0.0
 
     def fit(
         self,
