@@ -21,7 +21,8 @@ from .model import GPTModel, TransformerBlock
 from .onednn import frozen_linear, onednn_linear_works
 from .train import autocast
 
-CHUNK_TOKENS = 2048  # real tokens per forward pass while computing the prefix
+CHUNK_TOKENS = 2048  # real tokens per forward pass while computing the prefix on the CPU
+GPU_CHUNK_TOKENS = 16384  # on a GPU: fewer, larger passes, since the host launches every pass's kernels
 
 
 def visible_positions(split: EncodedSplit, pool: str) -> torch.Tensor:
@@ -51,14 +52,15 @@ class Prefix:
         return self.hidden[rows.to(self.hidden.device)], visible
 
 
-def prefix_chunks(visible: torch.Tensor) -> list[torch.Tensor]:
-    """Rows by decreasing length, in chunks of about CHUNK_TOKENS real tokens. A chunk's padded
-    size (rows x its longest row) is bounded too, since attention runs on the padded layout."""
+def prefix_chunks(visible: torch.Tensor, tokens: int | None = None) -> list[torch.Tensor]:
+    """Rows by decreasing length, in chunks of about `tokens` (CHUNK_TOKENS) real tokens. A chunk's
+    padded size (rows x its longest row) is bounded too, since attention runs on the padded layout."""
+    tokens = tokens or CHUNK_TOKENS
     order = torch.argsort(visible, descending=True, stable=True)
     lengths = visible[order].tolist()
     chunks, start, real = [], 0, 0
     for i, length in enumerate(lengths):
-        if i > start and (real + length > CHUNK_TOKENS or (i - start + 1) * lengths[start] > 2 * CHUNK_TOKENS):
+        if i > start and (real + length > tokens or (i - start + 1) * lengths[start] > 2 * tokens):
             chunks.append(order[start:i])
             start, real = i, 0
         real += length
@@ -71,7 +73,7 @@ def packed_block(block: TransformerBlock, x: torch.Tensor, keep: torch.Tensor, o
     real tokens only, attention runs on the padded (batch, seq_len) layout that `keep` marks
     (causal, so the zero padding after a row's tokens never reaches them)."""
     qkv = frozen_linear(block.att.qkv, block.norm1(x), False, onednn)
-    if bool(keep.all()):
+    if x.shape[0] == keep.numel():  # every position kept (known from shapes: no wait for a GPU)
         context = block.att.attend(qkv.view(*keep.shape, -1)).flatten(0, 1)
     else:
         padded = qkv.new_zeros(*keep.shape, qkv.shape[-1])
@@ -95,7 +97,7 @@ def compute_prefix(
     onednn = precision == "float32" and onednn_linear_works(device.type)  # autocast does not reach it
     offsets = torch.cumsum(visible, 0) - visible
     hidden = torch.empty(int(visible.sum()), model.cfg.emb_dim)
-    for chunk in prefix_chunks(visible):
+    for chunk in prefix_chunks(visible, GPU_CHUNK_TOKENS if device.type == "cuda" else CHUNK_TOKENS):
         length = int(visible[chunk[0]])
         keep = torch.arange(length)[None, :] < visible[chunk, None]
         device_keep = keep.to(device)
