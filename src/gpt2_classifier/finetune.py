@@ -19,6 +19,7 @@ from .encode import EncodingInfo, load_splits
 from .errors import PipelineError
 from .fast import build_inputs
 from .files import atomic_dir, write_json, write_rows
+from .graphs import graphed_step
 from .lineage import flatten, hash_in_background
 from .params import FinetuneParams, Params, parse_params
 from .paths import BASE, CLASSIFIER, ENCODED, PREDICTIONS, RUN_FILE, SPLIT_DIR, TRAIN_REPORTS
@@ -88,6 +89,7 @@ def finetune(params: Params) -> History:
             release=True, precision=f.precision, base_sha256=base.sha256,
         )  # fmt: skip
         trainer = Trainer(model, inputs["train"], inputs["validation"], settings, device)
+        trainer.graphed = graphed_step(trainer)  # on a GPU, each step one replay instead of hundreds of launches
         history = train_resumably(trainer, recipe, f, tracker)
 
         config = ClassifierConfig(

@@ -19,7 +19,7 @@ from .encode import EncodedSplit
 from .memory import return_freed_memory
 from .model import GPTModel, TransformerBlock
 from .onednn import frozen_linear, onednn_linear_works
-from .train import autocast
+from .train import autocast, to_device
 
 CHUNK_TOKENS = 2048  # real tokens per forward pass while computing the prefix on the CPU
 GPU_CHUNK_TOKENS = 16384  # on a GPU: fewer, larger passes, since the host launches every pass's kernels
@@ -42,14 +42,18 @@ class Prefix:
     offsets: torch.Tensor  # (rows,) first row of each example in `hidden`; on the CPU
     visible: torch.Tensor  # (rows,); on the CPU
 
-    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For row indices on the CPU: a (batch, max visible, emb_dim) block where `hidden` is, positions
-        past a row's end repeating its last one, and the rows' visible counts on the CPU. The lengths
-        are known without reading anything back from a GPU, so the host never waits for the device."""
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For row indices on the CPU: where each row's positions are in `hidden`, (batch, max visible),
+        positions past a row's end repeating its last one, and the rows' visible counts; both on the CPU,
+        so the host never waits for a GPU to know a batch's shape."""
         visible = self.visible[idx]
         positions = torch.arange(int(visible.max()))
-        rows = self.offsets[idx, None] + torch.minimum(positions[None, :], visible[:, None] - 1)
-        return self.hidden[rows.to(self.hidden.device)], visible
+        return self.offsets[idx, None] + torch.minimum(positions[None, :], visible[:, None] - 1), visible
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (batch, max visible, emb_dim) block where `hidden` is (see `rows`), and the visible counts."""
+        rows, visible = self.rows(idx)
+        return self.hidden[to_device(rows, self.hidden.device)], visible
 
 
 def prefix_chunks(visible: torch.Tensor, tokens: int | None = None) -> list[torch.Tensor]:

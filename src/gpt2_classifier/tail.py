@@ -15,13 +15,15 @@ from .classifier import pool as pool_positions
 from .config import Precision
 from .model import GPTModel, TransformerBlock
 from .prefix import Prefix
-from .train import autocast
+from .train import autocast, to_device
 
 
-def last_block_at(block: TransformerBlock, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+def last_block_at(
+    block: TransformerBlock, x: torch.Tensor, position: torch.Tensor, masked: bool | None = None
+) -> torch.Tensor:
     """The block's output at one position per row, (batch, emb_dim), without per-position keys/values.
-    With `position` on the CPU and `x` on a GPU, the host need not wait for the device to know whether
-    any row needs the causal mask.
+    `masked`: whether some row reads a position before the last (then later ones are masked out);
+    worked out from `position` unless given, without waiting for a GPU where `position` is on the CPU.
 
     For one query q per head, score_j = q . (W_k h_j + b_k) = (W_k^T q) . h_j + const, and the
     context is sum_j a_j (W_v h_j + b_v) = W_v (sum_j a_j h_j) + b_v since the weights sum to one.
@@ -31,8 +33,9 @@ def last_block_at(block: TransformerBlock, x: torch.Tensor, position: torch.Tens
     batch, length, emb_dim = x.shape
     att = block.att
     heads, head_dim = att.n_heads, att.head_dim
-    masked = bool((position < length - 1).any())  # some row reads a position before the last
-    position = position.to(x.device)
+    if masked is None:
+        masked = bool((position < length - 1).any())
+    position = to_device(position, x.device)
     rows = torch.arange(batch, device=x.device)
     h = block.norm1(x)
     w_q, w_k, w_v = att.qkv.weight.split(emb_dim)
@@ -51,17 +54,19 @@ def last_block_at(block: TransformerBlock, x: torch.Tensor, position: torch.Tens
     return y + block.ff(block.norm2(y))
 
 
-def tail_logits(model: GPTModel, n_frozen: int, x: torch.Tensor, visible: torch.Tensor, pool: str) -> torch.Tensor:
+def tail_logits(
+    model: GPTModel, n_frozen: int, x: torch.Tensor, visible: torch.Tensor, pool: str, masked: bool | None = None
+) -> torch.Tensor:
     """Class logits from the activations entering block `n_frozen`; `visible` (each row's visible
-    positions) may be on the CPU while `x` is on a GPU."""
+    positions) may be on the CPU while `x` is on a GPU; `masked` as for `last_block_at`."""
     blocks = model.trf_blocks[n_frozen:]
     if pool == "mean" or len(blocks) == 0:
         for block in blocks:
             x = block(x)
-        return model.out_head(pool_positions(model.final_norm(x), visible.to(x.device), pool))
+        return model.out_head(pool_positions(model.final_norm(x), to_device(visible, x.device), pool))
     for block in blocks[:-1]:
         x = block(x)
-    return model.out_head(model.final_norm(last_block_at(blocks[-1], x, visible - 1)))
+    return model.out_head(model.final_norm(last_block_at(blocks[-1], x, visible - 1, masked)))
 
 
 class PrefixForward:
@@ -80,4 +85,4 @@ class PrefixForward:
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         x, visible = self.prefix.gather(idx)
         with autocast(self.device, self.precision):
-            return tail_logits(self.model, self.n_frozen, x.to(self.device), visible, self.pool)
+            return tail_logits(self.model, self.n_frozen, to_device(x, self.device), visible, self.pool)

@@ -74,6 +74,14 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`. On CUDA through pinned memory, so the host goes on without waiting: a
+    plain copy from pageable memory waits until the device has finished all the work queued before it."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Inputs(Protocol):
     """A split as the trainer sees it: labels, and class logits for a batch of row indices."""
 
@@ -115,7 +123,7 @@ class FullForward:
         ids, lengths = self.split.input_ids[idx], self.split.lengths[idx]
         if self.trim:  # on the CPU: the host does not wait for a GPU to know the batch's length
             ids = ids[:, : int(lengths.max())]
-        ids, lengths = ids.to(self.device), lengths.to(self.device)
+        ids, lengths = to_device(ids, self.device), to_device(lengths, self.device)
         key_mask = None
         if self.unpadded and not self.causal:
             key_mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
@@ -155,6 +163,8 @@ class Trainer:
             else None
         )
         self.history = History()
+        # The training step as a CUDA graph (graphs.graphed_step) where one applies, given a batch's row indices.
+        self.graphed: Callable[[torch.Tensor], None] | None = None
         self.epoch = 0  # epochs done
         self.step = -1  # the reference counts from -1, so its first estimate follows the first step
 
@@ -178,7 +188,7 @@ class Trainer:
             if i == self.s.eval_iter:
                 break
             logits = inputs.logits(idx)
-            labels = inputs.labels[idx].to(self.device)
+            labels = to_device(inputs.labels[idx], self.device)
             losses.append(self.loss(logits, labels))
             correct.append((logits.argmax(-1) == labels).sum())
             seen += len(labels)
@@ -205,13 +215,16 @@ class Trainer:
         for epoch in range(self.epoch + 1, self.s.epochs + 1):
             self.optimizer.zero_grad(set_to_none=True)
             for batch, idx in enumerate(self._train_batches(), start=1):
-                labels = self.train_inputs.labels[idx].to(self.device)
-                loss = self.loss(self.train_inputs.logits(idx), labels)
-                (loss / accumulate).backward()
-                if batch % accumulate == 0 or batch == steps_per_epoch:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                history.examples_seen += len(labels)
+                if self.graphed is not None:
+                    self.graphed(idx)
+                else:
+                    labels = to_device(self.train_inputs.labels[idx], self.device)
+                    loss = self.loss(self.train_inputs.logits(idx), labels)
+                    (loss / accumulate).backward()
+                    if batch % accumulate == 0 or batch == steps_per_epoch:
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                history.examples_seen += len(idx)
                 self.step += 1
                 progress.update()
                 if self.step % self.s.eval_freq == 0:

@@ -1,0 +1,63 @@
+"""The training step as a CUDA graph: the same run as the eager loop, number for number (GPU only), and
+the eager loop wherever a graph does not apply."""
+
+import pytest
+import torch
+
+from gpt2_classifier.classifier import replace_head, set_trainable
+from gpt2_classifier.config import GPTConfig
+from gpt2_classifier.encode import EncodedSplit
+from gpt2_classifier.fast import build_inputs
+from gpt2_classifier.graphs import WARMUP_STEPS, GraphedStep, graphed_step
+from gpt2_classifier.train import Trainer, TrainSettings
+from gpt2_classifier.weights import random_model
+
+CFG = GPTConfig(emb_dim=64, n_layers=3, n_heads=4, context_length=32)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the graph is CUDA's)")
+
+
+def padded_split(n: int, seed: int) -> EncodedSplit:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 17, (n,), generator=g)
+    labels = torch.arange(n) % 2
+    ids = torch.randint(0, 50000, (n, 16), generator=g)
+    ids[torch.arange(n), lengths - 1] = torch.where(labels == 1, 900, 901)
+    ids[torch.arange(16)[None] >= lengths[:, None]] = 50256
+    return EncodedSplit(ids, labels, lengths)
+
+
+def trainer(device: str, pool: str = "last", blocks: int = 1, **changes) -> Trainer:
+    model = replace_head(random_model(CFG, 0), 2, seed=1)
+    set_trainable(model, blocks)
+    model.to(device)
+    splits = {"train": padded_split(64, 0), "validation": padded_split(24, 1)}
+    inputs = build_inputs(model, splits, pool, blocks, device)
+    settings = TrainSettings(lr=1e-3, batch_size=8, epochs=3, eval_freq=5, eval_iter=2, pool=pool, **changes)
+    return Trainer(model, inputs["train"], inputs["validation"], settings, device)
+
+
+@cuda
+@pytest.mark.parametrize(("pool", "blocks"), [("last", 1), ("last", 2), ("first", 1), ("last", 0)])
+def test_graphed_training_is_the_eager_run_number_for_number(pool, blocks):
+    eager, graphed = trainer("cuda", pool, blocks), trainer("cuda", pool, blocks)
+    graphed.graphed = graphed_step(graphed)
+    assert isinstance(graphed.graphed, GraphedStep)
+    histories = [t.fit() for t in (eager, graphed)]
+    steps = 3 * (64 // 8)
+    assert graphed.graphed.graph is not None and graphed.graphed.steps == steps > WARMUP_STEPS
+    assert histories[0].steps == histories[1].steps and histories[0].epochs == histories[1].epochs
+    for (name, a), b in zip(eager.model.named_parameters(), graphed.model.parameters(), strict=True):
+        if a.requires_grad:
+            assert torch.equal(a, b), name
+    moments = [t.optimizer.state_dict()["state"] for t in (eager, graphed)]
+    for index, state in moments[0].items():
+        for key, value in state.items():
+            assert torch.equal(value, moments[1][index][key]), (index, key)
+    assert all(g["capturable"] is False for g in graphed.optimizer.param_groups)  # checkpoints as before
+
+
+def test_the_eager_step_runs_where_a_graph_does_not_apply():
+    assert graphed_step(trainer("cpu")) is None  # CUDA graphs are CUDA's
+    if torch.cuda.is_available():
+        assert graphed_step(trainer("cuda", pool="flexible")) is None  # batches of different lengths
+        assert graphed_step(trainer("cuda", accumulation_steps=2)) is None
