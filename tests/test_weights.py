@@ -1,14 +1,17 @@
 """Loading and fetching checkpoints in the published layout, refusing bad ones."""
 
+import contextlib
 import hashlib
 import shutil
 import time
+import weakref
 
 import pytest
 import torch
 from conftest import send_slowly
 from test_model import transformers_checkpoint
 
+from gpt2_classifier import weights
 from gpt2_classifier.config import GPTConfig
 from gpt2_classifier.errors import PipelineError, WeightsError
 from gpt2_classifier.pretrained import check_checkpoint, fetch_pretrained
@@ -51,6 +54,32 @@ def test_fetch_from_a_hub_endpoint_loads_and_matches_transformers(server, checkp
     assert [p.name for p in (tmp_path / "base").iterdir()] == ["model.safetensors"]  # nothing left beside it
     assert logits_match(load_model(CFG, dest), reference)
     assert [(method, p) for method, p, _ in server.requests] == [("HEAD", REPO_PATH), ("GET", COMMIT_PATH)]
+
+
+def test_loading_onto_a_device_holds_one_tensor_in_host_memory_at_a_time(checkpoint, monkeypatch):
+    """A model bound for a GPU goes there tensor by tensor: gpt2-xl never sits whole (6.4 GB) in host memory."""
+    path, _ = checkpoint
+    read, opened = [], weights.open_tensors
+
+    @contextlib.contextmanager
+    def watched(*args, **kwargs):
+        with opened(*args, **kwargs) as f:
+
+            class Reader:
+                def keys(self):
+                    return f.keys()
+
+                def get_tensor(self, name):
+                    assert all(ref() is None for ref in read), "an earlier tensor is still in host memory"
+                    read.append(weakref.ref(tensor := f.get_tensor(name)))
+                    return tensor
+
+            yield Reader()
+
+    monkeypatch.setattr(weights, "open_tensors", watched)
+    model = load_model(CFG, path, "meta")  # a device without memory: only the shapes arrive
+    assert len(read) == len(weights.hf_layout(CFG)) and all(p.is_meta for p in model.parameters())
+    assert model.out_head.weight is model.tok_emb.weight
 
 
 def test_the_hub_download_sends_the_users_token(server, checkpoint, tmp_path, monkeypatch):

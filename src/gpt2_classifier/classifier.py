@@ -88,14 +88,16 @@ def set_trainable(model: GPTModel, trainable_blocks: int | str) -> int:
 
 def build_classifier(
     cfg: GPTConfig, weights: Path, num_classes: int, seed: int, trainable_blocks: int | str,
-    lora_rank: int | None = None, lora_alpha: float = 16.0,
+    lora_rank: int | None = None, lora_alpha: float = 16.0, device: torch.device | str = "cpu",
 ) -> tuple[GPTModel, int]:  # fmt: skip
-    """The base model with a new head and what trains set: blocks, or LoRA adapters when a rank is
-    given. Returns the model and its number of trainable parameters."""
-    model = replace_head(load_model(cfg, weights), num_classes, seed)
+    """The base model on `device` (read there tensor by tensor) with a new head and what trains set:
+    blocks, or LoRA adapters when a rank is given. Returns the model and its number of trainable parameters."""
+    model = replace_head(load_model(cfg, weights, device), num_classes, seed)
     if lora_rank is not None:
-        return model, add_lora(model, lora_rank, lora_alpha, seed)
-    return model, set_trainable(model, trainable_blocks)
+        trainable = add_lora(model, lora_rank, lora_alpha, seed)
+    else:
+        trainable = set_trainable(model, trainable_blocks)
+    return model.to(device), trainable  # the head and adapters, made on the CPU from the seed
 
 
 def resolved_pool(pool: str, unpadded: bool) -> str:

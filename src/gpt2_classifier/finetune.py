@@ -69,9 +69,8 @@ def finetune(params: Params) -> History:
         device = pick_device(f.device)
         lora_rank = f.lora.rank if f.lora.enabled else None
         model, trainable = build_classifier(
-            cfg, BASE / WEIGHTS_FILE, len(meta.labels), f.seed, f.trainable_blocks, lora_rank, f.lora.alpha
+            cfg, BASE / WEIGHTS_FILE, len(meta.labels), f.seed, f.trainable_blocks, lora_rank, f.lora.alpha, device
         )
-        model.to(device)
         resolved = {
             "resolved.architecture": trained, "resolved.device": str(device),
             "resolved.trainable_parameters": trainable, "resolved.max_length": meta.max_length,
