@@ -56,6 +56,23 @@ def test_graphed_training_is_the_eager_run_number_for_number(pool, blocks):
     assert all(g["capturable"] is False for g in graphed.optimizer.param_groups)  # checkpoints as before
 
 
+@pytest.mark.parametrize(("pool", "blocks"), [("last", 1), ("first", 1), ("last", 0)])
+def test_the_captured_step_makes_the_eager_steps_update(pool, blocks):
+    """What the graph captures, run as it is on the CPU (where nothing is captured): the eager loop's step."""
+    eager, body = trainer("cpu", pool, blocks), trainer("cpu", pool, blocks)
+    step = GraphedStep(body, body.train_inputs)
+    for idx in (torch.tensor([3, 17, 40, 8, 0, 63, 22, 51]), torch.tensor([1, 2, 5, 9, 33, 34, 60, 12])):
+        eager.loss(eager.train_inputs.logits(idx), eager.train_inputs.labels[idx]).backward()
+        eager.optimizer.step()
+        eager.optimizer.zero_grad(set_to_none=True)
+        step.idx.copy_(idx)
+        step._forward_backward_update()
+        body.optimizer.zero_grad(set_to_none=True)
+    for (name, a), b in zip(eager.model.named_parameters(), body.model.parameters(), strict=True):
+        if a.requires_grad:
+            assert torch.equal(a, b), name
+
+
 def test_the_eager_step_runs_where_a_graph_does_not_apply():
     assert graphed_step(trainer("cpu")) is None  # CUDA graphs are CUDA's
     if torch.cuda.is_available():

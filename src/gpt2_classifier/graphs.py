@@ -36,9 +36,9 @@ class GraphedStep:
     def __init__(self, trainer: Trainer, inputs: PrefixForward):
         self.trainer, self.inputs, device = trainer, inputs, inputs.device
         self.length = int(inputs.prefix.visible[0])  # every row's (see graphed_step)
-        self.offsets, self.visible = inputs.prefix.offsets.to(device), inputs.prefix.visible.to(device)
-        self.labels = inputs.labels.to(device)
+        self.offsets, self.labels = inputs.prefix.offsets.to(device), inputs.labels.to(device)
         self.idx = torch.zeros(trainer.s.batch_size, dtype=torch.long, device=device)  # the graph reads it
+        self.visible = torch.full_like(self.idx, self.length)  # any batch's, as every row's is the same
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
 
@@ -76,7 +76,7 @@ class GraphedStep:
         inputs, idx = self.inputs, self.idx
         rows = self.offsets[idx, None] + torch.arange(self.length, device=idx.device)  # (batch, length)
         x = inputs.prefix.hidden[rows]  # (batch, length, emb_dim)
-        logits = tail_logits(inputs.model, inputs.n_frozen, x, self.visible[idx], inputs.pool, masked=False)
+        logits = tail_logits(inputs.model, inputs.n_frozen, x, self.visible, inputs.pool, masked=False)
         self.trainer.loss(logits, self.labels[idx]).backward()
         self.trainer.optimizer.step()
 
