@@ -162,10 +162,9 @@ def test_packed_prefix_equals_each_row_through_the_blocks_alone(chunk_tokens, mo
             assert (computed.hidden[start : start + int(visible[row])] - x[0]).abs().max() < 1e-5, row
 
 
-def test_prefix_chunks_cover_every_row_once_within_bounds(monkeypatch):
-    monkeypatch.setattr(prefix, "CHUNK_TOKENS", 20)
+def test_prefix_chunks_cover_every_row_once_within_bounds():
     visible = ragged_split(200).lengths
-    chunks = prefix.prefix_chunks(visible)
+    chunks = prefix.prefix_chunks(visible, 20)
     assert sorted(torch.cat(chunks).tolist()) == list(range(200))
     for chunk in chunks:
         lengths = visible[chunk]

@@ -56,10 +56,9 @@ class Prefix:
         return self.hidden[to_device(rows, self.hidden.device)], visible
 
 
-def prefix_chunks(visible: torch.Tensor, tokens: int | None = None) -> list[torch.Tensor]:
-    """Rows by decreasing length, in chunks of about `tokens` (CHUNK_TOKENS) real tokens. A chunk's
-    padded size (rows x its longest row) is bounded too, since attention runs on the padded layout."""
-    tokens = tokens or CHUNK_TOKENS
+def prefix_chunks(visible: torch.Tensor, tokens: int) -> list[torch.Tensor]:
+    """Rows by decreasing length, in chunks of about `tokens` real tokens. A chunk's padded size
+    (rows x its longest row) is bounded too, since attention runs on the padded layout."""
     order = torch.argsort(visible, descending=True, stable=True)
     lengths = visible[order].tolist()
     chunks, start, real = [], 0, 0
