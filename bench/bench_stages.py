@@ -332,22 +332,24 @@ def main() -> None:
 def report(results: dict) -> None:
     print(f"import torch (its own process): {results['import_torch']:.2f} s")
     names = list(results["variants"])
-    print(f"{'stage':<16}" + "".join(f"{name:>14}" for name in names))
+    w = max(14, *(len(name) + 2 for name in names))  # each column wide enough for its variant's name
+    variants = [results["variants"][n] for n in names]
+    print(f"{'stage':<16}" + "".join(f"{name:>{w}}" for name in names))
     for stage in STAGES:
-        print(f"{stage:<16}" + "".join(f"{results['variants'][n]['stages'][stage]:>13.2f}s" for n in names))
+        print(f"{stage:<16}" + "".join(f"{v['stages'][stage]:>{w - 1}.2f}s" for v in variants))
     rows = {
-        "seven stages": lambda r: f"{sum(r['stages'].values()):>13.2f}s",
-        "  training": lambda r: f"{r['train_seconds']:>13.2f}s",
-        "test accuracy": lambda r: f"{r['metrics']['test']['accuracy']:>14.2%}",
-        "val accuracy": lambda r: f"{r['metrics']['validation']['accuracy']:>14.2%}",
+        "seven stages": lambda r: f"{sum(r['stages'].values()):>{w - 1}.2f}s",
+        "  training": lambda r: f"{r['train_seconds']:>{w - 1}.2f}s",
+        "test accuracy": lambda r: f"{r['metrics']['test']['accuracy']:>{w}.2%}",
+        "val accuracy": lambda r: f"{r['metrics']['validation']['accuracy']:>{w}.2%}",
     }
     for label, cell in rows.items():
-        print(f"{label:<16}" + "".join(cell(results["variants"][n]) for n in names))
+        print(f"{label:<16}" + "".join(cell(v) for v in variants))
     print("peak RSS, MiB (each stage's own process)")
     for stage in STAGES:
-        print(f"{stage:<16}" + "".join(f"{results['variants'][n]['peak_mib'][stage]:>14.0f}" for n in names))
-    if any(results["variants"][n]["peak_gpu_mib"] is not None for n in names):
-        print(f"{'finetune GPU':<16}" + "".join(f"{results['variants'][n]['peak_gpu_mib'] or '-':>14}" for n in names)
+        print(f"{stage:<16}" + "".join(f"{v['peak_mib'][stage]:>{w}.0f}" for v in variants))
+    if any(v["peak_gpu_mib"] is not None for v in variants):
+        print(f"{'finetune GPU':<16}" + "".join(f"{v['peak_gpu_mib'] or '-':>{w}}" for v in variants)
               + "  (peak MiB of PyTorch's tensors, reports/train/summary.json)")  # fmt: skip
     if "plain" in results:
         p = results["plain"]
