@@ -65,12 +65,34 @@ def test_project_params_are_the_reference_recipe():
             "finetune.ignore_index=0 is the class of 'ham' \\(balance.labels\\): its messages",
         ),
         ("mlflow", "experiment_name", "x" * 501, "mlflow.experiment_name: String should have at most 500 characters"),
+        # A value of neither form: one clause with what each form needs, not pydantic's name for each form
+        (
+            "pad_encode",
+            "max_length",
+            0,
+            "params.yaml: pad_encode.max_length: Input should be 'longest', 'context' or 'none', "
+            "or be greater than or equal to 1 \\(got 0\\)$",
+        ),
+        (
+            "finetune",
+            "trainable_blocks",
+            {"last": 2},
+            "params.yaml: finetune.trainable_blocks: Input should be 'all', or be a valid integer "
+            "\\(got \\{'last': 2\\}\\)$",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(section, key, value, message):
     with pytest.raises(ParamsError, match=message) as info:
         parse_params(with_change(section, key, value))
     assert "\n" not in str(info.value)
+
+
+def test_a_missing_key_is_named_without_its_whole_section():
+    params = project_params()
+    del params["data"]["url"]
+    with pytest.raises(ParamsError, match="^params.yaml: data.url: missing; add it$"):
+        parse_params(params)
 
 
 def test_inconsistent_custom_architecture_is_refused():

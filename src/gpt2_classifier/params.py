@@ -226,22 +226,56 @@ class Params(Section):
         return self
 
 
-def _describe(error: dict) -> str:
-    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+def _describe(where: str, error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key; remove it or fix its spelling"
+    if error["type"] == "missing":
+        return f"{where}: missing; add it"
     if error["type"] == "value_error":
         return f"{where}: {message}"
     return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def _key_path(raw: dict, error: dict) -> tuple:
+    """The keys of params.yaml that an error's location names. Where a value may take several forms
+    (`max_length: longest` or a number), pydantic adds the form it tried (`constrained-int`), which
+    is no key of the user's: the path stops at the value."""
+    node, path = raw, []
+    for part in error["loc"]:
+        if isinstance(node, dict) and (part in node or error["type"] == "missing"):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int):
+            node = node[part] if part < len(node) else None
+        else:
+            break
+        path.append(part)
+    return tuple(path)
+
+
+def _problems(raw: dict, errors: list[dict]) -> str:
+    """One clause per key; a value that fits none of a key's forms gets one clause saying what each
+    form needs (`should be 'longest', 'context' or 'none', or be greater than or equal to 1`)."""
+    by_key: dict[tuple, list[dict]] = {}
+    for error in errors:
+        by_key.setdefault(_key_path(raw, error), []).append(error)
+    clauses = []
+    for path, group in by_key.items():
+        where = ".".join(str(part) for part in path) or "(top level)"
+        forms = [e for e in group if len(e["loc"]) > len(path)]
+        if len(forms) > 1:
+            needs = [forms[0]["msg"]] + [e["msg"].removeprefix("Input should ") for e in forms[1:]]
+            clauses.append(f"{where}: {', or '.join(needs)} (got {forms[0].get('input')!r})")
+            group = [e for e in group if e not in forms]
+        clauses += [_describe(where, e) for e in group]
+    return "; ".join(clauses)
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
-        raise ParamsError(f"{source}: {problems}") from None
+        raise ParamsError(f"{source}: {_problems(raw, exc.errors())}") from None
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
