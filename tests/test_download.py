@@ -21,13 +21,29 @@ def fetch(sources, dest, sha=SHA, **kwargs):
     return fetch_data_file(sources, "SMSSpamCollection", sha, dest, **kwargs)
 
 
-def test_http_primary_fails_then_mirror_succeeds(server, tmp_path):
+def test_http_primary_fails_then_mirror_succeeds(server, tmp_path, caplog):
     primary = server.serve("/broken.zip", b"boom", status=500)
     mirror = server.serve("/mirror.zip", ZIP)
     dest = tmp_path / "out" / "messages.tsv"
     assert fetch([primary, mirror], dest) == mirror
     assert dest.read_bytes() == DATA
     assert [path for _, path, _ in server.requests] == ["/broken.zip", "/mirror.zip"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{primary}: HTTP 500 after 1 attempts"
+    ]  # the user learns that the mirror was used, and why
+
+
+def test_data_that_arrived_but_is_wrong_gets_its_own_fix_once(server, tmp_path, caplog):
+    """A server that answers with an archive lacking the member: the fix is data.member, not the
+    offline advice for a source that cannot be reached; and the failure is said once, in the error."""
+    url = server.serve("/other.zip", zip_bytes({"other.txt": DATA}))
+    with pytest.raises(DownloadError) as info:
+        fetch([url], tmp_path / "out" / "messages.tsv")
+    assert str(info.value) == (
+        f"could not get 'SMSSpamCollection' from {url} ({url}: zip has no member 'SMSSpamCollection' "
+        "(data.member); it holds ['other.txt']: set data.member to one of them)."
+    )
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_retries_a_failing_server_a_bounded_number_of_times(server, tmp_path):

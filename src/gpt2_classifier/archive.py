@@ -78,7 +78,10 @@ class Archive:
         ]
         if not matches:
             names = [m.name for m in self.members][:10]
-            raise DownloadError(f"{self.label}: {self._what} has no member '{member}' (data.member); it holds {names}")
+            raise DownloadError(
+                f"{self.label}: {self._what} has no member '{member}' (data.member); it holds {names}: "
+                "set data.member to one of them"
+            )
         if len(matches) > 1:
             names = ", ".join(m.name for m in matches)
             raise DownloadError(

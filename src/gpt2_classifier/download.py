@@ -202,8 +202,8 @@ def fetch_data_file(
     With `folders`, the data is the whole archive, of one folder of texts per label inside `member`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    failures = []
     for source in sources:
+        got = False  # the source's bytes are here: a failure after this is about what they hold
         try:
             with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
                 local = local_path(source)
@@ -212,6 +212,7 @@ def fetch_data_file(
                     pack_folder(local, archive, max_bytes, redact(source))
                 else:
                     archive = retrieve(source, Path(tmp), timeout, retries, deadline, "data.deadline")
+                got = True
                 with atomic_path(dest) as out:
                     if folders:
                         keep_archive(archive, member, out, redact(source))
@@ -220,18 +221,21 @@ def fetch_data_file(
                     verify_sha256(out, sha256, source)
             return source
         except PipelineError as exc:
-            log.warning("%s", exc)
-            failures.append(str(exc))
-    if all(urlsplit(s).scheme in ("", "file") for s in sources):  # only local copies: no network to blame
-        fix = "Set data.url to the zip or data file as it is on this machine"
+            failure = exc
+            if source != sources[-1]:  # the last one's failure is the error below
+                log.warning("%s", exc)
+    if got:  # the last source answered, with the wrong data: its failure says what to change
+        fix = ""
+    elif all(urlsplit(s).scheme in ("", "file") for s in sources):  # only local copies: no network to blame
+        fix = " Set data.url to the zip or data file as it is on this machine"
     else:
-        fix = ("Offline? Download it elsewhere and set data.url to the local zip or file, "
+        fix = (" Offline? Download it elsewhere and set data.url to the local zip or file, "
                "e.g. dvc exp run -S data.url=/path/to/sms+spam+collection.zip")  # fmt: skip
     if folders:
         what = f"the folders of '{member}'" if member else "the archive"
     else:
         what = f"'{member}'" if member else "the data file"
-    raise DownloadError(f"could not get {what} from {', '.join(redact(s) for s in sources)} ({failures[-1]}). {fix}")
+    raise DownloadError(f"could not get {what} from {', '.join(redact(s) for s in sources)} ({failure}).{fix}")
 
 
 def verify_sha256(path: Path, expected: str | None, source: str) -> None:
@@ -242,5 +246,6 @@ def verify_sha256(path: Path, expected: str | None, source: str) -> None:
     if actual != expected:
         raise DownloadError(
             f"{redact(source)}: SHA-256 of the data file is {actual}, expected {expected} (data.sha256); "
-            "the copy is corrupt or a different version"
+            "the copy is corrupt or a different version: get a good copy, or set data.sha256 to the SHA-256 "
+            "of a version you trust"
         )
