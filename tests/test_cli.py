@@ -27,6 +27,15 @@ def test_batch_size_must_be_positive(value, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("value", ["spam-classifier", "spam/classifier/2", "@champion", "a/"])
+def test_a_registry_reference_must_name_a_version_or_alias(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["classify", "--registered", value, "hello"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --registered: give NAME/VERSION or NAME@ALIAS, such as spam-classifier/2 (got '{value}')" in err
+
+
 def test_a_device_that_is_not_there_is_named(monkeypatch):
     import torch
 

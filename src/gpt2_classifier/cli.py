@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def classify(args: argparse.Namespace) -> None:
             writer.writerows({"text": text, **result} for text, result in zip(texts, results, strict=True))
     except OSError as exc:
         raise PipelineError(f"{output}: cannot write it ({exc.strerror}); choose another --output") from None
-    print(f"classify: {len(texts)} messages scored -> {output}", file=sys.stderr)
+    print(f"classify: {len(texts)} message{'s' * (len(texts) != 1)} scored -> {output}", file=sys.stderr)
 
 
 def _positive_int(text: str) -> int:
@@ -102,6 +103,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {text!r})")
     return value
+
+
+def _registry_version(text: str) -> str:
+    if not re.fullmatch(r"[^/@]+(/[^/@]+|@[^/@]+)", text):
+        raise argparse.ArgumentTypeError(f"give NAME/VERSION or NAME@ALIAS, such as spam-classifier/2 (got {text!r})")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", default="models/classifier", help="classifier folder (default: the pipeline's)")
     c.add_argument("--base", help="base weights file, if not models/base/model.safetensors beside --model")
     c.add_argument("--run-id", help="use the model logged by this MLflow run")
-    c.add_argument("--registered", help="use a Model Registry version: NAME/VERSION or NAME@ALIAS")
+    c.add_argument("--registered", type=_registry_version,
+                   help="use a Model Registry version: NAME/VERSION or NAME@ALIAS")  # fmt: skip
     c.add_argument("--batch-size", type=_positive_int, default=32, help="messages per forward pass (default: 32)")
     args = parser.parse_args(argv)
     try:
