@@ -17,23 +17,19 @@ def test_a_latin_1_file_is_named_with_the_way_to_convert_it(tmp_path, capsys):
     assert err.startswith(f"error: {inbox}: not UTF-8 text (byte 13)") and "iconv" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "many"])
-def test_batch_size_must_be_positive(value, capsys):
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--batch-size", v, "must be a whole number of at least 1") for v in ("0", "-3", "many")]
+    + [("--registered", v, "give NAME/VERSION or NAME@ALIAS, such as spam-classifier/2")
+       for v in ("spam-classifier", "spam/classifier/2", "@champion", "a/")],
+)  # fmt: skip
+def test_options_of_the_wrong_form_are_refused_by_name(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["classify", "--batch-size", value, "hello"])
+        main(["classify", option, value, "hello"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument --batch-size: must be a whole number of at least 1 (got '{value}')" in err
+    assert f"argument {option}: {message} (got '{value}')" in err
     assert "Traceback" not in err
-
-
-@pytest.mark.parametrize("value", ["spam-classifier", "spam/classifier/2", "@champion", "a/"])
-def test_a_registry_reference_must_name_a_version_or_alias(value, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["classify", "--registered", value, "hello"])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument --registered: give NAME/VERSION or NAME@ALIAS, such as spam-classifier/2 (got '{value}')" in err
 
 
 def test_a_device_that_is_not_there_is_named(monkeypatch):
