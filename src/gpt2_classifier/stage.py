@@ -11,19 +11,26 @@ from .errors import PipelineError
 from .files import INTERRUPTED
 from .params import Params, load_params
 
+# Ctrl-C, and the signal that `kill`, `timeout`, `docker stop` and CI runners send to stop a job: either
+# ends the stage as an interruption (nothing committed, the MLflow run marked KILLED, exit 128 + signal).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stopped_by: list[int] = []  # the signal that stopped this run, if one did
+
 
 def _on_interrupt(signum: int, frame: object) -> None:
     INTERRUPTED.set()
+    _stopped_by.append(signum)
     raise KeyboardInterrupt
 
 
 def run_stage(main: Callable[[Params], None], params_path: str = "params.yaml") -> None:
-    """Run a stage's `main`: a PipelineError or Ctrl-C ends it with a one-line error and a
-    failing exit status, and after a Ctrl-C no output is committed (see `files.atomic_path`)."""
+    """Run a stage's `main`: a PipelineError, Ctrl-C or SIGTERM ends it with a one-line error and a
+    failing exit status, and after an interruption no output is committed (see `files.atomic_path`)."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.default_int_handler:  # not where the parent had Ctrl-C ignored
-        signal.signal(signal.SIGINT, _on_interrupt)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler in (signal.default_int_handler, signal.SIG_DFL):  # not where the parent had it ignored
+            signal.signal(sig, _on_interrupt)
     try:
         main(load_params(params_path))
         if INTERRUPTED.is_set():
@@ -32,8 +39,12 @@ def run_stage(main: Callable[[Params], None], params_path: str = "params.yaml") 
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written, run the stage again", file=sys.stderr)
-        sys.exit(130)
+        sig = _stopped_by[0] if _stopped_by else signal.SIGINT
+        by = "" if sig == signal.SIGINT else f" by {signal.Signals(sig).name}"
+        print(f"error: interrupted{by}; nothing was written, run the stage again", file=sys.stderr)
+        sys.exit(128 + sig)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         INTERRUPTED.clear()  # the guard belongs to this run (tests call run_stage in-process)
+        _stopped_by.clear()
