@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from gpt2_classifier import checkpoint  # noqa: E402
-from gpt2_classifier.classifier import replace_head, set_trainable  # noqa: E402
-from gpt2_classifier.config import PRESETS, GPTConfig  # noqa: E402
-from gpt2_classifier.encode import EncodedSplit  # noqa: E402
-from gpt2_classifier.train import FullForward, Trainer, TrainSettings  # noqa: E402
-from gpt2_classifier.weights import random_model  # noqa: E402
+from gpt2_classifier.core.config import PRESETS, GPTConfig  # noqa: E402
+from gpt2_classifier.data.encode import EncodedSplit  # noqa: E402
+from gpt2_classifier.model.classifier import replace_head, set_trainable  # noqa: E402
+from gpt2_classifier.model.weights import random_model  # noqa: E402
+from gpt2_classifier.train import checkpoint  # noqa: E402
+from gpt2_classifier.train.loop import FullForward, Trainer, TrainSettings  # noqa: E402
 
 
 def trainer(model_name: str) -> Trainer:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from gpt2_classifier.classifier import ClassifierConfig, build_classifier, save_classifier
-from gpt2_classifier.config import GPTConfig
-from gpt2_classifier.encode import tokenize
-from gpt2_classifier.files import sha256_file
-from gpt2_classifier.predict import TextClassifier
-from gpt2_classifier.pretrained import BaseIdentity
-from gpt2_classifier.weights import random_model, save_hf
+from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.core.files import sha256_file
+from gpt2_classifier.data.encode import tokenize
+from gpt2_classifier.model.classifier import ClassifierConfig, build_classifier, save_classifier
+from gpt2_classifier.model.pretrained import BaseIdentity
+from gpt2_classifier.model.weights import random_model, save_hf
+from gpt2_classifier.serve.predict import TextClassifier
 
 MESSAGES = [
     "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121 to receive entry",

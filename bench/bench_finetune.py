@@ -39,10 +39,11 @@ SEED = 123
 
 def prepare(folder: Path, quick: bool) -> str:
     """Encoded splits and random GPT-2 small weights in `folder`; returns where the data came from."""
-    from gpt2_classifier.config import GPTConfig
-    from gpt2_classifier.data import SPLITS, balance, parse_tsv, split
-    from gpt2_classifier.encode import pad_encode
-    from gpt2_classifier.weights import random_model, save_hf
+    from gpt2_classifier.core.config import GPTConfig
+    from gpt2_classifier.core.paths import SPLITS
+    from gpt2_classifier.data.encode import pad_encode
+    from gpt2_classifier.data.messages import balance, parse_tsv, split
+    from gpt2_classifier.model.weights import random_model, save_hf
 
     if SHARED.is_file():
         messages, source = parse_tsv(SHARED, ["ham", "spam"]), "real data (SMS Spam Collection)"
@@ -60,7 +61,7 @@ def prepare(folder: Path, quick: bool) -> str:
 
 
 def made_up_messages():
-    from gpt2_classifier.data import Messages
+    from gpt2_classifier.data.messages import Messages
 
     gen = torch.Generator().manual_seed(0)
     lengths = torch.distributions.LogNormal(3.0, 0.6).sample((1494,)).clamp(2, 110).long()
@@ -70,10 +71,10 @@ def made_up_messages():
 
 
 def load(folder: Path, trainable_blocks: int = 1):
-    from gpt2_classifier.classifier import replace_head, set_trainable
-    from gpt2_classifier.config import GPTConfig
-    from gpt2_classifier.encode import load_splits
-    from gpt2_classifier.weights import load_model
+    from gpt2_classifier.core.config import GPTConfig
+    from gpt2_classifier.data.encode import load_splits
+    from gpt2_classifier.model.classifier import replace_head, set_trainable
+    from gpt2_classifier.model.weights import load_model
 
     model = load_model(GPTConfig(), folder / "model.safetensors")
     replace_head(model, 2, SEED)
@@ -83,7 +84,7 @@ def load(folder: Path, trainable_blocks: int = 1):
 
 def plain_loop(folder: Path, epochs: int) -> dict:
     """The reference's train_classifier_simple and calc_accuracy_loader, batch for batch."""
-    from gpt2_classifier.train import index_batches
+    from gpt2_classifier.train.loop import index_batches
 
     model, splits = load(folder)
     train, val = splits["train"], splits["validation"]
@@ -130,12 +131,12 @@ def plain_loop(folder: Path, epochs: int) -> dict:
 
 def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     """The project's training and prediction code, with the classifier saved and reloaded before predicting."""
-    from gpt2_classifier.classifier import ClassifierConfig, load_classifier, save_classifier
-    from gpt2_classifier.fast import build_inputs, iter_inputs
-    from gpt2_classifier.files import sha256_file
-    from gpt2_classifier.metrics import classification_report
-    from gpt2_classifier.pretrained import BaseIdentity
-    from gpt2_classifier.train import Trainer, TrainSettings, predict_proba
+    from gpt2_classifier.core.files import sha256_file
+    from gpt2_classifier.metrics.classification import classification_report
+    from gpt2_classifier.model.classifier import ClassifierConfig, load_classifier, save_classifier
+    from gpt2_classifier.model.pretrained import BaseIdentity
+    from gpt2_classifier.train.fast import build_inputs, iter_inputs
+    from gpt2_classifier.train.loop import Trainer, TrainSettings, predict_proba
 
     start = time.perf_counter()
     model, splits = load(folder)

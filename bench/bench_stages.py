@@ -60,8 +60,8 @@ def made_up_zip(folder: Path) -> Path:
 def published_checkpoint(folder: Path, model: str) -> Path:
     """Seeded random GPT-2 weights in the published layout: what fetch-weights reads as pretrained
     weights from model.source (the real ones cannot be downloaded here); made before any timing."""
-    from gpt2_classifier.config import PRESETS, GPTConfig
-    from gpt2_classifier.weights import random_model, save_hf
+    from gpt2_classifier.core.config import PRESETS, GPTConfig
+    from gpt2_classifier.model.weights import random_model, save_hf
 
     path = folder / f"{model}.safetensors"
     save_hf(random_model(GPTConfig(**PRESETS[model]), SEED), path)
@@ -154,11 +154,11 @@ def plain(folder: Path, data: Path, weights: Path, device: str, epochs: int) -> 
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT / "src"))
-    from gpt2_classifier.classifier import replace_head, set_trainable
-    from gpt2_classifier.config import GPTConfig
-    from gpt2_classifier.tokenizer import gpt2_encoding
-    from gpt2_classifier.train import index_batches
-    from gpt2_classifier.weights import load_model
+    from gpt2_classifier.core.config import GPTConfig
+    from gpt2_classifier.data.tokenizer import gpt2_encoding
+    from gpt2_classifier.model.classifier import replace_head, set_trainable
+    from gpt2_classifier.model.weights import load_model
+    from gpt2_classifier.train.loop import index_batches
 
     with zipfile.ZipFile(data) as zf:
         zf.extract("SMSSpamCollection", folder)

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-OLD_COMMIT = "87192d9"  # the last commit with src/gpt2_classifier/tensorfile.py re-implementing safetensors
-OLD_PATH = "src/gpt2_classifier/tensorfile.py"
+OLD_COMMIT = "87192d9"  # the last commit with src/gpt2_classifier/model/tensorfile.py re-implementing safetensors
+OLD_PATH = "src/gpt2_classifier/model/tensorfile.py"
 WAYS = {
     "write": {
         "old": "old write_tensors",
@@ -48,9 +48,9 @@ def shapes_of(size: str) -> dict[str, tuple[int, ...]]:
     """The published GPT-2 layout's tensor names and shapes for a preset (built on the meta device)."""
     import torch
 
-    from gpt2_classifier.config import PRESETS, GPTConfig
-    from gpt2_classifier.model import GPTModel
-    from gpt2_classifier.weights import to_hf_tensors
+    from gpt2_classifier.core.config import PRESETS, GPTConfig
+    from gpt2_classifier.model.gpt import GPTModel
+    from gpt2_classifier.model.weights import to_hf_tensors
 
     with torch.device("meta"):
         model = GPTModel(GPTConfig(**PRESETS[size]))

@@ -55,8 +55,8 @@ def main() -> int:
         key, _, value = assignment.partition("=")
         values[key] = yaml.safe_load(value)
 
-    from gpt2_classifier.errors import ParamsError
-    from gpt2_classifier.params import parse_params
+    from gpt2_classifier.core.errors import ParamsError
+    from gpt2_classifier.core.params import parse_params
 
     params = yaml.safe_load(Path("params.yaml").read_text())
     for key, value in values.items():

@@ -62,8 +62,8 @@ def main() -> int:
             print(f"{n:>2} {rows[n]['name']:<34} {' '.join(overrides(rows[n], [])) or '(params.yaml as it is)'}")
         return 0
 
-    from gpt2_classifier.errors import ParamsError
-    from gpt2_classifier.params import parse_params
+    from gpt2_classifier.core.errors import ParamsError
+    from gpt2_classifier.core.params import parse_params
 
     base = yaml.safe_load(Path("params.yaml").read_text())
     for n in chosen:

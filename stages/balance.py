@@ -1,11 +1,11 @@
 """Stage balance: read the data in its format and under-sample every class to the smallest."""
 
-from gpt2_classifier.data import BalanceRecord, balance, class_counts, write_csv
-from gpt2_classifier.files import atomic_path, write_json
-from gpt2_classifier.params import Params
-from gpt2_classifier.paths import BALANCE_COUNTS, BALANCED, RAW
-from gpt2_classifier.readers import number_labels, read_labelled
-from gpt2_classifier.stage import run_stage
+from gpt2_classifier.core.files import atomic_path, write_json
+from gpt2_classifier.core.params import Params
+from gpt2_classifier.core.paths import BALANCE_COUNTS, BALANCED, RAW
+from gpt2_classifier.core.stage import run_stage
+from gpt2_classifier.data.messages import BalanceRecord, balance, class_counts, write_csv
+from gpt2_classifier.data.readers import number_labels, read_labelled
 
 
 def main(params: Params) -> None:

@@ -1,10 +1,10 @@
 """Stage download: fetch the data (the SMS Spam Collection by default) and verify its SHA-256."""
 
-from gpt2_classifier.download import fetch_data_file
-from gpt2_classifier.params import Params
-from gpt2_classifier.paths import RAW
-from gpt2_classifier.redact import redact
-from gpt2_classifier.stage import run_stage
+from gpt2_classifier.core.params import Params
+from gpt2_classifier.core.paths import RAW
+from gpt2_classifier.core.redact import redact
+from gpt2_classifier.core.stage import run_stage
+from gpt2_classifier.data.download import fetch_data_file
 
 
 def main(params: Params) -> None:

@@ -1,8 +1,8 @@
 """Stage evaluate: accuracy on the full splits; precision, recall, F1, confusion matrix, ROC."""
 
-from gpt2_classifier.evaluation import evaluate
-from gpt2_classifier.params import Params
-from gpt2_classifier.stage import run_stage
+from gpt2_classifier.core.params import Params
+from gpt2_classifier.core.stage import run_stage
+from gpt2_classifier.evaluate import evaluate
 
 
 def main(params: Params) -> None:

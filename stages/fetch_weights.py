@@ -1,10 +1,10 @@
 """Stage fetch-weights: the base GPT-2 weights, pretrained (downloaded) or seeded random."""
 
-from gpt2_classifier.files import atomic_dir, sha256_file, write_json
-from gpt2_classifier.params import Params
-from gpt2_classifier.paths import BASE
-from gpt2_classifier.pretrained import CONFIG_FILE, REFETCH, WEIGHTS_FILE, check_checkpoint, fetch_pretrained
-from gpt2_classifier.stage import run_stage
+from gpt2_classifier.core.files import atomic_dir, sha256_file, write_json
+from gpt2_classifier.core.params import Params
+from gpt2_classifier.core.paths import BASE
+from gpt2_classifier.core.stage import run_stage
+from gpt2_classifier.model.pretrained import CONFIG_FILE, REFETCH, WEIGHTS_FILE, check_checkpoint, fetch_pretrained
 
 
 def main(params: Params) -> None:
@@ -13,7 +13,7 @@ def main(params: Params) -> None:
     with atomic_dir(BASE) as tmp:
         weights = tmp / WEIGHTS_FILE
         if m.weights == "random":
-            from gpt2_classifier.weights import random_model, save_hf  # torch: for random weights only
+            from gpt2_classifier.model.weights import random_model, save_hf  # torch: for random weights only
 
             save_hf(random_model(cfg, m.seed), weights)
             source = f"random (seed {m.seed})"

@@ -1,8 +1,8 @@
 """Stage finetune: new classification head, freeze, train with the reference loop, track in MLflow."""
 
+from gpt2_classifier.core.params import Params
+from gpt2_classifier.core.stage import run_stage
 from gpt2_classifier.finetune import finetune
-from gpt2_classifier.params import Params
-from gpt2_classifier.stage import run_stage
 
 
 def main(params: Params) -> None:

@@ -1,11 +1,11 @@
 """Stage pad-encode: GPT-2 BPE, padded with <|endoftext|> to one length for every split."""
 
-from gpt2_classifier.data import SPLITS, BalanceRecord, read_csv
-from gpt2_classifier.encode import META_FILE, pad_encode
-from gpt2_classifier.files import atomic_dir, write_json
-from gpt2_classifier.params import Params
-from gpt2_classifier.paths import BALANCE_COUNTS, ENCODED, SPLIT_DIR
-from gpt2_classifier.stage import run_stage
+from gpt2_classifier.core.files import atomic_dir, write_json
+from gpt2_classifier.core.params import Params
+from gpt2_classifier.core.paths import BALANCE_COUNTS, ENCODED, SPLIT_DIR, SPLITS
+from gpt2_classifier.core.stage import run_stage
+from gpt2_classifier.data.encode import META_FILE, pad_encode
+from gpt2_classifier.data.messages import BalanceRecord, read_csv
 
 
 def main(params: Params) -> None:

@@ -1,11 +1,11 @@
 """Stage split: seeded shuffle, then train / validation / test by fractions."""
 
-from gpt2_classifier.data import BalanceRecord, read_csv, split, write_csv
-from gpt2_classifier.files import atomic_dir
-from gpt2_classifier.params import Params
-from gpt2_classifier.paths import BALANCE_COUNTS, BALANCED, SPLIT_DIR
-from gpt2_classifier.redact import redact
-from gpt2_classifier.stage import run_stage
+from gpt2_classifier.core.files import atomic_dir
+from gpt2_classifier.core.params import Params
+from gpt2_classifier.core.paths import BALANCE_COUNTS, BALANCED, SPLIT_DIR
+from gpt2_classifier.core.redact import redact
+from gpt2_classifier.core.stage import run_stage
+from gpt2_classifier.data.messages import BalanceRecord, read_csv, split, write_csv
 
 
 def main(params: Params) -> None:

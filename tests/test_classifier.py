@@ -5,7 +5,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from gpt2_classifier.classifier import (
+from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.core.errors import WeightsError
+from gpt2_classifier.core.files import sha256_file
+from gpt2_classifier.data.encode import EncodedSplit
+from gpt2_classifier.model.classifier import (
     ClassifierConfig,
     classify,
     load_classifier,
@@ -14,13 +18,9 @@ from gpt2_classifier.classifier import (
     save_classifier,
     set_trainable,
 )
-from gpt2_classifier.config import GPTConfig
-from gpt2_classifier.encode import EncodedSplit
-from gpt2_classifier.errors import WeightsError
-from gpt2_classifier.files import sha256_file
-from gpt2_classifier.pretrained import BaseIdentity
-from gpt2_classifier.train import FullForward, Trainer, TrainSettings, index_batches, predict_proba
-from gpt2_classifier.weights import random_model, save_hf
+from gpt2_classifier.model.pretrained import BaseIdentity
+from gpt2_classifier.model.weights import random_model, save_hf
+from gpt2_classifier.train.loop import FullForward, Trainer, TrainSettings, index_batches, predict_proba
 
 CFG = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32)
 PAD = 50256
@@ -185,7 +185,7 @@ def test_a_broken_classifier_config_is_named_with_its_field(tmp_path):
 
 def test_a_bfloat16_classifier_classifies_in_bfloat16(tmp_path):
     # finetune.precision is stored with the classifier, so evaluate and `classify` run the arithmetic it trained with.
-    from gpt2_classifier.predict import TextClassifier
+    from gpt2_classifier.serve.predict import TextClassifier
 
     model, _ = fit(epochs=1)
     base = tmp_path / "base" / "model.safetensors"
@@ -203,9 +203,9 @@ def test_a_bfloat16_classifier_classifies_in_bfloat16(tmp_path):
 
 @pytest.mark.parametrize("pool", ["last", "flexible"])
 def test_classify_takes_the_fast_path_in_groups_and_equals_the_full_forward(tmp_path, monkeypatch, pool):
-    from gpt2_classifier import predict
-    from gpt2_classifier.encode import pad, tokenize
-    from gpt2_classifier.tail import PrefixForward
+    from gpt2_classifier.data.encode import pad, tokenize
+    from gpt2_classifier.serve import predict
+    from gpt2_classifier.train.tail import PrefixForward
 
     model, _ = fit(epochs=1)
     base = tmp_path / "base" / "model.safetensors"

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from gpt2_classifier.cli import main
+from gpt2_classifier.serve.cli import main
 
 
 def test_a_latin_1_file_is_named_with_the_way_to_convert_it(tmp_path, capsys):
@@ -35,8 +35,8 @@ def test_options_of_the_wrong_form_are_refused_by_name(option, value, message, c
 def test_a_device_that_is_not_there_is_named(monkeypatch):
     import torch
 
-    from gpt2_classifier.errors import PipelineError
-    from gpt2_classifier.train import pick_device
+    from gpt2_classifier.core.errors import PipelineError
+    from gpt2_classifier.train.loop import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(PipelineError, match=r"^finetune.device: cuda, but torch .* finds no CUDA device here; set"):
@@ -48,7 +48,7 @@ def test_peak_gpu_memory_is_in_the_summary_on_cuda_only(tmp_path, monkeypatch):
     import torch
 
     from gpt2_classifier.finetune import peak_gpu_memory_mib, write_reports
-    from gpt2_classifier.train import History
+    from gpt2_classifier.train.loop import History
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20 + 1)
     assert peak_gpu_memory_mib(torch.device("cuda")) == 3 and peak_gpu_memory_mib(torch.device("cpu")) is None
@@ -64,8 +64,8 @@ def test_peak_gpu_memory_is_in_the_summary_on_cuda_only(tmp_path, monkeypatch):
     ("data", "where"), [({"url": ""}, "data.url"), ({"url": "x", "mirrors": [" "]}, "data.mirrors")]
 )
 def test_an_empty_data_url_is_refused_with_its_name(data, where):
-    from gpt2_classifier.errors import ParamsError
-    from gpt2_classifier.params import parse_params
+    from gpt2_classifier.core.errors import ParamsError
+    from gpt2_classifier.core.params import parse_params
 
     with pytest.raises(ParamsError, match=rf"^params.yaml: {where}: is empty; give the data's URL or an absolute path"):
         parse_params({"data": data})
@@ -108,9 +108,9 @@ def test_file_that_is_a_folder_and_output_without_folder_are_named_before_loadin
 
 
 def write_classifier_config(folder, weights: str = "random") -> None:
-    from gpt2_classifier.classifier import ClassifierConfig
-    from gpt2_classifier.config import GPTConfig
-    from gpt2_classifier.pretrained import BaseIdentity
+    from gpt2_classifier.core.config import GPTConfig
+    from gpt2_classifier.model.classifier import ClassifierConfig
+    from gpt2_classifier.model.pretrained import BaseIdentity
 
     base = BaseIdentity(name="gpt2-small", weights=weights, sha256="0" * 64, revision="main", seed=1)
     config = ClassifierConfig(labels=["ham", "spam"], pool="last", max_length=8, pad_id=50256, padding="fixed",
@@ -131,7 +131,7 @@ def test_a_classifier_folder_without_its_weights_is_named(tmp_path, capsys):
 @pytest.fixture
 def mlflow_env(monkeypatch):
     """MLflow settings the CLI sets where unset, restored after the test."""
-    from gpt2_classifier.tracking import HTTP_WAITS
+    from gpt2_classifier.tracking.runs import HTTP_WAITS
 
     for key in (*HTTP_WAITS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
         monkeypatch.delenv(key, raising=False)
@@ -158,7 +158,7 @@ def test_outside_the_project_no_store_is_made_up(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     for option in (["--run-id", "0123abcd"], ["--registered", "spam-classifier/3"]):
-        result = subprocess.run([sys.executable, "-m", "gpt2_classifier.cli", "classify", *option, "hi"],
+        result = subprocess.run([sys.executable, "-m", "gpt2_classifier.serve.cli", "classify", *option, "hi"],
                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert result.returncode == 1
         assert result.stderr.strip() == (
@@ -183,10 +183,10 @@ def test_a_tracking_server_that_is_down_is_named_without_credentials(monkeypatch
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_training(tmp_path, monkeypatch):
     """Each epoch drops the last partial batch, so no step would run."""
-    from gpt2_classifier.config import GPTConfig
-    from gpt2_classifier.errors import PipelineError
+    from gpt2_classifier.core.config import GPTConfig
+    from gpt2_classifier.core.errors import PipelineError
+    from gpt2_classifier.core.params import parse_params
     from gpt2_classifier.finetune import finetune
-    from gpt2_classifier.params import parse_params
 
     monkeypatch.chdir(tmp_path)
     stats = {"messages": 42, "tokens": 420, "longest": 20, "truncated": 0}
@@ -209,7 +209,7 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_training(tmp_pat
 
 def test_files_saved_with_a_byte_order_mark_read_as_written(tmp_path):
     """Excel's "CSV UTF-8" and Notepad start the file with a BOM; it is neither a column name nor text."""
-    from gpt2_classifier.cli import _read_messages
+    from gpt2_classifier.serve.cli import _read_messages
 
     inbox = tmp_path / "inbox.csv"
     inbox.write_bytes(b"\xef\xbb\xbftext,sender\r\nWIN a prize,x\r\n")
@@ -221,7 +221,7 @@ def test_files_saved_with_a_byte_order_mark_read_as_written(tmp_path):
 
 def test_base_weights_that_cannot_be_downloaded_point_at_the_cli_ways(tmp_path, monkeypatch, capsys):
     """Not at params.yaml's model.source: classify reads no params."""
-    from gpt2_classifier import predict
+    from gpt2_classifier.serve import predict
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(predict, "BASE_CACHE", tmp_path / "cache")

@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 from conftest import make_messages
 
-from gpt2_classifier.data import Messages, balance, class_counts, read_csv, split, write_csv
-from gpt2_classifier.errors import DataError
-from gpt2_classifier.readers import parse_tsv
+from gpt2_classifier.core.errors import DataError
+from gpt2_classifier.data.messages import Messages, balance, class_counts, read_csv, split, write_csv
+from gpt2_classifier.data.readers import parse_tsv
 
 LABELS = ["ham", "spam"]
 

@@ -6,9 +6,9 @@ import zipfile
 import pytest
 from conftest import PROJECT, make_messages, send_slowly, zip_bytes
 
-from gpt2_classifier.download import fetch_data_file
-from gpt2_classifier.errors import DownloadError
-from gpt2_classifier.redact import redact
+from gpt2_classifier.core.errors import DownloadError
+from gpt2_classifier.core.redact import redact
+from gpt2_classifier.data.download import fetch_data_file
 
 DATA = make_messages()
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -2,46 +2,15 @@
 `ast`), so editing a module reruns exactly the stages that import it; each plot is declared once,
 with its fields, labels and title; the paths agree with paths.py."""
 
-import ast
 from pathlib import Path
 
 import yaml
 from conftest import PROJECT
-
-PACKAGE = "gpt2_classifier"
-SRC = PROJECT / "src" / PACKAGE
+from imports import ROOT, closure
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Modules of the package that `path` imports anywhere in it (top level or inside functions)."""
-    tree = ast.parse(path.read_text(), str(path))
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from .x import y / from . import x
-                base = node.module
-                found |= {base} if base else {alias.name for alias in node.names}
-            elif node.module == PACKAGE:  # from gpt2_classifier import x
-                found |= {alias.name for alias in node.names}
-            elif node.module and node.module.startswith(PACKAGE + "."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith(PACKAGE + ".")}
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
-            found.add(node.value.removesuffix(".py"))  # a module run by file name (MLflow's models from code)
-    return {name for name in found if (SRC / f"{name}.py").is_file()}
-
-
-def closure(script: Path) -> set[str]:
-    """Every file of the package that running `script` may execute, as paths relative to the project."""
-    seen, todo = set(), imported_modules(script)
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo |= imported_modules(SRC / f"{name}.py")
-    files = {f"src/{PACKAGE}/{name}.py" for name in seen}
-    return files | {f"src/{PACKAGE}/__init__.py"} if files else files
+def expected_deps(script: str) -> set[str]:
+    return {script} | {file.relative_to(PROJECT).as_posix() for file in closure(PROJECT / script)}
 
 
 def code_deps(stage: dict) -> set[str]:
@@ -52,17 +21,20 @@ def test_every_stage_lists_exactly_the_code_it_runs():
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         script = stage["cmd"].split()[-1]
-        expected = {script} | closure(PROJECT / script)
+        expected = expected_deps(script)
         listed = code_deps(stage)
         assert listed == expected, f"{name}: missing {sorted(expected - listed)}, not run {sorted(listed - expected)}"
 
 
 def test_the_closure_follows_imports_inside_functions():
-    # tracking imports mlflow_model only where a model is logged; the closure must still see it
-    assert f"src/{PACKAGE}/mlflow_model.py" in closure(PROJECT / "stages" / "finetune.py")
-    assert f"src/{PACKAGE}/tensorfile.py" in closure(PROJECT / "stages" / "fetch_weights.py")
-    assert f"src/{PACKAGE}/weights.py" in closure(PROJECT / "stages" / "fetch_weights.py")
-    assert f"src/{PACKAGE}/pyfunc_entry.py" in closure(PROJECT / "stages" / "finetune.py")  # run by file name
+    # finetune imports the logged model, which imports predict only where MLflow loads the model
+    finetune = expected_deps("stages/finetune.py")
+    assert "src/gpt2_classifier/serve/predict.py" in finetune
+    assert "src/gpt2_classifier/serve/pyfunc_entry.py" in finetune  # run by file name
+    assert "src/gpt2_classifier/model/__init__.py" in finetune  # a package's __init__ runs with its modules
+    fetch = expected_deps("stages/fetch_weights.py")
+    assert {"src/gpt2_classifier/model/tensorfile.py", "src/gpt2_classifier/model/weights.py"} <= fetch
+    assert (ROOT / "serve" / "pyfunc_entry.py").is_file()
 
 
 def test_each_plot_is_declared_once_with_fields_and_labels():
@@ -88,7 +60,7 @@ def test_each_plot_is_declared_once_with_fields_and_labels():
 
 
 def test_stage_outputs_are_the_paths_of_paths_py():
-    from gpt2_classifier import paths
+    from gpt2_classifier.core import paths
 
     pipeline = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
     written = set()
@@ -98,7 +70,7 @@ def test_stage_outputs_are_the_paths_of_paths_py():
     top = {  # the project's paths, not its caches (.cache/) nor the user's (absolute)
         str(value)
         for name, value in vars(paths).items()
-        if name.isupper() and not str(value).startswith(".") and not value.is_absolute()
+        if isinstance(value, Path) and not str(value).startswith(".") and not value.is_absolute()
     }
     folders = {str(paths.SPLIT_DIR), str(paths.ENCODED), str(paths.BASE), str(paths.CLASSIFIER)}
     files = top - folders - {str(paths.TRAIN_REPORTS), str(paths.EVAL_REPORTS)}

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_classifier.data import Messages
-from gpt2_classifier.encode import load_split, pad, pad_encode
-from gpt2_classifier.errors import PipelineError
-from gpt2_classifier.tokenizer import END_OF_TEXT_ID, gpt2_encoding, packaged_bpe_dir
+from gpt2_classifier.core.errors import PipelineError
+from gpt2_classifier.data.encode import load_split, pad, pad_encode
+from gpt2_classifier.data.messages import Messages
+from gpt2_classifier.data.tokenizer import END_OF_TEXT_ID, gpt2_encoding, packaged_bpe_dir
 
 
 def test_offline_bpe_is_gpt2():
@@ -22,7 +22,7 @@ def test_offline_bpe_is_gpt2():
 
 
 def test_text_cannot_inject_the_special_token():
-    from gpt2_classifier.encode import tokenize
+    from gpt2_classifier.data.encode import tokenize
 
     assert END_OF_TEXT_ID not in tokenize(["a <|endoftext|> b"])[0]
 

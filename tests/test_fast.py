@@ -8,16 +8,17 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_same_parameters
 
-from gpt2_classifier import fast, onednn, prefix, prefix_cache, tail, train
-from gpt2_classifier.classifier import replace_head, set_trainable
-from gpt2_classifier.config import GPTConfig
-from gpt2_classifier.encode import EncodedSplit
-from gpt2_classifier.fast import build_inputs
-from gpt2_classifier.prefix_cache import frozen_digest
-from gpt2_classifier.release import release_frozen
-from gpt2_classifier.tail import PrefixForward
-from gpt2_classifier.train import FullForward, Trainer, TrainSettings
-from gpt2_classifier.weights import random_model
+from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.data.encode import EncodedSplit
+from gpt2_classifier.model.classifier import replace_head, set_trainable
+from gpt2_classifier.model.weights import random_model
+from gpt2_classifier.train import fast, onednn, prefix, prefix_cache, tail
+from gpt2_classifier.train import loop as train
+from gpt2_classifier.train.fast import build_inputs
+from gpt2_classifier.train.loop import FullForward, Trainer, TrainSettings
+from gpt2_classifier.train.prefix_cache import frozen_digest
+from gpt2_classifier.train.release import release_frozen
+from gpt2_classifier.train.tail import PrefixForward
 
 CFG = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32)
 PAD = 50256

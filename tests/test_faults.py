@@ -15,14 +15,14 @@ import torch
 import yaml
 from conftest import made_zip, make_project, run, stages_run, tiny_params
 
-from gpt2_classifier import checkpoint
-from gpt2_classifier.classifier import replace_head, set_trainable
-from gpt2_classifier.config import GPTConfig
-from gpt2_classifier.encode import EncodedSplit
-from gpt2_classifier.files import INTERRUPTED, atomic_path
-from gpt2_classifier.stage import run_stage
-from gpt2_classifier.train import FullForward, Trainer, TrainSettings
-from gpt2_classifier.weights import random_model
+from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.core.files import INTERRUPTED, atomic_path
+from gpt2_classifier.core.stage import run_stage
+from gpt2_classifier.data.encode import EncodedSplit
+from gpt2_classifier.model.classifier import replace_head, set_trainable
+from gpt2_classifier.model.weights import random_model
+from gpt2_classifier.train import checkpoint
+from gpt2_classifier.train.loop import FullForward, Trainer, TrainSettings
 
 CFG = GPTConfig(emb_dim=32, n_layers=2, n_heads=2, context_length=32)
 
@@ -129,7 +129,7 @@ def test_a_checkpoint_is_written_while_training_goes_on_and_holds_its_epochs_sta
 def test_ctrl_c_while_a_checkpoint_is_written_keeps_it(tmp_path, monkeypatch):
     """Ctrl-C early in epoch 2 while epoch 1's checkpoint is still being written: the write finishes and
     is kept (stage outputs are not committed after a Ctrl-C; a finished epoch's state is whole)."""
-    from gpt2_classifier import files
+    from gpt2_classifier.core import files
 
     _, release, _ = held_writes(monkeypatch)
     path = tmp_path / "ckpt.safetensors"
@@ -297,7 +297,7 @@ def test_committed_outputs_have_the_mode_of_any_new_file(tmp_path, umask):
     code = f"""
 import os
 os.umask({umask})
-from gpt2_classifier.files import atomic_dir, atomic_path, write_json
+from gpt2_classifier.core.files import atomic_dir, atomic_path, write_json
 with atomic_path("model.safetensors") as tmp:
     tmp.write_bytes(b"x")
 write_json("metrics.json", {{}})

@@ -4,13 +4,13 @@ the eager loop wherever a graph does not apply."""
 import pytest
 import torch
 
-from gpt2_classifier.classifier import replace_head, set_trainable
-from gpt2_classifier.config import GPTConfig
-from gpt2_classifier.encode import EncodedSplit
-from gpt2_classifier.fast import build_inputs
-from gpt2_classifier.graphs import WARMUP_STEPS, GraphedStep, graphed_step
-from gpt2_classifier.train import Trainer, TrainSettings
-from gpt2_classifier.weights import random_model
+from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.data.encode import EncodedSplit
+from gpt2_classifier.model.classifier import replace_head, set_trainable
+from gpt2_classifier.model.weights import random_model
+from gpt2_classifier.train.fast import build_inputs
+from gpt2_classifier.train.graphs import WARMUP_STEPS, GraphedStep, graphed_step
+from gpt2_classifier.train.loop import Trainer, TrainSettings
 
 CFG = GPTConfig(emb_dim=64, n_layers=3, n_heads=4, context_length=32)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the graph is CUDA's)")

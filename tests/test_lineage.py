@@ -6,8 +6,14 @@ import pytest
 import yaml
 from conftest import PROJECT
 
-from gpt2_classifier.config import GPTConfig, architecture_name
-from gpt2_classifier.lineage import changed_params, code_differs, dvc_hashes, hash_in_background, pipeline_outputs
+from gpt2_classifier.core.config import GPTConfig, architecture_name
+from gpt2_classifier.tracking.lineage import (
+    changed_params,
+    code_differs,
+    dvc_hashes,
+    hash_in_background,
+    pipeline_outputs,
+)
 
 
 def git(*args, cwd):

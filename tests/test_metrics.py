@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from gpt2_classifier.metrics import classification_report, confusion_matrix, roc_auc, roc_curve
+from gpt2_classifier.metrics.classification import classification_report, confusion_matrix, roc_auc, roc_curve
 
 
 def test_report_against_hand_counts():

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2_classifier.config import PRESETS, GPTConfig
-from gpt2_classifier.model import GPTModel
-from gpt2_classifier.pretrained import _expected_shapes
-from gpt2_classifier.weights import load_model
+from gpt2_classifier.core.config import PRESETS, GPTConfig
+from gpt2_classifier.model.gpt import GPTModel
+from gpt2_classifier.model.pretrained import _expected_shapes
+from gpt2_classifier.model.weights import load_model
 
 
 def transformers_checkpoint(folder, cfg: GPTConfig, seed: int = 0):

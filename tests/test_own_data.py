@@ -116,7 +116,7 @@ def test_intents_csv_example_three_classes_end_to_end(tmp_path):
     assert logged.data.params["finetune.class_weights"] == "balanced"
     assert {f"test/per_class/{c}/f1" for c in labels} <= set(logged.data.metrics)
 
-    out = run([sys.executable, "-m", "gpt2_classifier.cli", "classify", "my parcel is late"], project).stdout
+    out = run([sys.executable, "-m", "gpt2_classifier.serve.cli", "classify", "my parcel is late"], project).stdout
     label, scores, text = out.strip().split("\t")
     probability = {name: float(p) for name, p in (pair.split("=") for pair in scores.split(" "))}
     assert list(probability) == labels and label == max(probability, key=probability.get)

@@ -5,8 +5,8 @@ import pytest
 import yaml
 from conftest import PROJECT
 
-from gpt2_classifier.errors import ParamsError
-from gpt2_classifier.params import load_params, parse_params
+from gpt2_classifier.core.errors import ParamsError
+from gpt2_classifier.core.params import load_params, parse_params
 
 
 def project_params() -> dict:

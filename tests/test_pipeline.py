@@ -63,7 +63,7 @@ def test_full_pipeline_caches_and_reruns_only_what_changed(tmp_path, made_data):
     assert repro(project, "--force", "--single-item", "finetune") == ["finetune"]  # same params, same weights
     assert digest(project / "models/classifier/model.safetensors") == model_digest
 
-    metrics_code = project / "src/gpt2_classifier/metrics.py"
+    metrics_code = project / "src/gpt2_classifier/metrics/classification.py"
     metrics_code.write_text(metrics_code.read_text() + "\n# an edit\n")
     assert repro(project) == ["evaluate"]
     set_param(project, "split", "seed", 5)

@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import zip_bytes
 
-from gpt2_classifier.data import Messages, split
-from gpt2_classifier.download import fetch_data_file
-from gpt2_classifier.encode import pad, pad_encode
-from gpt2_classifier.errors import DataError, DownloadError, ParamsError
-from gpt2_classifier.metrics import per_class_report
-from gpt2_classifier.params import DataParams, parse_params
-from gpt2_classifier.readers import data_name, number_labels, read_labelled
-from gpt2_classifier.train import TrainSettings, class_weights
+from gpt2_classifier.core.errors import DataError, DownloadError, ParamsError
+from gpt2_classifier.core.params import DataParams, parse_params
+from gpt2_classifier.data.download import fetch_data_file
+from gpt2_classifier.data.encode import pad, pad_encode
+from gpt2_classifier.data.messages import Messages, split
+from gpt2_classifier.data.readers import data_name, number_labels, read_labelled
+from gpt2_classifier.metrics.classification import per_class_report
+from gpt2_classifier.train.loop import TrainSettings, class_weights
 
 ROWS = [(f'order {i}, "late", café\nline two' if i % 5 == 0 else f"text {i}", ("billing", "shipping", "refund")[i % 3])
         for i in range(30)]  # fmt: skip

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gpt2_classifier.config import GPTConfig
-from gpt2_classifier.tensorfile import TensorFileError, open_tensors, read_tensors
-from gpt2_classifier.weights import load_model, random_model, save_hf, to_hf_tensors
+from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.model.tensorfile import TensorFileError, open_tensors, read_tensors
+from gpt2_classifier.model.weights import load_model, random_model, save_hf, to_hf_tensors
 
 CFG = GPTConfig(vocab_size=300, context_length=16, emb_dim=32, n_layers=2, n_heads=2)
 

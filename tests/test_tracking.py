@@ -199,8 +199,8 @@ def test_tracking_can_be_switched_off(tmp_path, made_data):
 
 
 def test_a_crash_marks_the_run_failed(tmp_path, monkeypatch):
-    from gpt2_classifier.params import MlflowParams
-    from gpt2_classifier.tracking import finetune_run
+    from gpt2_classifier.core.params import MlflowParams
+    from gpt2_classifier.tracking.runs import finetune_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
     with pytest.raises(RuntimeError), finetune_run(MlflowParams(), tmp_path / "run.json", "crash", {}) as tracker:
@@ -213,8 +213,8 @@ def test_a_crash_marks_the_run_failed(tmp_path, monkeypatch):
 
 WRITER = """
 import sys
-from gpt2_classifier.params import MlflowParams
-from gpt2_classifier.tracking import finetune_run
+from gpt2_classifier.core.params import MlflowParams
+from gpt2_classifier.tracking.runs import finetune_run
 from pathlib import Path
 with finetune_run(MlflowParams(), Path(sys.argv[1]), "writer", {}) as tracker:
     tracker.log_params({"writer": sys.argv[2]})
@@ -246,7 +246,7 @@ def test_runs_starting_at_once_share_the_experiment_that_one_of_them_created(tmp
     which cost a sweep one of its four runs on a PostgreSQL-backed server."""
     import mlflow
 
-    from gpt2_classifier import tracking
+    from gpt2_classifier.tracking import runs
 
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     created = MlflowClient(uri).create_experiment("race")
@@ -257,39 +257,39 @@ def test_runs_starting_at_once_share_the_experiment_that_one_of_them_created(tmp
         return None if len(looks) == 1 else real(name)
 
     monkeypatch.setattr(mlflow, "get_experiment_by_name", look)
-    assert tracking._use_experiment(uri, "race") == created
+    assert runs._use_experiment(uri, "race") == created
     assert [e.name for e in MlflowClient(uri).search_experiments()].count("race") == 1
 
 
 def test_a_new_store_is_a_copy_of_the_empty_one_made_once_per_machine(tmp_path, monkeypatch):
     """MLflow's schema migrations (1-2 s) run once per machine: each later new `mlflow.db` is a copy
     of that empty store, which MLflow accepts as current and fills as one it made itself."""
-    from gpt2_classifier import store_template, tracking
+    from gpt2_classifier.tracking import runs, store
 
-    monkeypatch.setattr(store_template, "USER_CACHE", tmp_path / "cache")
-    made, make = [], store_template._make
-    monkeypatch.setattr(store_template, "_make", lambda path: made.append(path) or make(path))
+    monkeypatch.setattr(store, "USER_CACHE", tmp_path / "cache")
+    made, make = [], store._make
+    monkeypatch.setattr(store, "_make", lambda path: made.append(path) or make(path))
     for project in ("a", "b"):
         (tmp_path / project).mkdir()
         uri = f"sqlite:///{tmp_path / project / 'mlflow.db'}"
-        experiment = tracking._use_experiment(uri, "spam")
+        experiment = runs._use_experiment(uri, "spam")
         client = MlflowClient(uri)
         assert client.get_experiment(experiment).artifact_location == (tmp_path / project / "mlartifacts").as_uri()
         assert sorted(e.name for e in client.search_experiments()) == ["Default", "spam"]
-    assert made == [store_template.template_path()]  # made for project a, copied for b
-    MlflowClient(f"sqlite:///{store_template.template_path()}").search_experiments()  # MLflow adds its Default
-    tracking._use_experiment(f"sqlite:///{tmp_path / 'c.db'}", "spam")
+    assert made == [store.template_path()]  # made for project a, copied for b
+    MlflowClient(f"sqlite:///{store.template_path()}").search_experiments()  # MLflow adds its Default
+    runs._use_experiment(f"sqlite:///{tmp_path / 'c.db'}", "spam")
     assert len(made) == 2  # a template that is no longer empty is made again
-    with sqlite3.connect(store_template.template_path()) as template:  # not through MLflow, which would fill it
+    with sqlite3.connect(store.template_path()) as template:  # not through MLflow, which would fill it
         assert template.execute("SELECT count(*) FROM experiments").fetchone() == (0,)  # no other store's paths
 
 
 def test_without_a_writable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypatch):
-    from gpt2_classifier import store_template, tracking
+    from gpt2_classifier.tracking import runs, store
 
     (tmp_path / "a-file").write_text("")
-    monkeypatch.setattr(store_template, "USER_CACHE", tmp_path / "a-file" / "cache")
+    monkeypatch.setattr(store, "USER_CACHE", tmp_path / "a-file" / "cache")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    experiment = tracking._use_experiment(uri, "spam")
+    experiment = runs._use_experiment(uri, "spam")
     assert MlflowClient(uri).get_experiment(experiment).name == "spam"
     assert not list(tmp_path.glob("*.tmp"))

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gpt2_classifier import tracking
-from gpt2_classifier.params import MlflowParams
+from gpt2_classifier.core.params import MlflowParams
+from gpt2_classifier.tracking import runs
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def silent_server():
 
 @pytest.fixture(autouse=True)
 def http_settings_restored(monkeypatch):
-    for key in tracking.HTTP_WAITS:
+    for key in runs.HTTP_WAITS:
         monkeypatch.delenv(key, raising=False)
 
 
@@ -43,11 +43,11 @@ def test_a_server_that_never_answers_fails_the_run_within_seconds(silent_server,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://team:secret@127.0.0.1:{port}")
     start = time.monotonic()
     with (
-        pytest.raises(tracking.TrackingError) as info,
-        tracking.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}),
+        pytest.raises(runs.TrackingError) as info,
+        runs.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}),
     ):
         pytest.fail("the run started")
-    assert time.monotonic() - start < tracking.PROBE_TIMEOUT + 10
+    assert time.monotonic() - start < runs.PROBE_TIMEOUT + 10
     assert str(info.value) == (
         f"MLflow tracking store http://***@127.0.0.1:{port} cannot be used (no answer within 10 s); "
         "start the server or fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
@@ -62,8 +62,8 @@ def test_a_closed_port_is_named_at_once(tmp_path, monkeypatch):
     start = time.monotonic()
     expected = rf"^MLflow tracking store http://127.0.0.1:{port} cannot be used \(cannot connect\); start the server"
     with (
-        pytest.raises(tracking.TrackingError, match=expected),
-        tracking.continue_run(MlflowParams(), _run_file(tmp_path)),
+        pytest.raises(runs.TrackingError, match=expected),
+        runs.continue_run(MlflowParams(), _run_file(tmp_path)),
     ):
         pytest.fail("the run continued")
     assert time.monotonic() - start < 10  # MLflow's own retries would wait minutes
@@ -82,27 +82,25 @@ def test_every_call_to_a_silent_server_gives_up_within_the_bound(silent_server, 
     from mlflow import MlflowClient
 
     port, accepted = silent_server
-    monkeypatch.setattr(tracking, "HTTP_WAITS", {**tracking.HTTP_WAITS, "MLFLOW_HTTP_REQUEST_TIMEOUT": "1",
+    monkeypatch.setattr(runs, "HTTP_WAITS", {**runs.HTTP_WAITS, "MLFLOW_HTTP_REQUEST_TIMEOUT": "1",
                                                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"})  # fmt: skip
     if user_retries is not None:
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", user_retries)
-    tracking.bound_http_waits()
+    runs.bound_http_waits()
     outcome = []
 
     def call() -> None:
         try:
             MlflowClient(f"http://127.0.0.1:{port}").get_run("0123456789abcdef")
         except Exception as exc:
-            outcome.append(tracking.store_failure(f"http://127.0.0.1:{port}", exc))
+            outcome.append(runs.store_failure(f"http://127.0.0.1:{port}", exc))
 
     thread = threading.Thread(target=call, daemon=True)
     thread.start()
     thread.join(timeout=15)
     assert outcome, "the call still waits"
     assert "(no answer within 1 s)" in str(outcome[0])
-    assert len(accepted) == (
-        1 if user_retries == "0" else 1 + int(tracking.HTTP_WAITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
-    )
+    assert len(accepted) == (1 if user_retries == "0" else 1 + int(runs.HTTP_WAITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]))
 
 
 def test_a_store_failing_during_the_run_is_one_line_without_credentials(tmp_path, monkeypatch):
@@ -115,8 +113,8 @@ def test_a_store_failing_during_the_run_is_one_line_without_credentials(tmp_path
         raise MlflowException("API request to https://team:secret@mlflow.example/api/2.0/mlflow/runs/log-batch failed")
 
     with (
-        pytest.raises(tracking.TrackingError) as info,
-        tracking.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}) as tracker,
+        pytest.raises(runs.TrackingError) as info,
+        runs.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}) as tracker,
     ):
         monkeypatch.setattr(mlflow, "log_metrics", refused)
         tracker.log_metrics({"train_loss": 1.0}, step=0)
@@ -138,8 +136,8 @@ def test_a_deleted_experiment_is_named_with_the_way_to_restore_it(tmp_path, monk
     experiment_id = client.create_experiment("gpt2-classifier")
     client.delete_experiment(experiment_id)
     with (
-        pytest.raises(tracking.TrackingError) as info,
-        tracking.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}),
+        pytest.raises(runs.TrackingError) as info,
+        runs.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}),
     ):
         pytest.fail("the run started")
     assert str(info.value) == (
@@ -153,9 +151,9 @@ def test_evaluate_continues_the_run_after_the_experiment_name_changed(tmp_path, 
 
     store = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    with tracking.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}) as tracker:
+    with runs.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}) as tracker:
         run_id = tracker.run_id
-    with tracking.continue_run(MlflowParams(experiment_name="renamed"), tmp_path / "run.json") as (tracker, _):
+    with runs.continue_run(MlflowParams(experiment_name="renamed"), tmp_path / "run.json") as (tracker, _):
         tracker.log_metrics({"test/accuracy": 0.5})
     client = mlflow.MlflowClient(store)
     assert client.get_run(run_id).data.metrics["test/accuracy"] == 0.5
@@ -166,14 +164,12 @@ def test_tls_to_a_server_that_speaks_plain_http_is_named(server, tmp_path, monke
     uri = server.url.replace("http://", "https://")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with (
-        pytest.raises(
-            tracking.TrackingError, match=rf"^MLflow tracking store {uri} cannot be used \(cannot connect: TLS"
-        ),
-        tracking.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}),
+        pytest.raises(runs.TrackingError, match=rf"^MLflow tracking store {uri} cannot be used \(cannot connect: TLS"),
+        runs.finetune_run(MlflowParams(), tmp_path / "run.json", "r", {}),
     ):
         pytest.fail("the run started")
 
 
 def test_long_messages_are_cut_after_their_credentials_are_hidden():
-    line = tracking.first_line(RuntimeError(f"API request to https://team:{'s' * 300}@mlflow.example/api failed"))
+    line = runs.first_line(RuntimeError(f"API request to https://team:{'s' * 300}@mlflow.example/api failed"))
     assert line == "RuntimeError: API request to https://***@mlflow.example/api failed"

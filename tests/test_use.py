@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
 
 
 def cli(project, *args, check=True):
-    return run([sys.executable, "-m", "gpt2_classifier.cli", *args], project, check=check)
+    return run([sys.executable, "-m", "gpt2_classifier.serve.cli", *args], project, check=check)
 
 
 def test_classify_prints_label_and_each_class_probability(trained):
@@ -90,7 +90,7 @@ def test_logging_the_model_loads_it_once(trained, tmp_path, monkeypatch):
     takes the first's classifier. Outside logging, each load is its own."""
     import mlflow
 
-    from gpt2_classifier import mlflow_model, predict
+    from gpt2_classifier.serve import logged_model, predict
 
     loads, from_folder = [], predict.TextClassifier.from_folder.__func__
     monkeypatch.setattr(
@@ -101,7 +101,7 @@ def test_logging_the_model_loads_it_once(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(trained)  # where the base weights are
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with mlflow.start_run(experiment_id=mlflow.create_experiment("logging")):
-        info = mlflow_model.log_classifier(trained / "models/classifier", "c")
+        info = logged_model.log_classifier(trained / "models/classifier", "c")
     assert len(loads) == 1
     for _ in range(2):
         mlflow.pyfunc.load_model(info.model_uri).predict(["hi"])
@@ -116,7 +116,8 @@ def test_registered_version_carries_test_accuracy_and_serves_the_cli(trained):
     test_accuracy = json.loads((trained / "reports/metrics.json").read_text())["test"]["accuracy"]
     assert float(version.tags["test_accuracy"]) == pytest.approx(test_accuracy)
     store = {"MLFLOW_TRACKING_URI": f"sqlite:///{trained / 'mlflow.db'}"}
-    cmd = [sys.executable, "-m", "gpt2_classifier.cli", "classify", "--registered", "spam-classifier/1", "hi there"]
+    cli = [sys.executable, "-m", "gpt2_classifier.serve.cli"]
+    cmd = [*cli, "classify", "--registered", "spam-classifier/1", "hi there"]
     out = run(cmd, trained, extra_env=store)
     assert out.stdout.split("\t")[0] in ("ham", "spam")
     run_id = json.loads((trained / "reports/train/mlflow_run.json").read_text())["run_id"]

@@ -6,15 +6,15 @@ import torch.nn.functional as F
 import yaml
 from conftest import PROJECT, assert_same_parameters
 
-from gpt2_classifier.classifier import build_classifier, resolved_pool
-from gpt2_classifier.config import GPTConfig
-from gpt2_classifier.encode import EncodedSplit
-from gpt2_classifier.errors import ParamsError, PipelineError
-from gpt2_classifier.fast import build_inputs
-from gpt2_classifier.lora import LinearWithLoRA, merge_lora
-from gpt2_classifier.params import parse_params
-from gpt2_classifier.train import FullForward, Trainer, TrainSettings
-from gpt2_classifier.weights import random_model, save_hf
+from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.core.errors import ParamsError, PipelineError
+from gpt2_classifier.core.params import parse_params
+from gpt2_classifier.data.encode import EncodedSplit
+from gpt2_classifier.model.classifier import build_classifier, resolved_pool
+from gpt2_classifier.model.lora import LinearWithLoRA, merge_lora
+from gpt2_classifier.model.weights import random_model, save_hf
+from gpt2_classifier.train.fast import build_inputs
+from gpt2_classifier.train.loop import FullForward, Trainer, TrainSettings
 
 CFG = GPTConfig(emb_dim=32, n_layers=2, n_heads=2, context_length=32)
 PAD = 50256

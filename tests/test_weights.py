@@ -11,11 +11,11 @@ import torch
 from conftest import send_slowly
 from test_model import transformers_checkpoint
 
-from gpt2_classifier import weights
-from gpt2_classifier.config import GPTConfig
-from gpt2_classifier.errors import PipelineError, WeightsError
-from gpt2_classifier.pretrained import check_checkpoint, fetch_pretrained
-from gpt2_classifier.weights import load_model, random_model, save_hf
+from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.core.errors import PipelineError, WeightsError
+from gpt2_classifier.model import weights
+from gpt2_classifier.model.pretrained import check_checkpoint, fetch_pretrained
+from gpt2_classifier.model.weights import load_model, random_model, save_hf
 
 CFG = GPTConfig(emb_dim=32, n_layers=2, n_heads=2, context_length=64)
 REPO_PATH = "/openai-community/gpt2/resolve/main/model.safetensors"

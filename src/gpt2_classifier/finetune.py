@@ -11,22 +11,37 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .classifier import ClassifierConfig, build_classifier, lora_spec, resolved_pool, save_classifier
-from .config import architecture_name
-from .data import SPLITS
-from .encode import EncodingInfo, load_splits
-from .errors import PipelineError
-from .fast import build_inputs
-from .files import atomic_dir, write_json, write_rows
-from .graphs import graphed_step
-from .lineage import flatten, hash_in_background
-from .params import FinetuneParams, Params, parse_params
-from .paths import BASE, CLASSIFIER, ENCODED, PREDICTIONS, RUN_FILE, SPLIT_DIR, TRAIN_REPORTS
-from .predictions import Predictions, write_predictions
-from .pretrained import WEIGHTS_FILE, BaseConfig
-from .tracking import Tracker, finetune_run, run_tags
-from .train import History, Inputs, Trainer, TrainSettings, pick_device, predict_proba
+from gpt2_classifier.core.config import architecture_name
+from gpt2_classifier.core.errors import PipelineError
+from gpt2_classifier.core.files import atomic_dir, write_json, write_rows
+from gpt2_classifier.core.params import FinetuneParams, Params, parse_params
+from gpt2_classifier.core.paths import (
+    BASE,
+    CLASSIFIER,
+    ENCODED,
+    PREDICTIONS,
+    RUN_FILE,
+    SPLIT_DIR,
+    SPLITS,
+    TRAIN_REPORTS,
+)
+from gpt2_classifier.data.encode import EncodingInfo, load_splits
+from gpt2_classifier.metrics.predictions import Predictions, write_predictions
+from gpt2_classifier.model.classifier import (
+    ClassifierConfig,
+    build_classifier,
+    lora_spec,
+    resolved_pool,
+    save_classifier,
+)
+from gpt2_classifier.model.pretrained import WEIGHTS_FILE, BaseConfig
+from gpt2_classifier.serve.logged_model import log_classifier
+from gpt2_classifier.tracking.lineage import flatten, hash_in_background
+from gpt2_classifier.tracking.runs import Tracker, finetune_run, run_tags
+from gpt2_classifier.train import checkpoint
+from gpt2_classifier.train.fast import build_inputs
+from gpt2_classifier.train.graphs import graphed_step
+from gpt2_classifier.train.loop import History, Inputs, Trainer, TrainSettings, pick_device, predict_proba
 
 STEP_METRICS = ("train_loss", "val_loss", "examples_seen")  # every eval_freq steps
 EPOCH_METRICS = ("train_accuracy_estimate", "val_accuracy_estimate", "examples_seen", "epoch")
@@ -108,7 +123,8 @@ def finetune(params: Params) -> History:
         tracker.log_lineage("finetune", inputs_hashed, outputs={"model": CLASSIFIER, "predictions": PREDICTIONS})
         del trainer, inputs, model  # logging the model loads it again: free the training copy first
         gc.collect()
-        tracker.log_classifier(CLASSIFIER, f"{trained}-classifier", final_step, {"architecture": trained})
+        name, tags = f"{trained}-classifier", {"architecture": trained}
+        tracker.log_model(lambda step: log_classifier(CLASSIFIER, name, step=step, tags=tags), final_step)
     done = f"{history.examples_seen} examples in {history.seconds:.0f} s"
     print(f"finetune: {done}; model in {CLASSIFIER}; {tracker.where}")
     return history

@@ -1,0 +1,291 @@
+"""The schema of params.yaml: every stage validates the whole file before any work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gpt2_classifier.core.config import PRESETS, GPTConfig, Precision, Truncate
+from gpt2_classifier.core.errors import ParamsError
+from gpt2_classifier.core.files import project_root
+from gpt2_classifier.core.paths import CHECKPOINTS, PREFIX_CACHE
+
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what NumPy (pandas' sampling) accepts
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+DataFormat = Literal["sms", "csv", "tsv", "jsonl", "parquet", "folders"]
+TABULAR = ("csv", "tsv", "jsonl", "parquet")  # read by column name (data.text_column, data.label_column)
+
+
+class DataParams(Section):
+    url: str
+    mirrors: list[str] = []
+    # The data file inside a zip or tar.gz (its path there, or a name that one member has); for
+    # folders, the folder in the archive that holds one folder per label (null: the archive's top)
+    member: str | None = "SMSSpamCollection"
+    sha256: Sha256 | None = None  # of the data file (for folders: of the archive); null: not checked
+    # sms: `label<TAB>text` lines (the SMS Spam Collection); csv, tsv (header row), jsonl, parquet:
+    # columns text_column and label_column; folders: <member>/<label>/<name>.txt in a folder, zip or tar.gz
+    format: DataFormat = "sms"
+    text_column: str = "text"
+    label_column: str = "label"
+    timeout: float = Field(30.0, gt=0)
+    deadline: float = Field(600.0, gt=0)
+    retries: int = Field(3, ge=0)
+    max_unzipped_mb: float = Field(100.0, gt=0)
+
+    @field_validator("text_column", "label_column")
+    @classmethod
+    def _column_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; name the column of the data file's header")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> DataParams:
+        if self.format in TABULAR and self.text_column == self.label_column:
+            raise ValueError(f"text_column and label_column are both {self.text_column!r}; name two columns")
+        return self
+
+    @field_validator("url", "mirrors")
+    @classmethod
+    def _not_blank(cls, value: str | list[str]) -> str | list[str]:
+        if any(not url.strip() for url in ([value] if isinstance(value, str) else value)):
+            raise ValueError("is empty; give the data's URL or an absolute path to a local copy")
+        return value
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.url, *self.mirrors]
+
+
+class BalanceParams(Section):
+    seed: Seed = 123
+    # Class i is labels[i]; null: the labels found in the data, sorted (recorded in data/balance.json)
+    labels: list[str] | None = Field(["ham", "spam"], min_length=2)
+    # undersample: every class to the size of the smallest (the reference); none: keep every row
+    strategy: Literal["undersample", "none"] = "undersample"
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> BalanceParams:
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct, got {self.labels}")
+        return self
+
+
+class SplitParams(Section):
+    seed: Seed = 123
+    train: Fraction = 0.7
+    validation: Fraction = 0.1
+    test: Fraction = 0.2
+    stratify: bool = False  # true: each class split by the fractions; false: the reference's one shuffle
+
+    @model_validator(mode="after")
+    def _sum_at_most_one(self) -> SplitParams:
+        total = self.train + self.validation + self.test
+        if total > 1 + 1e-9:
+            raise ValueError(f"train + validation + test must be at most 1, got {total:g}")
+        return self
+
+
+class PadEncodeParams(Section):
+    # longest training sequence | the model's context | none (each message at its own length) | a number
+    max_length: Literal["longest", "context", "none"] | Annotated[int, Field(ge=1)] = "longest"
+    truncate: Truncate = "head"  # which end of a longer text is kept: head (its start) | tail (its end)
+
+
+class ModelParams(Section):
+    name: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = "gpt2-small"
+    weights: Literal["pretrained", "random"] = "pretrained"
+    source: str | None = None
+    revision: str = "main"
+    deadline: float = Field(10800.0, gt=0)  # seconds for the whole weights download, retries included
+    seed: Seed = 123
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    config: dict[Literal["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias"], int] = {}
+
+    @model_validator(mode="after")
+    def _config_is_usable(self) -> ModelParams:
+        if self.config and self.weights == "pretrained":
+            raise ValueError("config overrides change the architecture; use them with weights: random")
+        vocabulary = self.gpt_config().vocab_size  # raises on an inconsistent architecture
+        if vocabulary < GPTConfig.vocab_size:
+            raise ValueError(
+                f"config.vocab_size={vocabulary} is smaller than the GPT-2 tokenizer's {GPTConfig.vocab_size} "
+                "tokens; leave it out"
+            )
+        return self
+
+    def gpt_config(self) -> GPTConfig:
+        return GPTConfig(**{**PRESETS[self.name], **self.config, "drop_rate": self.drop_rate})
+
+
+class LoraParams(Section):
+    enabled: bool = False
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)  # the adapter's output is scaled by alpha, as in the book
+
+
+class FinetuneParams(Section):
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(5, ge=1)
+    seed: Seed = 123
+    eval_freq: int = Field(50, ge=1)
+    eval_iter: int = Field(5, ge=1)
+    pool: Literal["last", "first", "flexible", "mean"] = "last"
+    trainable_blocks: Literal["all"] | Annotated[int, Field(ge=0)] = 1
+    lora: LoraParams = LoraParams()
+    accumulation_steps: int = Field(1, ge=1)
+    causal_mask: bool = True
+    ignore_index: int = -100
+    # balanced: each class's loss weighted by n / (classes * its training examples); none: unweighted
+    class_weights: Literal["balanced", "none"] = "none"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Precision = "float32"
+    prefix_cache: bool = True
+    resume: bool = True
+
+    @model_validator(mode="after")
+    def _lora_replaces_block_training(self) -> FinetuneParams:
+        if self.lora.enabled and self.trainable_blocks != 0:
+            raise ValueError(
+                f"finetune.lora.enabled trains adapters instead of blocks; set finetune.trainable_blocks: 0 "
+                f"(got {self.trainable_blocks!r})"
+            )
+        return self
+
+    def cache_dir(self) -> Path | None:
+        """Where frozen-prefix activations are kept between runs (None: recompute every run)."""
+        return project_root() / PREFIX_CACHE if self.prefix_cache else None
+
+    def checkpoint_dir(self) -> Path:
+        return project_root() / CHECKPOINTS
+
+
+class MlflowParams(Section):
+    enabled: bool = True
+    experiment_name: str = Field("gpt2-classifier", max_length=500)  # MLflow's longest
+    register_as: str | None = None  # a Model Registry name: each evaluated run becomes a new version
+    system_metrics: bool = True  # CPU, memory (and GPU) use sampled during finetune and evaluate
+
+    @field_validator("experiment_name")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; name the MLflow experiment, e.g. gpt2-classifier")
+        return value
+
+    @field_validator("register_as")
+    @classmethod
+    def _registry_name(cls, value: str | None) -> str | None:
+        # The Model Registry's rules, checked here rather than after a whole evaluation
+        if value is not None and (not value.strip() or "/" in value or ":" in value or value.strip(".") == ""):
+            raise ValueError(
+                f"{value!r} is no Model Registry name: it must be non-empty, without '/' or ':', e.g. spam-classifier; "
+                "or null to register nothing"
+            )
+        return value
+
+
+class Params(Section):
+    data: DataParams
+    balance: BalanceParams = BalanceParams()
+    split: SplitParams = SplitParams()
+    pad_encode: PadEncodeParams = PadEncodeParams()
+    model: ModelParams = ModelParams()
+    finetune: FinetuneParams = FinetuneParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _fits_the_model(self) -> Params:
+        config = self.model.gpt_config()
+        length = self.pad_encode.max_length
+        if isinstance(length, int) and length > config.context_length:
+            raise ValueError(f"pad_encode.max_length={length} exceeds the model's context of {config.context_length}")
+        ignored, labels = self.finetune.ignore_index, self.balance.labels
+        if labels is not None and 0 <= ignored < len(labels):
+            raise ValueError(
+                f"finetune.ignore_index={ignored} is the class of '{labels[ignored]}' (balance.labels): "
+                "its messages would not train; use a value that is no class, e.g. -100"
+            )
+        blocks = self.finetune.trainable_blocks
+        if isinstance(blocks, int) and blocks > config.n_layers:
+            raise ValueError(f"finetune.trainable_blocks={blocks} exceeds the model's {config.n_layers} blocks")
+        return self
+
+
+def _describe(where: str, error: dict) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key; remove it or fix its spelling"
+    if error["type"] == "missing":
+        return f"{where}: missing; add it"
+    if error["type"] == "value_error":
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def _key_path(raw: dict, error: dict) -> tuple:
+    """The keys of params.yaml that an error's location names. Where a value may take several forms
+    (`max_length: longest` or a number), pydantic adds the form it tried (`constrained-int`), which
+    is no key of the user's: the path stops at the value."""
+    node, path = raw, []
+    for part in error["loc"]:
+        if isinstance(node, dict) and (part in node or error["type"] == "missing"):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int):
+            node = node[part] if part < len(node) else None
+        else:
+            break
+        path.append(part)
+    return tuple(path)
+
+
+def _problems(raw: dict, errors: list[dict]) -> str:
+    """One clause per key; a value that fits none of a key's forms gets one clause saying what each
+    form needs (`should be 'longest', 'context' or 'none', or be greater than or equal to 1`)."""
+    by_key: dict[tuple, list[dict]] = {}
+    for error in errors:
+        by_key.setdefault(_key_path(raw, error), []).append(error)
+    clauses = []
+    for path, group in by_key.items():
+        where = ".".join(str(part) for part in path) or "(top level)"
+        forms = [e for e in group if len(e["loc"]) > len(path)]
+        if len(forms) > 1:
+            needs = [forms[0]["msg"]] + [e["msg"].removeprefix("Input should ") for e in forms[1:]]
+            clauses.append(f"{where}: {', or '.join(needs)} (got {forms[0].get('input')!r})")
+            group = [e for e in group if e not in forms]
+        clauses += [_describe(where, e) for e in group]
+    return "; ".join(clauses)
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(f"{source}: {_problems(raw, exc.errors())}") from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run stages from the project folder") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))

@@ -1,0 +1,250 @@
+"""Read the downloaded data in its format (data.format) into texts with their labels, as the file
+spells them. One line names the user's file, the line or row, and what to do about anything wrong.
+
+Only the standard library (and numpy): pyarrow is imported for parquet alone, so the data stages
+start in a fraction of a second for every other format."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+
+from gpt2_classifier.core.errors import DataError, PipelineError
+from gpt2_classifier.core.params import DataParams
+from gpt2_classifier.data.archive import label_folders, open_archive
+from gpt2_classifier.data.messages import Messages
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+@dataclass(frozen=True)
+class LabelledTexts:
+    """Texts and their labels in file order; `lines[i]` is text i's line (row, for parquet; file, for
+    folders) in the data, `places[i]` how an error names it."""
+
+    name: str  # the data file as the user knows it
+    texts: list[str]
+    labels: list[str]
+    lines: list[int]
+    places: list[str]
+    left_out: dict[str, int]  # folders: texts of folders that balance.labels does not name
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def data_name(data: DataParams) -> str:
+    """The data file's name as the user gave it: the member of an archive, else the URL's file name."""
+    base = PurePosixPath(unquote(urlsplit(data.url).path)).name or data.url
+    if data.format == "folders" or not data.member or not base.lower().endswith(ARCHIVE_SUFFIXES):
+        return base
+    return data.member
+
+
+def read_labelled(
+    path: str | os.PathLike, data: DataParams, labels: list[str] | None, max_bytes: int, name: str | None = None
+) -> LabelledTexts:
+    """The labelled texts of the downloaded data at `path` (errors name it as `name`). For folders,
+    only the folders that `labels` names are read (every folder when it is None)."""
+    path, name = Path(path), name or data_name(data)
+    if data.format == "folders":
+        return _read_folders(path, name, data.member, labels, max_bytes)
+    if data.format == "parquet":
+        return _read_parquet(path, name, data)
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # editors save UTF-8 with a byte-order mark
+    if not raw.strip():
+        raise DataError(f"{name}: the file is empty; expected {_expected(data)}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{name}:{line}: not valid UTF-8 at byte {exc.start}; convert the file to UTF-8") from None
+    if data.format == "sms":
+        rows = _sms_rows(text, name)
+    elif data.format == "jsonl":
+        rows = _jsonl_rows(text, name, data)
+    else:
+        rows = _table_rows(text, name, data, "," if data.format == "csv" else "\t")
+    texts, labels_read, lines = [], [], []
+    for line, text_, label in rows:
+        texts.append(text_)
+        labels_read.append(label)
+        lines.append(line)
+    if not texts:
+        raise DataError(f"{name}: holds no rows; expected {_expected(data)}")
+    return LabelledTexts(name, texts, labels_read, lines, [f"{name}:{line}" for line in lines], {})
+
+
+def parse_tsv(path: str | os.PathLike, labels: list[str] | None) -> Messages:
+    """The SMS Spam Collection's `label<TAB>text` file at `path`, its labels numbered by `labels`."""
+    data = DataParams(url=str(path), format="sms")
+    return number_labels(read_labelled(path, data, labels, 0, name=str(path)), labels)[0]
+
+
+def _expected(data: DataParams) -> str:
+    if data.format == "sms":
+        return "lines of 'label<TAB>text'"
+    return f"labelled texts in columns '{data.text_column}' and '{data.label_column}'"
+
+
+def _checked(place: str, text: object, label: object, data: DataParams) -> tuple[str, str]:
+    """A row's text and label as strings, or a one-line error for a missing or empty one."""
+    for value, what, column in ((text, "text", data.text_column), (label, "label", data.label_column)):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            problem = "empty"
+        elif isinstance(value, bool) or not isinstance(value, str | int):
+            problem = f"not text ({type(value).__name__}):"
+        else:
+            continue
+        raise DataError(f"{place}: {problem} {what} (data.{what}_column '{column}'); fill it in or remove the row")
+    return str(text), str(label)
+
+
+def _sms_rows(text: str, name: str):
+    """`label<TAB>text` lines exactly: no quoting, tabs after the first belong to the text; LF, CRLF or
+    (old Mac files) CR line ends; blank lines at the end are ignored."""
+    lines = text.split("\n") if "\n" in text else text.split("\r")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            raise DataError(f"{name}:{number}: blank line; remove it (or give it 'label<TAB>text')")
+        label, tab, message = line.partition("\t")
+        if not tab:
+            raise DataError(f"{name}:{number}: no tab; expected 'label<TAB>text'")
+        if not message.strip():
+            raise DataError(f"{name}:{number}: empty message text")
+        yield number, message, label
+
+
+def _table_rows(text: str, name: str, data: DataParams, delimiter: str):
+    """(line, text, label) of each row of a CSV or TSV file with a header row."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, None) or []
+        columns = _columns(header, name, data, "header")
+        line = reader.line_num
+        for row in reader:
+            start, line = line + 1, reader.line_num  # a quoted field may span lines: name the row's first
+            if not row:
+                continue  # a blank line
+            if len(row) != len(header):
+                raise DataError(f"{name}:{start}: {len(row)} fields where the header has {len(header)}; fix the row")
+            yield start, *_checked(f"{name}:{start}", row[columns[0]], row[columns[1]], data)
+    except csv.Error as exc:
+        raise DataError(
+            f"{name}:{reader.line_num}: not readable as {data.format.upper()} ({exc}); fix the row"
+        ) from None
+
+
+def _columns(names: list[str], name: str, data: DataParams, what: str) -> tuple[int, int]:
+    for column, setting in ((data.text_column, "text_column"), (data.label_column, "label_column")):
+        if column not in names:
+            raise DataError(
+                f"{name}: no column '{column}' in its {what} {names[:10]}; set data.{setting} to the column to use"
+            )
+    return names.index(data.text_column), names.index(data.label_column)
+
+
+def _jsonl_rows(text: str, name: str, data: DataParams):
+    """(line, text, label) of each JSON object, one a line."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name}:{number}: not JSON ({exc.msg}); give one object per line") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{name}:{number}: a JSON {type(record).__name__}; give one object per line")
+        for column, setting in ((data.text_column, "text_column"), (data.label_column, "label_column")):
+            if column not in record:
+                raise DataError(
+                    f"{name}:{number}: no key '{column}' (it has {list(record)[:10]}); "
+                    f"set data.{setting} or fix the line"
+                )
+        yield number, *_checked(f"{name}:{number}", record[data.text_column], record[data.label_column], data)
+
+
+def _read_parquet(path: Path, name: str, data: DataParams) -> LabelledTexts:
+    # pyarrow for this format only (importing it costs the other formats' data stages a second); its
+    # batches rather than read_table, which imports pandas
+    import pyarrow.parquet as pq
+    from pyarrow import ArrowException
+
+    texts, labels = [], []
+    try:
+        with pq.ParquetFile(path) as f:
+            _columns(list(f.schema_arrow.names), name, data, "schema")
+            for batch in f.iter_batches(columns=[data.text_column, data.label_column], batch_size=1 << 16):
+                for text, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+                    text, label = _checked(f"{name} row {len(texts) + 1}", text, label, data)
+                    texts.append(text)
+                    labels.append(label)
+    except (ArrowException, OSError) as exc:
+        raise DataError(f"{name}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+    if not texts:
+        raise DataError(f"{name}: holds no rows; expected {_expected(data)}")
+    rows = list(range(1, len(texts) + 1))
+    return LabelledTexts(name, texts, labels, rows, [f"{name} row {r}" for r in rows], {})
+
+
+def _read_folders(path: Path, name: str, folder: str | None, labels: list[str] | None, max_bytes: int):
+    """Each `.txt` file of `<folder>/<label>/` in the archive, read in archive order (a compressed tar
+    reads fastest so), then ordered by path; at most `max_bytes` of text in all."""
+    try:
+        with open_archive(path, name) as archive:
+            if archive is None:
+                raise DataError(f"{name}: no zip or tar archive; data.format folders reads one from data.url")
+            found = label_folders(archive, folder)
+            wanted = {label: found[label] for label in found if labels is None or label in labels}
+            left_out = {label: len(members) for label, members in found.items() if label not in wanted}
+            by_name = {m.name: label for label, members in wanted.items() for m in members}
+            read, total = {}, 0
+            for member in archive.members:  # archive order
+                if member.name not in by_name:
+                    continue
+                raw = archive.read(member, max_bytes - total)
+                total += len(raw)
+                try:
+                    read[member.name] = raw.decode("utf-8-sig")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{name}: {member.name}: not valid UTF-8 at byte {exc.start}; convert it") from None
+    except PipelineError as exc:
+        raise DataError(str(exc).replace("data.max_unzipped_mb", "data.max_unzipped_mb (all texts together)")) from None
+    texts, labels_read, places = [], [], []
+    for member_name in sorted(read):
+        if not read[member_name].strip():
+            raise DataError(f"{name}: {member_name}: empty text; remove the file or fill it in")
+        texts.append(read[member_name])
+        labels_read.append(by_name[member_name])
+        places.append(f"{name}: {member_name}")
+    return LabelledTexts(name, texts, labels_read, list(range(1, len(texts) + 1)), places, left_out)
+
+
+def number_labels(data: LabelledTexts, labels: list[str] | None) -> tuple[Messages, list[str]]:
+    """The texts with class indices into `labels` (None: the labels found, sorted), and those labels."""
+    if labels is None:
+        labels = sorted(set(data.labels))
+        if len(labels) < 2:
+            raise DataError(f"{data.name}: every row is labelled {labels}; a classifier needs two classes or more")
+        print(f"balance: labels from the data, in class order: {labels}", file=sys.stderr)
+    index = {label: i for i, label in enumerate(labels)}
+    targets = np.fromiter((index.get(label, -1) for label in data.labels), dtype=np.int64, count=len(data))
+    unknown = np.flatnonzero(targets < 0)
+    if len(unknown):
+        first = int(unknown[0])
+        raise DataError(
+            f"{data.places[first]}: unknown label {data.labels[first]!r}; expected one of {labels} (balance.labels): "
+            "add it there, or remove the row"
+        )
+    return Messages(data.texts, targets, np.asarray(data.lines, dtype=np.int64)), labels

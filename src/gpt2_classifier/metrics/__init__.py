@@ -1,0 +1,2 @@
+"""What finetune predicts and evaluate measures: the predictions files, classification metrics and
+plots. numpy, no torch."""
