@@ -247,3 +247,11 @@ def wait_for_queue(project: Path, limit: float = 900) -> None:
             return
         assert time.monotonic() < deadline, status
         time.sleep(3)
+
+
+def reading(pool: str = "last", trainable_blocks: int | str = 1, **changes):
+    """How a test's classifier reads its input (model.classifier.Reading): the reference's way unless changed."""
+    from gpt2_classifier.model.classifier import Reading
+
+    return Reading(**({"causal": True, "unpadded": False, "precision": "float32"} | changes), pool=pool,
+                   trainable_blocks=trainable_blocks)  # fmt: skip

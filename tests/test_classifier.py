@@ -3,11 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import reading
 from safetensors.torch import load_file
 
 from gpt2_classifier.core.config import GPTConfig
 from gpt2_classifier.core.errors import WeightsError
 from gpt2_classifier.core.files import sha256_file
+from gpt2_classifier.core.params import FinetuneParams
 from gpt2_classifier.data.encode import EncodedSplit
 from gpt2_classifier.model.classifier import (
     ClassifierConfig,
@@ -20,7 +22,8 @@ from gpt2_classifier.model.classifier import (
 )
 from gpt2_classifier.model.pretrained import BaseIdentity
 from gpt2_classifier.model.weights import random_model, save_hf
-from gpt2_classifier.train.loop import FullForward, Trainer, TrainSettings, index_batches, predict_proba
+from gpt2_classifier.train.inputs import FullForward
+from gpt2_classifier.train.loop import Trainer, index_batches, predict_proba
 
 CFG = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32)
 PAD = 50256
@@ -90,10 +93,10 @@ def toy_split(n=48, seed=0):
 
 def fit(seed=123, epochs=2):
     model = classifier()
-    settings = TrainSettings(lr=1e-2, batch_size=8, epochs=epochs, seed=seed, eval_freq=2, eval_iter=2)
+    settings = FinetuneParams(lr=1e-2, batch_size=8, epochs=epochs, seed=seed, eval_freq=2, eval_iter=2)
     train, val = (
-        FullForward(model, toy_split(), "last", "cpu"),
-        FullForward(model, toy_split(16, seed=1), "last", "cpu"),
+        FullForward(model, toy_split(), reading(), "cpu"),
+        FullForward(model, toy_split(16, seed=1), reading(), "cpu"),
     )
     history = Trainer(model, train, val, settings, "cpu").fit()
     return model, history
@@ -117,8 +120,8 @@ def test_training_is_deterministic_and_seeded():
 def test_frozen_parameters_do_not_change():
     model = classifier()
     before = {n: p.clone() for n, p in model.named_parameters()}
-    train, val = FullForward(model, toy_split(), "last", "cpu"), FullForward(model, toy_split(16), "last", "cpu")
-    Trainer(model, train, val, TrainSettings(lr=1e-2, epochs=1, eval_freq=100), "cpu").fit()
+    train, val = FullForward(model, toy_split(), reading(), "cpu"), FullForward(model, toy_split(16), reading(), "cpu")
+    Trainer(model, train, val, FinetuneParams(lr=1e-2, epochs=1, eval_freq=100), "cpu").fit()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(("trf_blocks.2.", "final_norm", "out_head")) for n in changed)
 
@@ -148,8 +151,8 @@ def test_saved_classifier_stores_the_change_and_reloads_on_its_base(tmp_path):
     loaded, config = load_classifier(tmp_path / "clf")  # finds models/base beside the classifier
     split = toy_split(16, seed=2)
     assert config.pool == "last" and config.gpt.emb_dim == 32 and config.labels == ["ham", "spam"]
-    probs = predict_proba(model, FullForward(model, split, "last", "cpu"), 5)
-    assert torch.equal(probs, predict_proba(loaded, FullForward(loaded, split, "last", "cpu"), 5))
+    probs = predict_proba(model, FullForward(model, split, reading(), "cpu"), 5)
+    assert torch.equal(probs, predict_proba(loaded, FullForward(loaded, split, reading(), "cpu"), 5))
     assert torch.allclose(probs.sum(1), torch.ones(16))
 
 
@@ -213,8 +216,10 @@ def test_classify_takes_the_fast_path_in_groups_and_equals_the_full_forward(tmp_
     config = config_for(model, sha256_file(base)).model_copy(update={"pool": pool, "max_length": 12})
     save_classifier(model, tmp_path / "clf", config)
     texts = ["WIN a prize now", "see you at home later tonight", "ok", "call 0800 now to claim", "fine thanks"]
-    split = pad(tokenize(texts), [0] * len(texts), 12, PAD).tensors()
-    expected = predict_proba(model, FullForward(model, split, pool, "cpu"), 2)  # the whole model on every batch
+    split = pad(tokenize(texts), [0] * len(texts), 12, "head", PAD).tensors()
+    expected = predict_proba(
+        model, FullForward(model, split, reading(pool), "cpu"), 2
+    )  # the whole model on every batch
 
     taken = []
     real_iter_inputs = predict.iter_inputs

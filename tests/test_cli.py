@@ -36,7 +36,7 @@ def test_a_device_that_is_not_there_is_named(monkeypatch):
     import torch
 
     from gpt2_classifier.core.errors import PipelineError
-    from gpt2_classifier.train.loop import pick_device
+    from gpt2_classifier.train.device import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(PipelineError, match=r"^finetune.device: cuda, but torch .* finds no CUDA device here; set"):

@@ -38,7 +38,7 @@ def test_bpe_files_with_wrong_hash_are_refused(tmp_path):
 
 
 def test_pad_truncates_and_records_lengths():
-    split = pad([[1, 2, 3], [4], [5, 6, 7, 8, 9]], [0, 1, 0], max_length=4)
+    split = pad([[1, 2, 3], [4], [5, 6, 7, 8, 9]], [0, 1, 0], max_length=4, truncate="head")
     assert split.input_ids.tolist() == [[1, 2, 3, END_OF_TEXT_ID], [4] + [END_OF_TEXT_ID] * 3, [5, 6, 7, 8]]
     assert split.lengths.tolist() == [3, 1, 4]
     assert split.labels.tolist() == [0, 1, 0]
@@ -57,7 +57,7 @@ def frames():
 
 
 def test_pads_every_split_to_the_longest_training_sequence():
-    encoded, meta = pad_encode(frames(), ["ham", "spam"])
+    encoded, meta = pad_encode(frames(), ["ham", "spam"], "longest", 1024, "head")
     assert meta.max_length == meta.longest_train == 4
     assert {name: tuple(s.input_ids.shape) for name, s in encoded.items()} == {
         "train": (2, 4), "validation": (1, 4), "test": (1, 4)
@@ -67,7 +67,7 @@ def test_pads_every_split_to_the_longest_training_sequence():
 
 
 def test_fixed_length_and_safetensors_round_trip(tmp_path):
-    encoded, meta = pad_encode(frames(), ["ham", "spam"], max_length=16)
+    encoded, meta = pad_encode(frames(), ["ham", "spam"], 16, 1024, "head")
     assert meta.max_length == 16 and encoded["test"].input_ids.shape == (1, 16)
     encoded["train"].save(tmp_path / "train.safetensors")
     loaded = load_split(tmp_path / "train.safetensors")

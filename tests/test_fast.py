@@ -6,16 +6,18 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_parameters
+from conftest import assert_same_parameters, reading
 
 from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.core.params import FinetuneParams
 from gpt2_classifier.data.encode import EncodedSplit
 from gpt2_classifier.model.classifier import replace_head, set_trainable
 from gpt2_classifier.model.weights import random_model
 from gpt2_classifier.train import fast, onednn, prefix, prefix_cache, tail
-from gpt2_classifier.train import loop as train
+from gpt2_classifier.train import inputs as full
 from gpt2_classifier.train.fast import build_inputs
-from gpt2_classifier.train.loop import FullForward, Trainer, TrainSettings
+from gpt2_classifier.train.inputs import FullForward
+from gpt2_classifier.train.loop import Trainer
 from gpt2_classifier.train.prefix_cache import frozen_digest
 from gpt2_classifier.train.release import release_frozen
 from gpt2_classifier.train.tail import PrefixForward
@@ -44,9 +46,9 @@ def classifier(blocks=1, cfg=CFG):
 @pytest.mark.parametrize("blocks", [0, 1, 2, 3])
 def test_fast_logits_and_loss_equal_the_full_forward(pool, blocks):
     model, split = classifier(blocks), ragged_split()
-    fast_inputs = build_inputs(model, {"s": split}, pool, blocks, "cpu")["s"]
+    fast_inputs = build_inputs(model, {"s": split}, reading(pool, blocks), "cpu")["s"]
     assert isinstance(fast_inputs, PrefixForward)
-    plain = FullForward(model, split, pool, "cpu")
+    plain = FullForward(model, split, reading(pool), "cpu")
     idx = torch.tensor([5, 0, 17, 39, 22, 8])
     fast_logits, plain_logits = fast_inputs.logits(idx), plain.logits(idx)
     assert (fast_logits - plain_logits).abs().max() < 1e-5
@@ -63,15 +65,15 @@ def test_fast_logits_and_loss_equal_the_full_forward(pool, blocks):
 
 @pytest.mark.parametrize("pool", ["last", "flexible"])
 def test_training_on_the_fast_path_matches_the_plain_path(pool):
-    settings = TrainSettings(lr=1e-2, batch_size=8, epochs=2, eval_freq=3, eval_iter=2, pool=pool)
+    settings = FinetuneParams(lr=1e-2, batch_size=8, epochs=2, eval_freq=3, eval_iter=2)
     results = []
     for use_fast in (True, False):
         model = classifier(1)
         splits = {"train": ragged_split(48), "validation": ragged_split(16, seed=1)}
         if use_fast:
-            inputs = build_inputs(model, splits, pool, 1, "cpu")
+            inputs = build_inputs(model, splits, reading(pool, 1), "cpu")
         else:
-            inputs = {name: FullForward(model, split, pool, "cpu") for name, split in splits.items()}
+            inputs = {name: FullForward(model, split, reading(pool), "cpu") for name, split in splits.items()}
         history = Trainer(model, inputs["train"], inputs["validation"], settings, "cpu").fit()
         results.append((model, history))
     (fast_model, fast_history), (plain_model, plain_history) = results
@@ -89,15 +91,15 @@ def test_a_training_step_never_waits_for_the_device(pool, blocks, monkeypatch):
     """On a GPU, reading a value back (a batch's length, whether a row needs the mask) stalls the host
     until the device has caught up, every step. On the meta device any such read raises."""
     monkeypatch.setattr(tail, "autocast", lambda *_: contextlib.nullcontext())  # there is none for meta
-    monkeypatch.setattr(train, "autocast", lambda *_: contextlib.nullcontext())
+    monkeypatch.setattr(full, "autocast", lambda *_: contextlib.nullcontext())
     model, split = classifier(blocks), ragged_split()
-    on_cpu = build_inputs(model, {"s": split}, pool, blocks, "cpu")["s"]
+    on_cpu = build_inputs(model, {"s": split}, reading(pool, blocks), "cpu")["s"]
     on_meta = prefix.Prefix(on_cpu.prefix.hidden.to("meta"), on_cpu.prefix.offsets, on_cpu.prefix.visible)
     model.to("meta")
     idx = torch.tensor([5, 0, 17, 39, 22, 8])
     for inputs in (
-        PrefixForward(model, on_meta, split.labels, on_cpu.n_frozen, pool, "meta"),
-        FullForward(model, split, pool, "meta", unpadded=True),
+        PrefixForward(model, on_meta, split.labels, on_cpu.n_frozen, reading(pool), "meta"),
+        FullForward(model, split, reading(pool, unpadded=True), "meta"),
     ):
         logits = inputs.logits(idx)
         F.cross_entropy(logits, split.labels[idx].to("meta")).backward()
@@ -106,7 +108,9 @@ def test_a_training_step_never_waits_for_the_device(pool, blocks, monkeypatch):
 
 def test_flexible_prefix_keeps_only_real_tokens():
     split = ragged_split()
-    computed = prefix.compute_prefix(classifier(), split, 2, prefix.visible_positions(split, "flexible"), "cpu")
+    computed = prefix.compute_prefix(
+        classifier(), split, 2, prefix.visible_positions(split, "flexible"), "cpu", "float32"
+    )
     assert computed.hidden.shape == (int(split.lengths.sum()), CFG.emb_dim)
     x, visible = computed.gather(torch.tensor([0, 1]))
     assert x.shape[1] == int(split.lengths[:2].max()) and torch.equal(visible, split.lengths[:2])
@@ -114,37 +118,37 @@ def test_flexible_prefix_keeps_only_real_tokens():
 
 def test_falls_back_to_the_full_forward_where_assumptions_fail():
     split = ragged_split()
-    assert isinstance(build_inputs(classifier("all"), {"s": split}, "last", "all", "cpu")["s"], FullForward)
+    assert isinstance(build_inputs(classifier("all"), {"s": split}, reading("last", "all"), "cpu")["s"], FullForward)
     dropout_cfg = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32, drop_rate=0.1)
-    inputs = build_inputs(classifier(1, dropout_cfg), {"s": split}, "last", 1, "cpu")["s"]
+    inputs = build_inputs(classifier(1, dropout_cfg), {"s": split}, reading("last", 1), "cpu")["s"]
     assert isinstance(inputs, FullForward)
 
 
 def test_prefix_cache_is_reused_and_keyed_by_frozen_weights(tmp_path, monkeypatch):
     model, split = classifier(1), ragged_split()
-    first = build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)["s"]
+    first = build_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path)["s"]
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
 
     def no_compute(*args):
         raise AssertionError("recomputed despite a cached prefix")
 
     monkeypatch.setattr(fast, "compute_prefix", no_compute)
-    again = build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)["s"]
+    again = build_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path)["s"]
     assert torch.equal(again.prefix.hidden, first.prefix.hidden)
     monkeypatch.undo()
 
     with torch.no_grad():
         model.trf_blocks[0].ff.layers[0].weight.add_(0.01)  # a different frozen block: a different key
-    build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)
+    build_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
 def test_damaged_cache_file_is_recomputed(tmp_path):
     model, split = classifier(1), ragged_split()
-    expected = build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)["s"].prefix.hidden
+    expected = build_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path)["s"].prefix.hidden
     (cached,) = tmp_path.glob("*.safetensors")
     cached.write_bytes(cached.read_bytes()[:100])
-    again = build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path)["s"].prefix.hidden
+    again = build_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path)["s"].prefix.hidden
     assert torch.equal(again, expected)
 
 
@@ -153,7 +157,7 @@ def test_packed_prefix_equals_each_row_through_the_blocks_alone(chunk_tokens, mo
     monkeypatch.setattr(prefix, "CHUNK_TOKENS", chunk_tokens)  # 24: many chunks of mixed lengths
     model, split = classifier(1), ragged_split()
     visible = prefix.visible_positions(split, "flexible")
-    computed = prefix.compute_prefix(model, split, 2, visible, "cpu")
+    computed = prefix.compute_prefix(model, split, 2, visible, "cpu", "float32")
     with torch.no_grad():
         for row in range(len(split.labels)):
             x = model.embed(split.input_ids[row : row + 1, : int(visible[row])])
@@ -188,11 +192,11 @@ def test_onednn_fused_block_equals_the_plain_ops():
 @pytest.mark.parametrize("cached", [False, True])
 def test_released_frozen_weights_give_the_same_inputs_and_are_gone(cached, tmp_path):
     model, splits = classifier(1), {"a": ragged_split(), "b": ragged_split(seed=3)}
-    kept = build_inputs(model, splits, "flexible", 1, "cpu", tmp_path)
+    kept = build_inputs(model, splits, reading("flexible", 1), "cpu", tmp_path)
     if not cached:
         for path in tmp_path.glob("*.safetensors"):
             path.unlink()
-    released = build_inputs(model, splits, "flexible", 1, "cpu", tmp_path, release=True)
+    released = build_inputs(model, splits, reading("flexible", 1), "cpu", tmp_path, release=True)
     for name in splits:
         assert torch.equal(released[name].prefix.hidden, kept[name].prefix.hidden)  # bit-identical
         idx = torch.arange(10)
@@ -217,7 +221,7 @@ def test_computed_prefixes_wait_in_the_cache_not_in_memory_and_survive_pruning(t
     blocks and every split's prefix are never in memory at once), then read back once the blocks are freed,
     even where another run pruned the files meanwhile."""
     model, splits = classifier(1), {"a": ragged_split(), "b": ragged_split(seed=3), "c": ragged_split(seed=4)}
-    expected = build_inputs(model, splits, "flexible", 1, "cpu")  # no cache: kept in memory
+    expected = build_inputs(model, splits, reading("flexible", 1), "cpu")  # no cache: kept in memory
     alive, compute, release = [], fast.compute_prefix, fast.release_frozen
 
     def compute_one_at_a_time(*args, **kwargs):
@@ -233,7 +237,7 @@ def test_computed_prefixes_wait_in_the_cache_not_in_memory_and_survive_pruning(t
 
     monkeypatch.setattr(fast, "compute_prefix", compute_one_at_a_time)
     monkeypatch.setattr(fast, "release_frozen", pruned_meanwhile)
-    inputs = build_inputs(model, splits, "flexible", 1, "cpu", tmp_path, release=True)
+    inputs = build_inputs(model, splits, reading("flexible", 1), "cpu", tmp_path, release=True)
     assert len(alive) == 3 and not list(tmp_path.glob("*.safetensors"))
     for name in splits:
         assert torch.equal(inputs[name].prefix.hidden, expected[name].prefix.hidden)
@@ -246,10 +250,10 @@ def test_bfloat16_runs_the_matrix_products_in_bfloat16_on_both_paths(pool):
     # more, on the fast path and the full forward alike, and the gradients still reach the float32 weights.
     model, split = classifier(1), ragged_split()
     idx = torch.tensor([5, 0, 17, 39, 22, 8])
-    exact = FullForward(model, split, pool, "cpu").logits(idx)
+    exact = FullForward(model, split, reading(pool), "cpu").logits(idx)
     for inputs in (
-        build_inputs(model, {"s": split}, pool, 1, "cpu", precision="bfloat16")["s"],
-        FullForward(model, split, pool, "cpu", precision="bfloat16"),
+        build_inputs(model, {"s": split}, reading(pool, 1, precision="bfloat16"), "cpu")["s"],
+        FullForward(model, split, reading(pool, precision="bfloat16"), "cpu"),
     ):
         logits = inputs.logits(idx)
         gap = (logits - exact).abs().max().item()
@@ -264,7 +268,7 @@ def test_bfloat16_runs_the_matrix_products_in_bfloat16_on_both_paths(pool):
 def test_the_prefix_cache_keeps_float32_and_bfloat16_apart(tmp_path):
     model, split = classifier(1), ragged_split()
     for precision in ("float32", "bfloat16"):
-        build_inputs(model, {"s": split}, "last", 1, "cpu", tmp_path, precision=precision)
+        build_inputs(model, {"s": split}, reading("last", 1, precision=precision), "cpu", tmp_path)
     files = sorted(tmp_path.glob("*.safetensors"))
     assert len(files) == 2  # one prefix per arithmetic: a bfloat16 run never reads float32 activations
     hidden = [prefix_cache.read_cached(f).hidden for f in files]
@@ -279,7 +283,7 @@ def test_the_base_weights_hash_stands_for_the_frozen_weights_in_the_cache_key():
     )
     with torch.no_grad():
         b.trf_blocks[0].norm1.weight.add_(1)
-    assert frozen_digest(a, 2) != frozen_digest(b, 2)  # without it, the weights themselves
-    assert frozen_digest(a, 2, base_sha256="a" * 64) == frozen_digest(b, 2, base_sha256="a" * 64)
-    assert frozen_digest(a, 2, base_sha256="a" * 64) != frozen_digest(a, 2, base_sha256="b" * 64)
-    assert frozen_digest(a, 2, base_sha256="a" * 64) != frozen_digest(a, 1, base_sha256="a" * 64)
+    assert frozen_digest(a, 2, "float32") != frozen_digest(b, 2, "float32")  # without it, the weights themselves
+    assert frozen_digest(a, 2, "float32", base_sha256="a" * 64) == frozen_digest(b, 2, "float32", base_sha256="a" * 64)
+    assert frozen_digest(a, 2, "float32", base_sha256="a" * 64) != frozen_digest(a, 2, "float32", base_sha256="b" * 64)
+    assert frozen_digest(a, 2, "float32", base_sha256="a" * 64) != frozen_digest(a, 1, "float32", base_sha256="a" * 64)

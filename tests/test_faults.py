@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import made_zip, make_project, run, stages_run, tiny_params
+from conftest import made_zip, make_project, reading, run, stages_run, tiny_params
 
 from gpt2_classifier.core.config import GPTConfig
 from gpt2_classifier.core.files import INTERRUPTED, atomic_path
+from gpt2_classifier.core.params import FinetuneParams
 from gpt2_classifier.core.stage import run_stage
 from gpt2_classifier.data.encode import EncodedSplit
 from gpt2_classifier.model.classifier import replace_head, set_trainable
 from gpt2_classifier.model.weights import random_model
 from gpt2_classifier.train import checkpoint
-from gpt2_classifier.train.loop import FullForward, Trainer, TrainSettings
+from gpt2_classifier.train.inputs import FullForward
+from gpt2_classifier.train.loop import Trainer
 
 CFG = GPTConfig(emb_dim=32, n_layers=2, n_heads=2, context_length=32)
 
@@ -38,8 +40,8 @@ def toy(n, seed):
 def trainer(blocks=1):
     model = replace_head(random_model(CFG, 0), 2, seed=1)
     set_trainable(model, blocks)
-    settings = TrainSettings(lr=1e-2, epochs=3, eval_freq=2, eval_iter=2)
-    train, val = FullForward(model, toy(48, 0), "last", "cpu"), FullForward(model, toy(16, 1), "last", "cpu")
+    settings = FinetuneParams(lr=1e-2, epochs=3, eval_freq=2, eval_iter=2)
+    train, val = FullForward(model, toy(48, 0), reading(), "cpu"), FullForward(model, toy(16, 1), reading(), "cpu")
     return Trainer(model, train, val, settings, "cpu")
 
 

@@ -3,14 +3,16 @@ the eager loop wherever a graph does not apply."""
 
 import pytest
 import torch
+from conftest import reading
 
 from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.core.params import FinetuneParams
 from gpt2_classifier.data.encode import EncodedSplit
 from gpt2_classifier.model.classifier import replace_head, set_trainable
 from gpt2_classifier.model.weights import random_model
 from gpt2_classifier.train.fast import build_inputs
 from gpt2_classifier.train.graphs import WARMUP_STEPS, GraphedStep, graphed_step
-from gpt2_classifier.train.loop import Trainer, TrainSettings
+from gpt2_classifier.train.loop import Trainer
 
 CFG = GPTConfig(emb_dim=64, n_layers=3, n_heads=4, context_length=32)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the graph is CUDA's)")
@@ -31,8 +33,8 @@ def trainer(device: str, pool: str = "last", blocks: int = 1, **changes) -> Trai
     set_trainable(model, blocks)
     model.to(device)
     splits = {"train": padded_split(64, 0), "validation": padded_split(24, 1)}
-    inputs = build_inputs(model, splits, pool, blocks, device)
-    settings = TrainSettings(lr=1e-3, batch_size=8, epochs=3, eval_freq=5, eval_iter=2, pool=pool, **changes)
+    inputs = build_inputs(model, splits, reading(pool, blocks), device)
+    settings = FinetuneParams(lr=1e-3, batch_size=8, epochs=3, eval_freq=5, eval_iter=2, **changes)
     return Trainer(model, inputs["train"], inputs["validation"], settings, device)
 
 
@@ -58,19 +60,28 @@ def test_graphed_training_is_the_eager_run_number_for_number(pool, blocks):
 
 @pytest.mark.parametrize(("pool", "blocks"), [("last", 1), ("first", 1), ("last", 0)])
 def test_the_captured_step_makes_the_eager_steps_update(pool, blocks):
-    """What the graph captures, run as it is on the CPU (where nothing is captured): the eager loop's step."""
+    """What the graph captures (the trainer's step on the rows as the device holds them), run as it is on the
+    CPU, where nothing is captured: the eager loop's step, bit for bit."""
     eager, body = trainer("cpu", pool, blocks), trainer("cpu", pool, blocks)
     step = GraphedStep(body, body.train_inputs)
     for idx in (torch.tensor([3, 17, 40, 8, 0, 63, 22, 51]), torch.tensor([1, 2, 5, 9, 33, 34, 60, 12])):
-        eager.loss(eager.train_inputs.logits(idx), eager.train_inputs.labels[idx]).backward()
-        eager.optimizer.step()
-        eager.optimizer.zero_grad(set_to_none=True)
+        assert torch.equal(step.rows.logits(idx), eager.train_inputs.logits(idx))
+        eager.train_step(eager.train_inputs, idx)
         step.idx.copy_(idx)
-        step._forward_backward_update()
-        body.optimizer.zero_grad(set_to_none=True)
+        step.step()
     for (name, a), b in zip(eager.model.named_parameters(), body.model.parameters(), strict=True):
         if a.requires_grad:
             assert torch.equal(a, b), name
+
+
+def test_the_graph_captures_the_trainers_own_step(monkeypatch):
+    """One training step: the graph runs Trainer.train_step itself, so what is added there applies here."""
+    body = trainer("cpu")
+    step = GraphedStep(body, body.train_inputs)
+    calls = []
+    monkeypatch.setattr(body, "train_step", lambda inputs, idx, update=True: calls.append((inputs, idx, update)))
+    step.step()
+    assert calls == [(step.rows, step.idx, True)]
 
 
 def test_the_eager_step_runs_where_a_graph_does_not_apply():

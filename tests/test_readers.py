@@ -18,7 +18,7 @@ from gpt2_classifier.data.encode import pad, pad_encode
 from gpt2_classifier.data.messages import Messages, split
 from gpt2_classifier.data.readers import data_name, number_labels, read_labelled
 from gpt2_classifier.metrics.classification import per_class_report
-from gpt2_classifier.train.loop import TrainSettings, class_weights
+from gpt2_classifier.train.loop import class_weights
 
 ROWS = [(f'order {i}, "late", café\nline two' if i % 5 == 0 else f"text {i}", ("billing", "shipping", "refund")[i % 3])
         for i in range(30)]  # fmt: skip
@@ -255,16 +255,16 @@ def test_stratified_split_keeps_each_class_share_and_small_classes_are_refused()
 
 
 def test_truncate_tail_keeps_the_end_and_is_recorded():
-    assert pad([[1, 2, 3, 4, 5]], [0], 3).input_ids.tolist() == [[1, 2, 3]]
-    assert pad([[1, 2, 3, 4, 5]], [0], 3, truncate="tail").input_ids.tolist() == [[3, 4, 5]]
+    assert pad([[1, 2, 3, 4, 5]], [0], 3, "head").input_ids.tolist() == [[1, 2, 3]]
+    assert pad([[1, 2, 3, 4, 5]], [0], 3, "tail").input_ids.tolist() == [[3, 4, 5]]
     splits = {name: messages([0, 1, 2]) for name in ("train", "validation", "test")}
-    _, meta = pad_encode(splits, ["a", "b", "c"], 1, truncate="tail")
+    _, meta = pad_encode(splits, ["a", "b", "c"], 1, 1024, "tail")
     assert meta.truncate == "tail" and meta.labels == ["a", "b", "c"]
 
 
 def test_balanced_class_weights_and_per_class_metrics():
     labels = torch.tensor([0] * 6 + [1] * 3 + [2] * 3 + [-100])
-    weights = class_weights(labels, 3, TrainSettings(class_weights="balanced"))
+    weights = class_weights(labels, 3, ignore_index=-100)
     assert weights.tolist() == pytest.approx([12 / 18, 12 / 9, 12 / 9])  # n / (classes * count), -100 skipped
     actual = np.array([0, 0, 1, 1, 2, 2])
     probs = np.eye(3, dtype=np.float32)[[0, 1, 1, 1, 2, 0]]

@@ -48,7 +48,7 @@ def test_fetch_from_a_hub_endpoint_loads_and_matches_transformers(server, checkp
     path, reference = checkpoint
     endpoint = serve_hub(server, path.read_bytes())
     dest = tmp_path / "base" / "model.safetensors"
-    source = fetch_pretrained("gpt2-small", dest, endpoint=endpoint, deadline=DEADLINE)
+    source = fetch_pretrained("gpt2-small", dest, "main", endpoint=endpoint, deadline=DEADLINE)
     assert source == f"{endpoint}/openai-community/gpt2@{COMMIT}"
     assert dest.read_bytes() == path.read_bytes()
     assert [p.name for p in (tmp_path / "base").iterdir()] == ["model.safetensors"]  # nothing left beside it
@@ -86,7 +86,7 @@ def test_the_hub_download_sends_the_users_token(server, checkpoint, tmp_path, mo
     path, _ = checkpoint
     monkeypatch.setenv("HF_TOKEN", "hf_for_a_private_mirror")
     endpoint = serve_hub(server, path.read_bytes())
-    fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint=endpoint, deadline=DEADLINE)
+    fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", "main", endpoint=endpoint, deadline=DEADLINE)
     (get,) = [headers for method, _, headers in server.requests if method == "GET"]
     assert {k.lower(): v for k, v in get.items()}["authorization"] == "Bearer hf_for_a_private_mirror"
 
@@ -95,7 +95,7 @@ def test_hub_checksum_mismatch_is_refused(server, checkpoint, tmp_path):
     path, _ = checkpoint
     endpoint = serve_hub(server, path.read_bytes(), etag="0" * 64)
     with pytest.raises(WeightsError, match="has SHA-256 [0-9a-f]{64}, the Hub says 0000"):
-        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint=endpoint, deadline=DEADLINE)
+        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", "main", endpoint=endpoint, deadline=DEADLINE)
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -103,10 +103,12 @@ def test_unreachable_hub_names_it_and_the_offline_ways(tmp_path):
     with pytest.raises(
         WeightsError, match=r"http://127.0.0.1:9/openai-community/gpt2: could not download .* model.source"
     ):
-        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint="http://127.0.0.1:9", deadline=1)
+        fetch_pretrained(
+            "gpt2-small", tmp_path / "model.safetensors", "main", endpoint="http://127.0.0.1:9", deadline=1
+        )
     with pytest.raises(WeightsError) as info:  # a mirror's credentials stay hidden, also in the reason
         fetch_pretrained(
-            "gpt2-small", tmp_path / "model.safetensors", endpoint="http://me:secret@127.0.0.1:9", deadline=1
+            "gpt2-small", tmp_path / "model.safetensors", "main", endpoint="http://me:secret@127.0.0.1:9", deadline=1
         )
     assert str(info.value).startswith("http://***@127.0.0.1:9/openai-community/gpt2: could not download")
     assert "secret" not in str(info.value)
@@ -139,7 +141,7 @@ def test_a_trickling_weights_server_is_stopped_at_the_deadline(server, checkpoin
         kwargs, shown = {"source": server.url + "/weights/model.safetensors"}, server.url + "/weights/model.safetensors"
     start = time.monotonic()
     with pytest.raises(PipelineError) as info:
-        fetch_pretrained("gpt2-small", tmp_path / "base" / "model.safetensors", deadline=1.5, **kwargs)
+        fetch_pretrained("gpt2-small", tmp_path / "base" / "model.safetensors", "main", deadline=1.5, **kwargs)
     assert time.monotonic() - start < 5  # not the 60 s a read may wait, nor the 10 s the trickle lasts
     message = str(info.value)
     assert message.startswith(shown) and "not done within 1.5 s (model.deadline)" in message, message
@@ -168,21 +170,21 @@ def test_a_model_source_that_is_missing_or_a_folder_without_weights_is_named(tmp
     fix = "point it at a model.safetensors or the folder holding one, or set it to null to use the Hub"
     missing = tmp_path / "gpt2" / "model.safetensors"
     with pytest.raises(WeightsError) as info:
-        fetch_pretrained("gpt2-small", tmp_path / "out.safetensors", source=str(missing), deadline=DEADLINE)
+        fetch_pretrained("gpt2-small", tmp_path / "out.safetensors", "main", source=str(missing), deadline=DEADLINE)
     assert str(info.value) == f"{missing}: no such file (model.source); {fix}"
     with pytest.raises(WeightsError) as info:
-        fetch_pretrained("gpt2-small", tmp_path / "out.safetensors", source=str(tmp_path), deadline=DEADLINE)
+        fetch_pretrained("gpt2-small", tmp_path / "out.safetensors", "main", source=str(tmp_path), deadline=DEADLINE)
     assert str(info.value) == f"{tmp_path}: a folder without model.safetensors (model.source); {fix}"
 
 
 def test_local_folder_and_url_sources(server, checkpoint, tmp_path):
     path, reference = checkpoint
     dest = tmp_path / "from-folder.safetensors"
-    fetch_pretrained("gpt2-small", dest, source=str(path.parent), deadline=DEADLINE)
+    fetch_pretrained("gpt2-small", dest, "main", source=str(path.parent), deadline=DEADLINE)
     assert logits_match(load_model(CFG, dest), reference)
     url = server.serve("/weights/model.safetensors", path.read_bytes())
     dest = tmp_path / "from-url.safetensors"
-    fetch_pretrained("gpt2-small", dest, source=url, deadline=DEADLINE)
+    fetch_pretrained("gpt2-small", dest, "main", source=url, deadline=DEADLINE)
     assert dest.read_bytes() == path.read_bytes()
 
 
@@ -262,7 +264,7 @@ def test_a_hub_that_trickles_its_headers_is_stopped_at_the_deadline(server, tmp_
     server.routes[REPO_PATH] = headers_forever
     start = time.monotonic()
     with pytest.raises(WeightsError) as info:
-        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", endpoint=server.url, deadline=1.5)
+        fetch_pretrained("gpt2-small", tmp_path / "model.safetensors", "main", endpoint=server.url, deadline=1.5)
     assert time.monotonic() - start < 4  # not the 10 s the trickle lasts
     message = str(info.value)
     assert message.startswith(f"{server.url}/openai-community/gpt2: could not download") and "model.deadline" in message

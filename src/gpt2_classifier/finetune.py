@@ -29,6 +29,7 @@ from gpt2_classifier.data.encode import EncodingInfo, load_splits
 from gpt2_classifier.metrics.predictions import Predictions, write_predictions
 from gpt2_classifier.model.classifier import (
     ClassifierConfig,
+    Reading,
     build_classifier,
     lora_spec,
     resolved_pool,
@@ -39,9 +40,11 @@ from gpt2_classifier.serve.logged_model import log_classifier
 from gpt2_classifier.tracking.lineage import flatten, hash_in_background
 from gpt2_classifier.tracking.runs import Tracker, finetune_run, run_tags
 from gpt2_classifier.train import checkpoint
+from gpt2_classifier.train.device import pick_device
 from gpt2_classifier.train.fast import build_inputs
 from gpt2_classifier.train.graphs import graphed_step
-from gpt2_classifier.train.loop import History, Inputs, Trainer, TrainSettings, pick_device, predict_proba
+from gpt2_classifier.train.inputs import Inputs
+from gpt2_classifier.train.loop import History, Trainer, predict_proba
 
 STEP_METRICS = ("train_loss", "val_loss", "examples_seen")  # every eval_freq steps
 EPOCH_METRICS = ("train_accuracy_estimate", "val_accuracy_estimate", "examples_seen", "epoch")
@@ -71,7 +74,7 @@ def finetune(params: Params) -> History:
             f"set it to at most {training_messages}, or give split.train more data"
         )
     pool = resolved_pool(f.pool, meta.unpadded)
-    settings = TrainSettings.from_params(f, pool)
+    reading = Reading(pool, f.causal_mask, meta.unpadded, f.precision, f.trainable_blocks)
     raw = params.model_dump(mode="json")
     recipe = {k: v for k, v in raw.items() if k != "mlflow"}  # what shapes the run; mlflow only records it
     trained = architecture_name(cfg)
@@ -98,11 +101,8 @@ def finetune(params: Params) -> History:
               f"{meta.splits['train'].messages} examples, {f.epochs} epochs")  # fmt: skip
 
         splits = load_splits(ENCODED)  # test too: its prefix is computed with the others, never trained on
-        inputs = build_inputs(
-            model, splits, pool, f.trainable_blocks, device, f.cache_dir(), f.causal_mask, meta.unpadded,
-            release=True, precision=f.precision, base_sha256=base.sha256,
-        )  # fmt: skip
-        trainer = Trainer(model, inputs["train"], inputs["validation"], settings, device)
+        inputs = build_inputs(model, splits, reading, device, f.cache_dir(), release=True, base_sha256=base.sha256)
+        trainer = Trainer(model, inputs["train"], inputs["validation"], f, device)
         trainer.graphed = graphed_step(trainer)  # on a GPU, each step one replay instead of hundreds of launches
         history = train_resumably(trainer, recipe, f, tracker)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+Pool = Literal["last", "first", "flexible", "mean"]  # finetune.pool: the position(s) the classifier reads
 Precision = Literal["float32", "bfloat16"]  # finetune.precision: float32 (exact) or bfloat16 autocast
 Truncate = Literal["head", "tail"]  # pad_encode.truncate: which end of a text longer than max_length is kept
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gpt2_classifier.core.config import PRESETS, GPTConfig, Precision, Truncate
+from gpt2_classifier.core.config import PRESETS, GPTConfig, Pool, Precision, Truncate
 from gpt2_classifier.core.errors import ParamsError
 from gpt2_classifier.core.files import project_root
 from gpt2_classifier.core.paths import CHECKPOINTS, PREFIX_CACHE
@@ -144,7 +144,7 @@ class FinetuneParams(Section):
     seed: Seed = 123
     eval_freq: int = Field(50, ge=1)
     eval_iter: int = Field(5, ge=1)
-    pool: Literal["last", "first", "flexible", "mean"] = "last"
+    pool: Pool = "last"
     trainable_blocks: Literal["all"] | Annotated[int, Field(ge=0)] = 1
     lora: LoraParams = LoraParams()
     accumulation_steps: int = Field(1, ge=1)

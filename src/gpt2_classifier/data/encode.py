@@ -92,9 +92,8 @@ def tokenize(texts: list[str]) -> list[list[int]]:
 
 
 def pad(
-    token_lists: list[list[int]], labels: list[int], max_length: int, pad_id: int = END_OF_TEXT_ID,
-    truncate: Truncate = "head",
-) -> PaddedSplit:  # fmt: skip
+    token_lists: list[list[int]], labels: list[int], max_length: int, truncate: Truncate, pad_id: int = END_OF_TEXT_ID
+) -> PaddedSplit:
     """Rows of `max_length` tokens: each text's first `max_length` tokens (its last ones, for
     truncate "tail"), then padding."""
     input_ids = np.full((len(token_lists), max_length), pad_id, dtype=np.int64)
@@ -107,9 +106,8 @@ def pad(
 
 
 def pad_encode(
-    splits: dict[str, Messages], labels: list[str], max_length: int | str = "longest", context_length: int = 1024,
-    truncate: Truncate = "head",
-) -> tuple[dict[str, PaddedSplit], EncodingInfo]:  # fmt: skip
+    splits: dict[str, Messages], labels: list[str], max_length: int | str, context_length: int, truncate: Truncate
+) -> tuple[dict[str, PaddedSplit], EncodingInfo]:
     """Encode every split and pad (truncating to the model's context) to one length:
 
     - "longest": the longest training sequence, as the reference does;
@@ -125,7 +123,7 @@ def pad_encode(
     longest_any = max(len(t) for name in SPLITS for t in tokens[name])
     wanted = {"longest": longest_train, "context": context_length, "none": longest_any}.get(max_length, max_length)
     length = min(int(wanted), context_length)
-    encoded = {name: pad(tokens[name], splits[name].labels.tolist(), length, truncate=truncate) for name in SPLITS}
+    encoded = {name: pad(tokens[name], splits[name].labels.tolist(), length, truncate) for name in SPLITS}
     info = EncodingInfo(
         padding="none" if max_length == "none" else "fixed",
         max_length=length,

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 from torch import nn
 
-from gpt2_classifier.core.config import GPTConfig, Precision, Truncate
+from gpt2_classifier.core.config import GPTConfig, Pool, Precision, Truncate
 from gpt2_classifier.core.errors import WeightsError
 from gpt2_classifier.core.files import atomic_path, read_validated, sha256_file, write_json
 from gpt2_classifier.model.gpt import GPTModel
@@ -20,7 +21,21 @@ from gpt2_classifier.model.pretrained import CONFIG_FILE, WEIGHTS_FILE, BaseConf
 from gpt2_classifier.model.tensorfile import TensorFileError, read_tensors
 from gpt2_classifier.model.weights import load_model
 
-POOLS = ("last", "first", "flexible", "mean")
+POOLS = get_args(Pool)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How the classifier reads its input, the one bundle the fast path, the full forward and `predict`
+    take: the pooled position(s), the causal mask, whether messages are read at their own length
+    (`unpadded`), the forward pass's arithmetic, and how many of the last blocks train (the rest, frozen,
+    the fast path may compute once)."""
+
+    pool: Pool
+    causal: bool
+    unpadded: bool
+    precision: Precision
+    trainable_blocks: int | Literal["all"]
 
 
 class LoraSpec(BaseModel):
@@ -36,7 +51,7 @@ class ClassifierConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     labels: list[str]  # class i is labels[i]
-    pool: Literal["last", "first", "flexible", "mean"]
+    pool: Pool
     max_length: int  # tokens per message in training (the context, without padding)
     pad_id: int
     padding: Literal["fixed", "none"]  # none: each message read at its own length
@@ -51,6 +66,10 @@ class ClassifierConfig(BaseModel):
     @property
     def unpadded(self) -> bool:
         return self.padding == "none"
+
+    @property
+    def reading(self) -> Reading:
+        return Reading(self.pool, self.causal_mask, self.unpadded, self.precision, self.trainable_blocks)
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> ClassifierConfig:
@@ -88,7 +107,7 @@ def set_trainable(model: GPTModel, trainable_blocks: int | str) -> int:
 
 def build_classifier(
     cfg: GPTConfig, weights: Path, num_classes: int, seed: int, trainable_blocks: int | str,
-    lora_rank: int | None = None, lora_alpha: float = 16.0, device: torch.device | str = "cpu",
+    lora_rank: int | None, lora_alpha: float, device: torch.device | str = "cpu",
 ) -> tuple[GPTModel, int]:  # fmt: skip
     """The base model on `device` (read there tensor by tensor) with a new head and what trains set:
     blocks, or LoRA adapters when a rank is given. Returns the model and its number of trainable parameters."""

@@ -134,7 +134,7 @@ def read_shapes(path: Path, shown: str | None = None, fix: str = REFETCH) -> dic
 def fetch_pretrained(
     name: str,
     dest: Path,
-    revision: str = "main",
+    revision: str,
     source: str | None = None,
     endpoint: str | None = None,
     *,

@@ -54,9 +54,8 @@ class TextClassifier:
         bar = tqdm(total=len(texts), unit="message", disable=not progress, desc="classify")
         for start in range(0, len(texts), GROUP):
             group = list(texts[start : start + GROUP])
-            split = pad(tokenize(group), [0] * len(group), self.max_length, c.pad_id, c.truncate).tensors()
-            ((_, inputs),) = iter_inputs(self.model, {"group": split}, c.pool, c.trainable_blocks, self.device,
-                                         causal=c.causal_mask, unpadded=c.unpadded, precision=c.precision)  # fmt: skip
+            split = pad(tokenize(group), [0] * len(group), self.max_length, c.truncate, c.pad_id).tensors()
+            ((_, inputs),) = iter_inputs(self.model, {"group": split}, c.reading, self.device)
             probs.append(predict_proba(self.model, inputs, batch_size))
             bar.update(len(group))
         bar.close()

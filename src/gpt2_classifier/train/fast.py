@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from gpt2_classifier.core.config import Precision
 from gpt2_classifier.core.errors import PipelineError
 from gpt2_classifier.data.encode import EncodedSplit
+from gpt2_classifier.model.classifier import Reading
 from gpt2_classifier.model.gpt import GPTModel
 from gpt2_classifier.model.lora import LinearWithLoRA
-from gpt2_classifier.train.loop import FullForward, Inputs
+from gpt2_classifier.train.inputs import FullForward, Inputs
 from gpt2_classifier.train.memory import return_freed_memory
 from gpt2_classifier.train.prefix import Prefix, compute_prefix, visible_positions
 from gpt2_classifier.train.prefix_cache import (
@@ -40,27 +40,23 @@ from gpt2_classifier.train.tail import PrefixForward
 log = logging.getLogger(__name__)
 
 
-def frozen_blocks(model: GPTModel, trainable_blocks: int | str, causal: bool = True) -> int | None:
+def frozen_blocks(model: GPTModel, reading: Reading) -> int | None:
     """How many leading blocks the fast path may precompute, or None where it does not apply:
     all layers training, dropout on, adapters inside the blocks, or no causal mask (then every
     position, padding included, reaches the pooled one)."""
     has_lora = any(isinstance(m, LinearWithLoRA) for m in model.modules())
-    if trainable_blocks == "all" or model.cfg.drop_rate > 0 or has_lora or not causal:
+    if reading.trainable_blocks == "all" or model.cfg.drop_rate > 0 or has_lora or not reading.causal:
         return None
-    return model.cfg.n_layers - int(trainable_blocks)
+    return model.cfg.n_layers - int(reading.trainable_blocks)
 
 
 def iter_inputs(
     model: GPTModel,
     splits: dict[str, EncodedSplit],
-    pool: str,
-    trainable_blocks: int | str,
-    device,
+    reading: Reading,
+    device: torch.device | str,
     cache_dir: Path | None = None,
-    causal: bool = True,
-    unpadded: bool = False,
     release: bool = False,
-    precision: Precision = "float32",
     base_sha256: str | None = None,
 ) -> Iterator[tuple[str, Inputs]]:
     """The fastest exact way to feed each split (prefix + tail where it applies, else the full
@@ -73,16 +69,16 @@ def iter_inputs(
     `base_sha256`: the base weights file's SHA-256, the cache key's stand-in for the frozen weights.
     On a GPU, a prefix that fits in a quarter of the free memory is kept there.
     """
-    n_frozen = frozen_blocks(model, trainable_blocks, causal)
+    n_frozen = frozen_blocks(model, reading)
     if n_frozen is None:
         log.info("fast path off (all layers, dropout, LoRA or no causal mask): full forward every batch")
         for name, split in splits.items():
-            yield name, FullForward(model, split, pool, device, causal, unpadded, precision)
+            yield name, FullForward(model, split, reading, device)
         return
-    visible = {name: visible_positions(split, pool) for name, split in splits.items()}
+    visible = {name: visible_positions(split, reading.pool) for name, split in splits.items()}
     paths: dict[str, Path] = {}
     if cache_dir is not None:
-        digest = frozen_digest(model, n_frozen, precision, base_sha256)
+        digest = frozen_digest(model, n_frozen, reading.precision, base_sha256)
         paths = {name: Path(cache_dir) / f"{cache_key(digest, split, visible[name])}.safetensors"
                  for name, split in splits.items()}  # fmt: skip
     missing = [name for name in splits if name not in paths or not is_readable(paths[name])]
@@ -95,7 +91,7 @@ def iter_inputs(
                 embed = compact_embedding(model, [splits[name] for name in missing])
                 release_frozen(model, n_frozen, blocks=False)
             for name in missing:
-                prefix = compute_prefix(model, splits[name], n_frozen, visible[name], device, embed, precision)
+                prefix = compute_prefix(model, splits[name], n_frozen, visible[name], device, reading.precision, embed)
                 if name in paths:
                     # Read back once the frozen blocks are freed, so that they and every split's prefix are never
                     # in memory at once; the open file stays readable even if another run prunes it meanwhile.
@@ -116,7 +112,7 @@ def iter_inputs(
                 prefix = read_cached(paths[name])
             if prefix is None:
                 raise PipelineError(f"{paths[name]}: the prefix cache file went missing while in use; run again")
-            yield name, PrefixForward(model, on_device(prefix, device), split.labels, n_frozen, pool, device, precision)
+            yield name, PrefixForward(model, on_device(prefix, device), split.labels, n_frozen, reading, device)
 
 
 def on_device(prefix: Prefix, device) -> Prefix:
@@ -132,6 +128,14 @@ def on_device(prefix: Prefix, device) -> Prefix:
     return Prefix(prefix.hidden.to(device), prefix.offsets, prefix.visible)
 
 
-def build_inputs(*args, **kwargs) -> dict[str, Inputs]:
+def build_inputs(
+    model: GPTModel,
+    splits: dict[str, EncodedSplit],
+    reading: Reading,
+    device: torch.device | str,
+    cache_dir: Path | None = None,
+    release: bool = False,
+    base_sha256: str | None = None,
+) -> dict[str, Inputs]:
     """Every split's inputs at once (see `iter_inputs`), as training needs them."""
-    return dict(iter_inputs(*args, **kwargs))
+    return dict(iter_inputs(model, splits, reading, device, cache_dir, release, base_sha256))

@@ -2,7 +2,7 @@
 
 On a GPU the fast path's step (gather the batch's prefix, the last block at the pooled position,
 head, loss, backward, fused AdamW) is a few hundred small kernels, and the host takes longer to
-launch them than the device takes to run them (about 5.5 ms a step on an H200). Captured once as
+launch them than the device takes to run them (bench/README.md has the numbers). Captured once as
 a CUDA graph, each later step is a copy of the batch's row indices into a fixed buffer and one
 replay: the same kernels on the same memory, so the same numbers.
 
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gpt2_classifier.train.device import autocast
 from gpt2_classifier.train.tail import PrefixForward, tail_logits
 
 if TYPE_CHECKING:
@@ -25,32 +26,55 @@ if TYPE_CHECKING:
 WARMUP_STEPS = 3  # eager steps on a side stream before the capture, as PyTorch's recipe asks
 
 
+class DeviceRows:
+    """The training prefix as the graph reads it: row indices, labels and activations on the device,
+    every row `length` positions long, so that every batch has one shape and no host work. The same
+    logits as the PrefixForward it wraps (tested)."""
+
+    def __init__(self, inputs: PrefixForward, batch_size: int):
+        self.inputs, device = inputs, inputs.device
+        length = int(inputs.prefix.visible[0])  # every row's (see graphed_step)
+        self.offsets, self.labels = inputs.prefix.offsets.to(device), inputs.labels.to(device)
+        self.positions = torch.arange(length, device=device)
+        self.visible = torch.full((batch_size,), length, device=device)  # any batch's, as every row's is the same
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        inputs = self.inputs
+        x = inputs.prefix.hidden[self.offsets[idx, None] + self.positions]  # (batch, length, emb_dim)
+        with autocast(inputs.device, inputs.reading.precision):
+            return tail_logits(inputs.model, inputs.n_frozen, x, self.visible, inputs.reading.pool, masked=False)
+
+
 class GraphedStep:
-    """`graphed(idx)`: one optimizer step on the batch of training rows `idx` (on the CPU).
+    """`graphed(idx)`: the trainer's training step (`Trainer.train_step`) on the batch of training rows
+    `idx` (on the CPU), captured once as a CUDA graph and replayed.
 
     The batch's indices reach the device through pinned memory without a wait; its activations and
-    labels are gathered there. The first WARMUP_STEPS steps run eagerly on a side stream (real steps
-    of the run: nothing is replayed or undone), the next one is captured, then replayed like every
-    later one."""
+    labels are gathered there (DeviceRows). The first WARMUP_STEPS steps run eagerly on a side stream
+    (real steps of the run: nothing is replayed or undone), the next one is captured, then replayed
+    like every later one."""
 
     def __init__(self, trainer: Trainer, inputs: PrefixForward):
-        self.trainer, self.inputs, device = trainer, inputs, inputs.device
-        self.length = int(inputs.prefix.visible[0])  # every row's (see graphed_step)
-        self.offsets, self.labels = inputs.prefix.offsets.to(device), inputs.labels.to(device)
-        self.idx = torch.zeros(trainer.s.batch_size, dtype=torch.long, device=device)  # the graph reads it
-        self.visible = torch.full_like(self.idx, self.length)  # any batch's, as every row's is the same
+        self.trainer, self.rows = trainer, DeviceRows(inputs, trainer.s.batch_size)
+        self.idx = torch.zeros(trainer.s.batch_size, dtype=torch.long, device=inputs.device)  # the graph reads it
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps = 0
 
+    def step(self) -> None:
+        """What the graph captures: the trainer's one training step, on the rows in `self.idx`."""
+        self.trainer.train_step(self.rows, self.idx)
+
     def __call__(self, idx: torch.Tensor) -> None:
-        device = self.inputs.device
+        device = self.idx.device
         self.idx.copy_(idx.pin_memory(), non_blocking=True)
         if self.steps < WARMUP_STEPS:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                self._forward_backward_update()
-                self.trainer.optimizer.zero_grad(set_to_none=True)
+                self.step()
             torch.cuda.current_stream(device).wait_stream(side)
         else:
             if self.graph is None:
@@ -67,18 +91,10 @@ class GraphedStep:
             group["capturable"] = True
         try:
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self._forward_backward_update()
+                self.step()
         finally:
             for group, value in zip(groups, before, strict=True):  # as it was, for the checkpoints
                 group["capturable"] = value
-
-    def _forward_backward_update(self) -> None:
-        inputs, idx = self.inputs, self.idx
-        rows = self.offsets[idx, None] + torch.arange(self.length, device=idx.device)  # (batch, length)
-        x = inputs.prefix.hidden[rows]  # (batch, length, emb_dim)
-        logits = tail_logits(inputs.model, inputs.n_frozen, x, self.visible, inputs.pool, masked=False)
-        self.trainer.loss(logits, self.labels[idx]).backward()
-        self.trainer.optimizer.step()
 
 
 def graphed_step(trainer: Trainer) -> GraphedStep | None:
@@ -86,7 +102,7 @@ def graphed_step(trainer: Trainer) -> GraphedStep | None:
     inputs = trainer.train_inputs
     if not isinstance(inputs, PrefixForward) or inputs.device.type != "cuda" or not inputs.prefix.hidden.is_cuda:
         return None
-    if inputs.precision != "float32" or trainer.s.accumulation_steps != 1:
+    if inputs.reading.precision != "float32" or trainer.s.accumulation_steps != 1:
         return None
     visible = inputs.prefix.visible
     if len(visible) == 0 or not bool((visible == visible[0]).all()):

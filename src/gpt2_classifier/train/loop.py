@@ -7,44 +7,20 @@ pass over the training set (training, or a loss/accuracy estimate) draws a new o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gpt2_classifier.core.config import Precision
 from gpt2_classifier.core.errors import PipelineError
 from gpt2_classifier.core.params import FinetuneParams
-from gpt2_classifier.data.encode import EncodedSplit
-from gpt2_classifier.model.classifier import classify
 from gpt2_classifier.model.gpt import GPTModel
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    batch_size: int = 8
-    epochs: int = 5
-    seed: int = 123
-    eval_freq: int = 50
-    eval_iter: int = 5
-    pool: str = "last"
-    accumulation_steps: int = 1
-    ignore_index: int = -100
-    class_weights: str = "none"  # balanced: each class's loss weighted by n / (classes * its training rows)
-
-    @classmethod
-    def from_params(cls, f: FinetuneParams, pool: str) -> TrainSettings:
-        """The loop's settings from params.yaml's finetune section (`pool` as resolved for the data)."""
-        names = [field.name for field in dataclasses.fields(cls) if field.name != "pool"]
-        return cls(**{name: getattr(f, name) for name in names}, pool=pool)
+from gpt2_classifier.train.device import to_device
+from gpt2_classifier.train.inputs import Inputs
 
 
 @dataclass
@@ -54,81 +30,6 @@ class History:
     epochs: list[dict] = field(default_factory=list)  # epoch, step, examples_seen, {train,val}_accuracy_estimate
     examples_seen: int = 0
     seconds: float = 0.0
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """The device of `finetune.device`: auto picks CUDA, then MPS, then the CPU; one asked for by
-    name must be there."""
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if requested in available and not available[requested]():
-        raise PipelineError(
-            f"finetune.device: {requested}, but torch {torch.__version__} finds no {requested.upper()} device here; "
-            "set finetune.device: auto (or cpu)"
-        )
-    if requested != "auto":
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device`. On CUDA through pinned memory, so the host goes on without waiting: a
-    plain copy from pageable memory waits until the device has finished all the work queued before it."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-class Inputs(Protocol):
-    """A split as the trainer sees it: labels, and class logits for a batch of row indices."""
-
-    labels: torch.Tensor
-
-    def __len__(self) -> int: ...
-
-    def logits(self, idx: torch.Tensor) -> torch.Tensor: ...
-
-
-def autocast(device: torch.device, precision: Precision) -> torch.autocast:
-    """The forward pass's arithmetic: float32 (exact, the default), or bfloat16 autocast, where
-    matrix products run in bfloat16 and weights, gradients, optimizer state, softmax and the loss
-    stay float32 (PyTorch's mixed precision; CUDA, and CPUs with AVX-512 BF16 or AMX)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
-
-
-class FullForward:
-    """Every batch through the whole model, as the reference does; the path that always applies.
-
-    `unpadded`: each message is read at its own length (pad_encode.max_length: none), so padding
-    is never attended. Trailing padding is cut per batch wherever that cannot change the result.
-    """
-
-    def __init__(
-        self, model: GPTModel, split: EncodedSplit, pool: str, device, causal: bool = True, unpadded: bool = False,
-        precision: Precision = "float32",
-    ):  # fmt: skip
-        self.model, self.split, self.pool, self.device = model, split, pool, torch.device(device)
-        self.causal, self.unpadded, self.precision = causal, unpadded, precision
-        self.labels = split.labels
-        # With a causal mask, padding after the pooled position never reaches it.
-        self.trim = unpadded or (causal and pool != "last")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        ids, lengths = self.split.input_ids[idx], self.split.lengths[idx]
-        if self.trim:  # on the CPU: the host does not wait for a GPU to know the batch's length
-            ids = ids[:, : int(lengths.max())]
-        ids, lengths = to_device(ids, self.device), to_device(lengths, self.device)
-        key_mask = None
-        if self.unpadded and not self.causal:
-            key_mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
-        with autocast(self.device, self.precision):
-            return classify(self.model, ids, lengths, self.pool, self.causal, key_mask)
 
 
 def index_batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
@@ -141,27 +42,28 @@ def index_batches(n: int, batch_size: int, generator: torch.Generator | None = N
     yield from order.split(batch_size)
 
 
-def class_weights(labels: torch.Tensor, num_classes: int, settings: TrainSettings) -> torch.Tensor:
+def class_weights(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """finetune.class_weights balanced: n / (classes * count) for each class of the training rows (the
     rows labelled ignore_index aside), so every class weighs as much in the loss as a balanced set."""
-    counted = labels[labels != settings.ignore_index]
+    counted = labels[labels != ignore_index]
     counts = torch.bincount(counted[(counted >= 0) & (counted < num_classes)], minlength=num_classes)
     return (len(counted) / (num_classes * counts.clamp(min=1))).to(torch.float32)
 
 
 class Trainer:
-    def __init__(self, model: GPTModel, train: Inputs, val: Inputs, settings: TrainSettings, device):
+    """The reference loop with the settings of params.yaml's finetune section (`s`)."""
+
+    def __init__(self, model: GPTModel, train: Inputs, val: Inputs, settings: FinetuneParams, device):
         self.model, self.train_inputs, self.val_inputs, self.s = model, train, val, settings
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(settings.seed)
         trainable = [p for p in model.parameters() if p.requires_grad]
         # The fused kernel does AdamW's update in one pass: the same update, several times faster on CPU.
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
-        self.weight = (
-            class_weights(train.labels, model.out_head.out_features, settings).to(self.device)
-            if settings.class_weights == "balanced"
-            else None
-        )
+        self.weight = None
+        if settings.class_weights == "balanced":
+            counts = class_weights(train.labels, model.out_head.out_features, settings.ignore_index)
+            self.weight = counts.to(self.device)
         self.history = History()
         # The training step as a CUDA graph (graphs.graphed_step) where one applies, given a batch's row indices.
         self.graphed: Callable[[torch.Tensor], None] | None = None
@@ -171,6 +73,18 @@ class Trainer:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the batch; rows labelled `ignore_index` do not count."""
         return F.cross_entropy(logits, labels, weight=self.weight, ignore_index=self.s.ignore_index)
+
+    def train_step(self, inputs: Inputs, idx: torch.Tensor, update: bool = True) -> None:
+        """The training step on the rows `idx` of `inputs`: forward, loss, backward and, when `update`, the
+        optimizer's update (then the gradients are cleared). Every path runs this one function: the loop
+        on any inputs (full forward or fast path), and on a GPU the CUDA graph that captures it once and
+        replays it (graphs.py), so whatever is added here applies everywhere."""
+        labels = to_device(inputs.labels[idx], self.device)
+        loss = self.loss(inputs.logits(idx), labels)
+        (loss / self.s.accumulation_steps).backward()
+        if update:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _train_batches(self) -> Iterator[torch.Tensor]:
         return index_batches(len(self.train_inputs), self.s.batch_size, self.generator)
@@ -218,12 +132,8 @@ class Trainer:
                 if self.graphed is not None:
                     self.graphed(idx)
                 else:
-                    labels = to_device(self.train_inputs.labels[idx], self.device)
-                    loss = self.loss(self.train_inputs.logits(idx), labels)
-                    (loss / accumulate).backward()
-                    if batch % accumulate == 0 or batch == steps_per_epoch:
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
+                    update = batch % accumulate == 0 or batch == steps_per_epoch
+                    self.train_step(self.train_inputs, idx, update)
                 history.examples_seen += len(idx)
                 self.step += 1
                 progress.update()

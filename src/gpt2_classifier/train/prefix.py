@@ -17,7 +17,7 @@ import torch
 from gpt2_classifier.core.config import Precision
 from gpt2_classifier.data.encode import EncodedSplit
 from gpt2_classifier.model.gpt import GPTModel, TransformerBlock
-from gpt2_classifier.train.loop import autocast, to_device
+from gpt2_classifier.train.device import autocast, to_device
 from gpt2_classifier.train.memory import return_freed_memory
 from gpt2_classifier.train.onednn import frozen_linear, onednn_linear_works
 
@@ -89,9 +89,14 @@ def packed_block(block: TransformerBlock, x: torch.Tensor, keep: torch.Tensor, o
 
 @torch.no_grad()
 def compute_prefix(
-    model: GPTModel, split: EncodedSplit, n_frozen: int, visible: torch.Tensor, device,
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: Precision = "float32",
-) -> Prefix:  # fmt: skip
+    model: GPTModel,
+    split: EncodedSplit,
+    n_frozen: int,
+    visible: torch.Tensor,
+    device: torch.device | str,
+    precision: Precision,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Prefix:
     """Run embeddings (`model.embed` unless given) and the frozen blocks once over each row's visible
     positions; the result is stored in float32 whatever the arithmetic."""
     was_training = model.training

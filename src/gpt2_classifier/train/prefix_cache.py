@@ -28,9 +28,7 @@ CACHE_VERSION = "prefix-v3"
 KEEP_CACHE_FILES = 6
 
 
-def frozen_digest(
-    model: GPTModel, n_frozen: int, precision: Precision = "float32", base_sha256: str | None = None
-) -> str:
+def frozen_digest(model: GPTModel, n_frozen: int, precision: Precision, base_sha256: str | None = None) -> str:
     """A digest of the frozen part: embeddings and the first `n_frozen` blocks, with the config and
     the arithmetic that computes it. Given `base_sha256`, the SHA-256 of the base weights file the model
     was loaded from (its frozen part is that file's), that stands for the weights, so that they are

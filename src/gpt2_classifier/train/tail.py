@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gpt2_classifier.core.config import Precision
+from gpt2_classifier.model.classifier import Reading
 from gpt2_classifier.model.classifier import pool as pool_positions
 from gpt2_classifier.model.gpt import GPTModel, TransformerBlock
-from gpt2_classifier.train.loop import autocast, to_device
+from gpt2_classifier.train.device import autocast, to_device
 from gpt2_classifier.train.prefix import Prefix
 
 
@@ -72,17 +72,14 @@ def tail_logits(
 class PrefixForward:
     """A split as the trainer sees it, through the precomputed prefix and the trained tail."""
 
-    def __init__(
-        self, model: GPTModel, prefix: Prefix, labels: torch.Tensor, n_frozen: int, pool: str, device,
-        precision: Precision = "float32",
-    ):  # fmt: skip
-        self.model, self.prefix, self.labels, self.n_frozen, self.pool = model, prefix, labels, n_frozen, pool
-        self.device, self.precision = torch.device(device), precision
+    def __init__(self, model: GPTModel, prefix: Prefix, labels: torch.Tensor, n_frozen: int, reading: Reading, device):
+        self.model, self.prefix, self.labels, self.n_frozen = model, prefix, labels, n_frozen
+        self.reading, self.device = reading, torch.device(device)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         x, visible = self.prefix.gather(idx)
-        with autocast(self.device, self.precision):
-            return tail_logits(self.model, self.n_frozen, to_device(x, self.device), visible, self.pool)
+        with autocast(self.device, self.reading.precision):
+            return tail_logits(self.model, self.n_frozen, to_device(x, self.device), visible, self.reading.pool)
