@@ -15,8 +15,13 @@ def main(params: Params) -> None:
     balanced = balance(messages, labels, b.seed, b.strategy)
     with atomic_path(BALANCED) as tmp:
         write_csv(balanced, tmp)
-    record = BalanceRecord(messages=len(messages), parsed=class_counts(messages, labels),
-                           balanced=class_counts(balanced, labels), labels=labels, left_out=read.left_out)  # fmt: skip
+    record = BalanceRecord(
+        messages=len(messages),
+        parsed=class_counts(messages, labels),
+        balanced=class_counts(balanced, labels),
+        labels=labels,
+        left_out=read.left_out,
+    )
     write_json(BALANCE_COUNTS, record.model_dump(exclude_defaults=True))
     left_out = f"; left out {record.left_out} (not in balance.labels)" if record.left_out else ""
     print(f"balance: {len(messages)} messages {record.parsed} -> {len(balanced)} {record.balanced}{left_out}")

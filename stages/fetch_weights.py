@@ -22,8 +22,14 @@ def main(params: Params) -> None:
             fix = "point model.source at GPT-2 weights in safetensors" if m.source else REFETCH
             check_checkpoint(weights, cfg, m.name, shown=source, fix=fix)
         architecture = {k: v for k, v in cfg.to_dict().items() if k != "drop_rate"}
-        info = {"name": m.name, "weights": m.weights, "source": source, "sha256": sha256_file(weights),
-                "revision": m.revision, "seed": m.seed}  # fmt: skip
+        info = {
+            "name": m.name,
+            "weights": m.weights,
+            "source": source,
+            "sha256": sha256_file(weights),
+            "revision": m.revision,
+            "seed": m.seed,
+        }
         write_json(tmp / CONFIG_FILE, {**info, "gpt": architecture})
     print(f"fetch-weights: {m.name} from {source} -> {BASE / WEIGHTS_FILE}")
 

@@ -90,15 +90,22 @@ def finetune(params: Params) -> History:
             cfg, BASE / WEIGHTS_FILE, len(meta.labels), f.seed, f.trainable_blocks, lora_rank, f.lora.alpha, device
         )
         resolved = {
-            "resolved.architecture": trained, "resolved.device": str(device),
-            "resolved.trainable_parameters": trainable, "resolved.max_length": meta.max_length,
-            "resolved.num_classes": len(meta.labels), "resolved.torch_version": torch.__version__,
-            "resolved.base_sha256": base.sha256, "resolved.pool": pool, "resolved.padding": meta.padding,
-        }  # fmt: skip
+            "resolved.architecture": trained,
+            "resolved.device": str(device),
+            "resolved.trainable_parameters": trainable,
+            "resolved.max_length": meta.max_length,
+            "resolved.num_classes": len(meta.labels),
+            "resolved.torch_version": torch.__version__,
+            "resolved.base_sha256": base.sha256,
+            "resolved.pool": pool,
+            "resolved.padding": meta.padding,
+        }
         tracker.log_params(flatten(recipe) | resolved)
         tracker.log_datasets({s: SPLIT_DIR / f"{s}.csv" for s in SPLITS})
-        print(f"finetune: {trained} on {device}, {trainable:,} trainable parameters, "
-              f"{meta.splits['train'].messages} examples, {f.epochs} epochs")  # fmt: skip
+        print(
+            f"finetune: {trained} on {device}, {trainable:,} trainable parameters, "
+            f"{meta.splits['train'].messages} examples, {f.epochs} epochs"
+        )
 
         splits = load_splits(ENCODED)  # test too: its prefix is computed with the others, never trained on
         inputs = build_inputs(model, splits, reading, device, f.cache_dir(), release=True, base_sha256=base.sha256)
@@ -107,10 +114,19 @@ def finetune(params: Params) -> History:
         history = train_resumably(trainer, recipe, f, tracker)
 
         config = ClassifierConfig(
-            labels=meta.labels, pool=pool, max_length=meta.max_length, pad_id=meta.pad_id, padding=meta.padding,
-            causal_mask=f.causal_mask, trainable_blocks="all" if f.lora.enabled else f.trainable_blocks,
-            base=base.identity(), gpt=cfg, lora=lora_spec(model), precision=f.precision, truncate=meta.truncate,
-        )  # fmt: skip
+            labels=meta.labels,
+            pool=pool,
+            max_length=meta.max_length,
+            pad_id=meta.pad_id,
+            padding=meta.padding,
+            causal_mask=f.causal_mask,
+            trainable_blocks="all" if f.lora.enabled else f.trainable_blocks,
+            base=base.identity(),
+            gpt=cfg,
+            lora=lora_spec(model),
+            precision=f.precision,
+            truncate=meta.truncate,
+        )
         save_classifier(model, CLASSIFIER, config)
         write_all_predictions(model, inputs, meta.labels)
         summary = write_reports(history, trainable, tracker.run_id, peak_gpu_memory_mib(device))
@@ -182,13 +198,16 @@ def write_reports(history: History, trainable: int, run_id: str | None, peak_gpu
     write_rows(TRAIN_REPORTS / "accuracy.csv", history.epochs)
     last_loss, last_epoch = history.steps[-1], history.epochs[-1]
     summary = {
-        "train_loss": last_loss["train_loss"], "val_loss": last_loss["val_loss"],
+        "train_loss": last_loss["train_loss"],
+        "val_loss": last_loss["val_loss"],
         "train_accuracy_estimate": last_epoch["train_accuracy_estimate"],
         "val_accuracy_estimate": last_epoch["val_accuracy_estimate"],
-        "examples_seen": history.examples_seen, "seconds": round(history.seconds, 1),
+        "examples_seen": history.examples_seen,
+        "seconds": round(history.seconds, 1),
         "examples_per_second": round(history.examples_seen / max(history.seconds, 1e-9), 2),
-        "trainable_parameters": trainable, "mlflow_run_id": run_id,
-    }  # fmt: skip
+        "trainable_parameters": trainable,
+        "mlflow_run_id": run_id,
+    }
     if peak_gpu_mib is not None:
         summary["peak_gpu_memory_mib"] = peak_gpu_mib
     write_json(TRAIN_REPORTS / "summary.json", summary)

@@ -106,9 +106,15 @@ def set_trainable(model: GPTModel, trainable_blocks: int | str) -> int:
 
 
 def build_classifier(
-    cfg: GPTConfig, weights: Path, num_classes: int, seed: int, trainable_blocks: int | str,
-    lora_rank: int | None, lora_alpha: float, device: torch.device | str = "cpu",
-) -> tuple[GPTModel, int]:  # fmt: skip
+    cfg: GPTConfig,
+    weights: Path,
+    num_classes: int,
+    seed: int,
+    trainable_blocks: int | str,
+    lora_rank: int | None,
+    lora_alpha: float,
+    device: torch.device | str = "cpu",
+) -> tuple[GPTModel, int]:
     """The base model on `device` (read there tensor by tensor) with a new head and what trains set:
     blocks, or LoRA adapters when a rank is given. Returns the model and its number of trainable parameters."""
     model = replace_head(load_model(cfg, weights, device), num_classes, seed)
@@ -142,9 +148,13 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def classify(
-    model: GPTModel, input_ids: torch.Tensor, lengths: torch.Tensor, how: str, causal: bool = True,
+    model: GPTModel,
+    input_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    how: str,
+    causal: bool = True,
     key_mask: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Class logits (batch, num_classes). The head sees only the pooled position, which for a
     per-position linear head equals pooling the full logits, as the reference does."""
     return model.out_head(pool(model.hidden_states(input_ids, causal, key_mask), lengths, how))

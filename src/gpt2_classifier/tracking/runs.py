@@ -206,8 +206,11 @@ def run_tags(params: dict, validate: Callable[[dict], dict] | None = None) -> di
     from it, the DVC experiment and its baseline, and the params that differ from the baseline's
     params.yaml (as `changed_params` and the run's description)."""
     dirty = code_differs()
-    tags = {"mlflow.source.git.commit": git_head() or "unknown", "python": platform.python_version(),
-            "git.dirty": "unknown" if dirty is None else str(dirty).lower()}  # fmt: skip
+    tags = {
+        "mlflow.source.git.commit": git_head() or "unknown",
+        "python": platform.python_version(),
+        "git.dirty": "unknown" if dirty is None else str(dirty).lower(),
+    }
     for variable, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline")):
         if os.environ.get(variable):
             tags[tag] = os.environ[variable]
@@ -217,8 +220,9 @@ def run_tags(params: dict, validate: Callable[[dict], dict] | None = None) -> di
         if validate is not None:
             with contextlib.suppress(Exception):  # a baseline of an older schema is compared as written
                 baseline = validate(baseline)
-        changes = changed_params({k: v for k, v in params.items() if k != "mlflow"},
-                                 {k: v for k, v in baseline.items() if k != "mlflow"})  # fmt: skip
+        changes = changed_params(
+            {k: v for k, v in params.items() if k != "mlflow"}, {k: v for k, v in baseline.items() if k != "mlflow"}
+        )
         tags["changed_params"] = "; ".join(changes) or "none"
         where = f"baseline {baseline_rev[:7]}" if baseline_rev != "HEAD" else "the committed params.yaml"
         listed = "\n".join(f"- `{change}`" for change in changes) or "none"
@@ -346,8 +350,14 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
     try:
         tracker = Tracker(run.info.run_id, f"MLflow run {run_name} ({run.info.run_id}) in {redact(uri)}")
         yield tracker
-        record = RunRecord(run_id=run.info.run_id, tracking_uri=redact(uri), experiment_id=experiment_id,
-                           model_id=tracker.model_id, model_uri=tracker.model_uri, step=tracker.step)  # fmt: skip
+        record = RunRecord(
+            run_id=run.info.run_id,
+            tracking_uri=redact(uri),
+            experiment_id=experiment_id,
+            model_id=tracker.model_id,
+            model_uri=tracker.model_uri,
+            step=tracker.step,
+        )
         write_json(run_file, record.model_dump())
         status = "FINISHED"
     except KeyboardInterrupt:

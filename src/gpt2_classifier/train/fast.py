@@ -79,8 +79,10 @@ def iter_inputs(
     paths: dict[str, Path] = {}
     if cache_dir is not None:
         digest = frozen_digest(model, n_frozen, reading.precision, base_sha256)
-        paths = {name: Path(cache_dir) / f"{cache_key(digest, split, visible[name])}.safetensors"
-                 for name, split in splits.items()}  # fmt: skip
+        paths = {
+            name: Path(cache_dir) / f"{cache_key(digest, split, visible[name])}.safetensors"
+            for name, split in splits.items()
+        }
     missing = [name for name in splits if name not in paths or not is_readable(paths[name])]
     computed: dict[str, Prefix] = {}
     with contextlib.ExitStack() as held:

@@ -183,8 +183,12 @@ class Trainer:
                 tensors[f"optim.{index}.{key}"] = value.detach().to("cpu", copy=True)
         tensors["rng.batches"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
-        info = {"epoch": self.epoch, "step": self.step, "history": asdict(self.history),
-                "param_groups": optimizer["param_groups"]}  # fmt: skip
+        info = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": asdict(self.history),
+            "param_groups": optimizer["param_groups"],
+        }
         return tensors, info
 
     def load_state(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
@@ -209,7 +213,12 @@ class Trainer:
 def predict_proba(model: GPTModel, inputs: Inputs, batch_size: int, progress: bool = False) -> torch.Tensor:
     """Class probabilities for every row, in order."""
     model.eval()
-    loader = tqdm(index_batches(len(inputs), batch_size), total=-(-len(inputs) // batch_size), unit="batch",
-                  disable=not progress, desc="classify")  # fmt: skip
+    loader = tqdm(
+        index_batches(len(inputs), batch_size),
+        total=-(-len(inputs) // batch_size),
+        unit="batch",
+        disable=not progress,
+        desc="classify",
+    )
     probs = [torch.softmax(inputs.logits(idx), dim=-1).float().cpu() for idx in loader]
     return torch.cat(probs)
