@@ -3,6 +3,8 @@ the stages that never run it (their dvc.yaml deps, which test_dvc_yaml ties to t
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from graphlib import CycleError, TopologicalSorter
 
 from conftest import PROJECT
@@ -42,6 +44,14 @@ def test_the_stages_without_torch_run_none_of_the_torch_side():
     for stage in ("download", "balance", "split", "pad_encode", "evaluate"):
         ran = {folder(file) for file in closure(PROJECT / "stages" / f"{stage}.py")}
         assert not ran & TORCH_SIDE, (stage, sorted(ran & TORCH_SIDE))
+
+
+def test_importing_a_stages_work_imports_no_heavy_library_it_may_not_use():
+    """MLflow only where tracking is on (it costs seconds to import), torch never for evaluate."""
+    probe = "import sys, {0}; print(*sorted(m for m in ('mlflow', 'torch') if m in sys.modules))"
+    for module, allowed in (("gpt2_classifier.finetune", {"torch"}), ("gpt2_classifier.evaluate", set())):
+        out = subprocess.run([sys.executable, "-c", probe.format(module)], capture_output=True, text=True, check=True)
+        assert set(out.stdout.split()) == allowed, (module, out.stdout)
 
 
 def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):

@@ -36,7 +36,6 @@ from gpt2_classifier.model.classifier import (
     save_classifier,
 )
 from gpt2_classifier.model.pretrained import WEIGHTS_FILE, BaseConfig
-from gpt2_classifier.serve.logged_model import log_classifier
 from gpt2_classifier.tracking.lineage import flatten, hash_in_background
 from gpt2_classifier.tracking.runs import Tracker, finetune_run, run_tags
 from gpt2_classifier.train import checkpoint
@@ -139,11 +138,17 @@ def finetune(params: Params) -> History:
         tracker.log_lineage("finetune", inputs_hashed, outputs={"model": CLASSIFIER, "predictions": PREDICTIONS})
         del trainer, inputs, model  # logging the model loads it again: free the training copy first
         gc.collect()
-        name, tags = f"{trained}-classifier", {"architecture": trained}
-        tracker.log_model(lambda step: log_classifier(CLASSIFIER, name, step=step, tags=tags), final_step)
+        tracker.log_model(lambda step: log_model(CLASSIFIER, f"{trained}-classifier", step, trained), final_step)
     done = f"{history.examples_seen} examples in {history.seconds:.0f} s"
     print(f"finetune: {done}; model in {CLASSIFIER}; {tracker.where}")
     return history
+
+
+def log_model(folder: Path, name: str, step: int, architecture: str):
+    """The classifier as the run's MLflow model (imports MLflow: only when tracking is on)."""
+    from gpt2_classifier.serve.logged_model import log_classifier
+
+    return log_classifier(folder, name, step=step, tags={"architecture": architecture})
 
 
 def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: Tracker) -> History:
