@@ -18,7 +18,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def return_freed_memory() -> None:
     """Give the heap memory that freed tensors leave behind back to the OS (glibc). Chunks of
     different shapes fragment the heap, which then keeps hundreds of MB it never reuses: measured
-    with GPT-2 small and `flexible`, the prefix's peak drops by 300 MB at no measurable cost."""
+    with GPT-2 small and `flexible`, the prefix's peak drops (bench/README.md) at no measurable cost."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -33,7 +33,7 @@ def release_frozen(model: GPTModel, n_frozen: int, blocks: bool = True) -> None:
     for module in modules + (list(model.trf_blocks[:n_frozen]) if blocks else []):
         for owner in module.modules():
             # Not `to_empty(device="meta")`: from CUDA tensors its `empty_like` goes through PyTorch's Python
-            # reference, which imports sympy (2.4 s of the finetune stage on an H200 machine).
+            # reference, which imports sympy (seconds of the finetune stage on a GPU: bench/README.md).
             for name, param in list(owner.named_parameters(recurse=False)):
                 owner.register_parameter(name, nn.Parameter(on_meta(param), requires_grad=param.requires_grad))
             for name, buffer in list(owner.named_buffers(recurse=False)):
