@@ -2,6 +2,7 @@
 against `checkpoint.Writer`, which copies the state and writes it on a thread while training goes on.
 
     python bench/bench_checkpoint.py [--model gpt2-small] [--steps 3] [--dir /tmp]
+    python bench/bench_checkpoint.py --smoke     # a 2-block GPT of width 32, 2 steps (seconds; `make test`)
 
 The classifier trains every layer (`finetune.trainable_blocks: all`, the case where a checkpoint holds
 every weight and both Adam moments: 1.5 GB for GPT-2 small), on random weights and random tokens,
@@ -27,9 +28,11 @@ from gpt2_classifier.model.weights import random_model  # noqa: E402
 from gpt2_classifier.train import checkpoint  # noqa: E402
 from gpt2_classifier.train.loop import FullForward, Trainer, TrainSettings  # noqa: E402
 
+TINY = {"emb_dim": 32, "n_layers": 2, "n_heads": 2}  # --smoke's model
 
-def trainer(model_name: str) -> Trainer:
-    model = replace_head(random_model(GPTConfig(**PRESETS[model_name], drop_rate=0.0), 0), 2, seed=0)
+
+def trainer(architecture: dict) -> Trainer:
+    model = replace_head(random_model(GPTConfig(**architecture, drop_rate=0.0), 0), 2, seed=0)
     set_trainable(model, "all")
     g = torch.Generator().manual_seed(0)
     split = EncodedSplit(torch.randint(0, 50257, (64, 120), generator=g), torch.arange(64) % 2, torch.full((64,), 120))
@@ -69,9 +72,12 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2-small", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="the same measurements on a 2-block GPT of width 32")
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.steps = "a 2-block GPT of width 32", 2
     torch.manual_seed(0)
-    t = trainer(args.model)
+    t = trainer(TINY if args.smoke else PRESETS[args.model])
     step(t, torch.arange(8))  # the Adam moments exist, as after an epoch
     steps_alone = time.perf_counter()
     for i in range(args.steps):

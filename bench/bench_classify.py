@@ -4,6 +4,7 @@ bfloat16), one message at a time and in batches of 32, on this machine's CPU, be
 this machine's arithmetic floor for the positions each must compute.
 
     python bench/bench_classify.py [--messages 256]
+    python bench/bench_classify.py --smoke     # a 2-block GPT of width 32, 16 messages (seconds; `make test`)
 
 The classifier is the default recipe's shape (new head, last block changed) on seeded random
 GPT-2 small weights: the compute is the same as for the pretrained model.
@@ -36,26 +37,29 @@ MESSAGES = [
 ]
 
 
-def matmul_gflops(dtype: torch.dtype) -> float:
-    """This machine's speed on a GPT-2 sized linear layer (2048 x 768 by 768 x 3072), in GFLOP/s."""
-    x, w = torch.randn(2048, 768, dtype=dtype), torch.randn(3072, 768, dtype=dtype)
+def matmul_gflops(dtype: torch.dtype, width: int = 768) -> float:
+    """This machine's speed on the model's MLP linear layer (2048 x 768 by 768 x 3072 for GPT-2), in GFLOP/s."""
+    x, w = torch.randn(2048, width, dtype=dtype), torch.randn(4 * width, width, dtype=dtype)
     torch.nn.functional.linear(x, w)
     start = time.perf_counter()
     for _ in range(10):
         torch.nn.functional.linear(x, w)
-    return 10 * 2 * 2048 * 768 * 3072 / (time.perf_counter() - start) / 1e9
+    return 10 * 2 * 2048 * width * 4 * width / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=256)
+    parser.add_argument("--smoke", action="store_true", help="the same table for a 2-block GPT of width 32")
     args = parser.parse_args()
+    if args.smoke:
+        args.messages = 16
     texts = [MESSAGES[i % len(MESSAGES)] for i in range(args.messages)]
-    cfg = GPTConfig()
+    cfg = GPTConfig(emb_dim=32, n_layers=2, n_heads=2) if args.smoke else GPTConfig()
     # The arithmetic of one position through one block: its linear layers (attention adds about 1 %).
     flop_per_position_block = 2 * (4 * cfg.emb_dim**2 + 8 * cfg.emb_dim**2)
     real_tokens = sum(len(t) for t in tokenize(texts)) / len(texts)
-    gflops = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+    gflops = {dtype: matmul_gflops(getattr(torch, dtype), cfg.emb_dim) for dtype in ("float32", "bfloat16")}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; linear layer {gflops['float32']:.0f} GFLOP/s in float32, "
           f"{gflops['bfloat16']:.0f} in bfloat16; {real_tokens:.1f} tokens per message")  # fmt: skip

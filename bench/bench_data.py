@@ -3,6 +3,7 @@ memory of download, balance, split and pad-encode, each as its own `python stage
 
     python bench/bench_data.py                      # 100,000 rows of CSV, 3 classes (issue 17)
     python bench/bench_data.py --rows 20000 --format jsonl --strategy none --stratify
+    python bench/bench_data.py --smoke              # 600 rows (seconds; what `make test` runs)
 
 The rows are made up (seeded): texts of 5 to 400 words (some past GPT-2's 1024 tokens, which
 pad-encode cuts to pad_encode.max_length), three classes of unequal size (60 / 30 / 10 %).
@@ -49,11 +50,14 @@ def made_up(path: Path, rows: int, data_format: str, seed: int = 0) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--smoke", action="store_true", help="600 rows: the same stages in seconds")
     parser.add_argument("--format", choices=("csv", "jsonl"), default="csv")
     parser.add_argument("--strategy", choices=("undersample", "none"), default="undersample")
     parser.add_argument("--stratify", action="store_true")
     parser.add_argument("--max-length", default="256", help="pad_encode.max_length (default 256)")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows = 600
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         project = Path(tmp) / "project"
         project.mkdir()

@@ -2,6 +2,8 @@
 
     python bench/bench_finetune.py --quick    # a subset and one epoch, under 3 minutes
     python bench/bench_finetune.py            # the full reference recipe: 5 epochs, full evaluation
+    python bench/bench_finetune.py --smoke    # the same run on a 2-block GPT of width 32 and 88 messages
+                                              # (seconds: what `make test` runs, tests/test_bench.py)
 
 GPT-2 small with seeded random weights (the same compute as the pretrained ones), on the
 real data when ../shared/data/sms-spam-collection/ exists, else on made-up messages with
@@ -35,28 +37,46 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "sms-spam-collection" / "SMSSpamCollection"
 SEED = 123
+# Messages kept per split, and the model, by mode (None: every message; {}: GPT-2 small).
+MODES = {
+    "full": (None, {}),
+    "quick": ({"train": 120, "validation": 40, "test": 80}, {}),
+    "smoke": ({"train": 48, "validation": 16, "test": 24}, {"emb_dim": 32, "n_layers": 2, "n_heads": 2}),
+}
 
 
-def prepare(folder: Path, quick: bool) -> str:
-    """Encoded splits and random GPT-2 small weights in `folder`; returns where the data came from."""
+def read_sms(path: Path):
+    """The SMS Spam Collection's `label<TAB>text` lines, read and numbered as the balance stage does."""
+    from gpt2_classifier.core.params import DataParams
+    from gpt2_classifier.data.readers import number_labels, read_labelled
+
+    texts = read_labelled(path, DataParams(url=str(path), format="sms"), ["ham", "spam"], 0, name=str(path))
+    return number_labels(texts, ["ham", "spam"])[0]
+
+
+def prepare(folder: Path, mode: str) -> str:
+    """Encoded splits and random weights (GPT-2 small, or smoke's tiny GPT) in `folder`, the model's
+    architecture in folder/gpt.json; returns where the data came from."""
     from gpt2_classifier.core.config import GPTConfig
     from gpt2_classifier.core.paths import SPLITS
     from gpt2_classifier.data.encode import pad_encode
-    from gpt2_classifier.data.messages import balance, parse_tsv, split
+    from gpt2_classifier.data.messages import balance, split
     from gpt2_classifier.model.weights import random_model, save_hf
 
     if SHARED.is_file():
-        messages, source = parse_tsv(SHARED, ["ham", "spam"]), "real data (SMS Spam Collection)"
+        messages, source = read_sms(SHARED), "real data (SMS Spam Collection)"
     else:
         messages, source = made_up_messages(), "made-up messages (real data not found)"
     parts = split(balance(messages, ["ham", "spam"], SEED), 0.7, 0.1, 0.2, SEED)
-    if quick:
-        keep = {"train": 120, "validation": 40, "test": 80}
+    keep, architecture = MODES[mode]
+    if keep:
         parts = {name: parts[name].take(np.arange(keep[name])) for name in SPLITS}
     encoded, meta = pad_encode(parts, ["ham", "spam"])
     for name in SPLITS:
         encoded[name].save(folder / f"{name}.safetensors")
-    save_hf(random_model(GPTConfig(), SEED), folder / "model.safetensors")
+    cfg = GPTConfig(**architecture)
+    (folder / "gpt.json").write_text(json.dumps(cfg.to_dict()))
+    save_hf(random_model(cfg, SEED), folder / "model.safetensors")
     return f"{source}: " + ", ".join(f"{n} {len(parts[n])}" for n in SPLITS) + f", padded to {meta.max_length}"
 
 
@@ -76,7 +96,7 @@ def load(folder: Path, trainable_blocks: int = 1):
     from gpt2_classifier.model.classifier import replace_head, set_trainable
     from gpt2_classifier.model.weights import load_model
 
-    model = load_model(GPTConfig(), folder / "model.safetensors")
+    model = load_model(GPTConfig(**json.loads((folder / "gpt.json").read_text())), folder / "model.safetensors")
     replace_head(model, 2, SEED)
     set_trainable(model, trainable_blocks)
     return model, load_splits(folder)
@@ -214,6 +234,7 @@ def run_variant(folder: Path, variant: str, epochs: int, pool: str = "last") -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a subset and one epoch")
+    parser.add_argument("--smoke", action="store_true", help="a 2-block GPT of width 32, 88 messages, one epoch")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
@@ -224,14 +245,16 @@ def main() -> None:
         child(args)
         return
 
-    epochs = 1 if args.quick else 5
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    epochs = 5 if mode == "full" else 1
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         folder = Path(tmp)
-        data = prepare(folder, args.quick)
-        print(f"{'quick' if args.quick else 'full'} mode, {epochs} epoch(s); {data}")
+        data = prepare(folder, mode)
+        model = "GPT-2 small" if mode != "smoke" else "a 2-block GPT of width 32"
+        print(f"{mode} mode, {epochs} epoch(s); {data}")
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads; GPT-2 small, random weights")  # fmt: skip
+              f"{torch.get_num_threads()} threads; {model}, random weights")  # fmt: skip
         results = {"plain": run_variant(folder, "plain", epochs)}
         results["ours-last"] = run_variant(folder, "ours", epochs, "last")
         results["ours-last-warm"] = run_variant(folder, "ours", epochs, "last")

@@ -4,6 +4,14 @@ beside `import torch` and (with --plain) a book-style script doing the same job 
     python bench/bench_stages.py      # tiny model (random weights), 1 epoch, MLflow on, + a cold `dvc repro`
     python bench/bench_stages.py --model gpt2-small --plain --no-mlflow --device cuda \\
         --variant float32: --variant bfloat16:finetune.precision=bfloat16    # the GPU run of issue 15
+    python bench/bench_stages.py --smoke    # tiny, 350 made-up lines, MLflow and DVC off (seconds; `make test`)
+    git worktree add --detach /tmp/before REV    # another version of the code, then both in one run:
+    python bench/bench_stages.py --no-dvc --tree before=/tmp/before
+
+With --tree NAME=PATH (repeatable) every variant also runs on PATH's pipeline: its dvc.yaml, params.yaml,
+stages/ and src/ (a checkout of another commit, of any layout), with that src/ alone on PYTHONPATH;
+the table labels this checkout's runs `this` and the others NAME. Runs take turns, so a drift of the
+machine's speed hits every tree.
 
 GPT-2 sizes run the reference recipe on "pretrained" weights read from a local file (model.source):
 seeded random weights in the published layout, made before the timings (nothing can be downloaded here).
@@ -40,16 +48,17 @@ SHARED_ZIP = ROOT.parent / "shared" / "data" / "sms-spam-collection" / "sms+spam
 STAGES = ("download", "balance", "split", "pad_encode", "fetch_weights", "finetune", "evaluate")
 TINY = {"emb_dim": 64, "n_layers": 2, "n_heads": 2}
 SEED = 123
+SMOKE_LINES = 350  # --smoke's made-up data: 50 spam, so 100 messages once balanced
 
 
-def made_up_zip(folder: Path) -> Path:
+def made_up_zip(folder: Path, count: int = 5574) -> Path:
     import random
 
     rng = random.Random(0)
     words = ["free", "call", "now", "ok", "see", "you", "prize", "home", "txt", "later", "win", "cash"]
     lines = [
         f"{'spam' if i % 7 == 0 else 'ham'}\t" + " ".join(rng.choice(words) for _ in range(rng.randint(3, 30)))
-        for i in range(5574)
+        for i in range(count)
     ]
     path = folder / "made-up.zip"
     with zipfile.ZipFile(path, "w") as zf:
@@ -68,13 +77,16 @@ def published_checkpoint(folder: Path, model: str) -> Path:
     return path
 
 
-def make_project(dest: Path, data: Path, args: argparse.Namespace, overrides: list[str]) -> Path:
+def make_project(dest: Path, data: Path, args: argparse.Namespace, overrides: list[str], tree: Path = ROOT) -> Path:
+    """A fresh copy of `tree`'s pipeline (this checkout's, or another's: --tree) with the bench's params."""
     dest.mkdir(parents=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, dest / name)
+        if (tree / name).is_file():
+            shutil.copy(tree / name, dest / name)
     for folder in ("stages", "src", "inputs"):
-        shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        if (tree / folder).is_dir():
+            shutil.copytree(tree / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((tree / "params.yaml").read_text())
     params["data"].update(url=str(data), mirrors=[], sha256=None)
     if args.model == "tiny":
         params["model"].update(weights="random", config=dict(TINY))
@@ -94,7 +106,11 @@ def make_project(dest: Path, data: Path, args: argparse.Namespace, overrides: li
 
 
 def environment(project: Path) -> dict[str, str]:
-    path = str(project / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
+    """The stages' environment: the project's own src/ first on PYTHONPATH, and no other copy of the package
+    (a PYTHONPATH entry that holds one, as a developer's checkout does, is left out)."""
+    others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    others = [p for p in others if not (Path(p) / "gpt2_classifier").is_dir()]
+    path = os.pathsep.join([str(project / "src"), *others])
     return {**os.environ, "PYTHONPATH": path, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": ""}
 
 
@@ -250,6 +266,18 @@ def cold_dvc_repro(project: Path) -> float:
     return seconds
 
 
+def tree_arg(text: str) -> tuple[str, Path]:
+    """--tree NAME=PATH: a checkout of another version of the code, with its pipeline."""
+    name, sep, path = text.partition("=")
+    tree = Path(path).expanduser().resolve()
+    if not sep or not name or name == "this":
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, NAME not 'this' (this checkout), got {text!r}")
+    missing = [part for part in ("params.yaml", "stages", "src") if not (tree / part).exists()]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{tree} is not a checkout of this project: no {', '.join(missing)}")
+    return name, tree
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -257,7 +285,7 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, help="default: 1 for tiny, else 5 (the reference's)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, help="default: on (off with --smoke)")
     parser.add_argument("--plain", action="store_true", help="also run the book-style script")
     parser.add_argument("--dvc", action=argparse.BooleanOptionalAction, default=None, help="also a cold dvc repro")
     parser.add_argument(
@@ -267,28 +295,61 @@ def main() -> None:
         metavar="NAME:K=V,K=V",
         help="a run of the seven stages with these params changed (default: one, unchanged)",
     )
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        type=tree_arg,
+        metavar="NAME=PATH",
+        help="also run every variant on PATH's pipeline (dvc.yaml, params.yaml, stages/, src/), labelled NAME",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="run each variant this many times; report medians")
     parser.add_argument("--data", type=Path, help="the zipped SMS Spam Collection")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny, 1 epoch, {SMOKE_LINES} made-up lines (unless --data), MLflow and DVC off "
+                        "(unless asked for): the same table in seconds")  # fmt: skip
     parser.add_argument("--profile", type=Path, help="then run the first variant again under cProfile, stats here")
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--child-plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke and args.model != "tiny":
+        parser.error("--smoke runs the tiny model")
     args.epochs = args.epochs or (1 if args.model == "tiny" else 5)
+    if args.mlflow is None:
+        args.mlflow = not args.smoke
     if args.child_plain:
         device = "cuda" if args.device == "auto" and __import__("torch").cuda.is_available() else args.device
         result = plain(args.child_plain, args.data, args.weights, "cpu" if device == "auto" else device, args.epochs)
         print(json.dumps(result))
         return
     if args.dvc is None:
-        args.dvc = args.model == "tiny" and shutil.which("dvc", path=str(Path(sys.executable).parent)) is not None
+        args.dvc = (
+            not args.smoke
+            and args.model == "tiny"
+            and shutil.which("dvc", path=str(Path(sys.executable).parent)) is not None
+        )
     variants = [v.partition(":") for v in args.variant] or [("default", "", "")]
+    trees = [("this", ROOT), *args.tree]
+    if len({name for name, _ in trees}) < len(trees):
+        parser.error("each --tree needs a name of its own")
+
+    def label(variant: str, tree: str) -> str:
+        if len(trees) == 1:
+            return variant
+        return tree if len(variants) == 1 and variant == "default" else f"{variant}/{tree}"
 
     start = time.perf_counter()
     results: dict = {"variants": {}}
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
         tmp = Path(tmp)
-        data = (args.data or (SHARED_ZIP if SHARED_ZIP.is_file() else made_up_zip(tmp))).resolve()
+        if args.data:
+            data = args.data.resolve()
+        elif SHARED_ZIP.is_file() and not args.smoke:
+            data = SHARED_ZIP.resolve()
+        else:
+            data = made_up_zip(tmp, SMOKE_LINES if args.smoke else 5574)
         sys.path.insert(0, str(ROOT / "src"))
         args.checkpoint = None if args.model == "tiny" else published_checkpoint(tmp, args.model)
         results["import_torch"], _, _ = timed([sys.executable, "-c", "import torch"], tmp, dict(os.environ))
@@ -299,20 +360,26 @@ def main() -> None:
               f"model {args.model}, {args.epochs} epoch(s), device {args.device}, "
               f"MLflow {'on' if args.mlflow else 'off'}; "
               f"data {data.name}")  # fmt: skip
+        for name, path in args.tree:
+            print(f"tree {name}: {path}")
         first, runs = None, {}
         for repeat in range(args.repeat):  # the variants take turns, so a drift of the machine's speed hits all
             for name, _, changes in variants:
-                project = make_project(
-                    tmp / f"stages-{name}-{repeat}", data, args, [c for c in changes.split(",") if c]
-                )
-                try:
-                    runs.setdefault(name, []).append(run_stages(project))
-                except SystemExit as failed:  # report it, and measure the other variants
-                    print(f"variant {name} failed: {failed}", file=sys.stderr)
-                    continue
-                first = first or project
-        results["variants"] = {name: median_run(each) for name, each in runs.items()}
-        if args.plain:
+                for tree, path in trees:
+                    column = label(name, tree)
+                    project = make_project(
+                        tmp / f"stages-{name}-{tree}-{repeat}", data, args, [c for c in changes.split(",") if c], path
+                    )
+                    try:
+                        runs.setdefault(column, []).append(run_stages(project))
+                    except SystemExit as error:  # report it, and measure the other variants
+                        print(f"variant {column} failed: {error}", file=sys.stderr)
+                        failed.append(column)
+                        continue
+                    if tree == "this":
+                        first = first or project
+        results["variants"] = {name: median_run(each) for name, each in runs.items() if name not in failed}
+        if args.plain and first:
             results["plain"] = run_plain(tmp / "plain", data, first / "models/base/model.safetensors", args)
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
@@ -323,10 +390,13 @@ def main() -> None:
             results["dvc_repro"] = statistics.median(
                 cold_dvc_repro(make_project(tmp / f"dvc-{repeat}", data, args, [])) for repeat in range(args.repeat)
             )
-    report(results)
+    if results["variants"]:
+        report(results)
     print(f"bench wall time {time.perf_counter() - start:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if failed:
+        sys.exit(f"failed: {', '.join(dict.fromkeys(failed))} (see above)")
 
 
 def report(results: dict) -> None:
@@ -363,7 +433,7 @@ def report(results: dict) -> None:
             print(f"  {n}: end to end {p['seconds'] / total:.2f}x the plain script's speed, "
                   f"training {p['train_seconds'] / train:.1f}x")  # fmt: skip
     if "dvc_repro" in results:
-        print(f"cold dvc repro (same params as the first variant): {results['dvc_repro']:.2f} s")
+        print(f"cold dvc repro (this checkout, no variant's changes): {results['dvc_repro']:.2f} s")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ former tensor-by-tensor reader/writer (`tensorfile.py` as of commit 87192d9, rea
 against the safetensors library as the project now uses it.
 
     python bench/bench_tensorfile.py [--sizes gpt2-small gpt2-medium] [--dir /tmp]
+    python bench/bench_tensorfile.py --smoke    # --sizes tiny: a 2-block GPT of width 32 (seconds; `make test`)
 
 Each measurement runs in a fresh process, so no peak is shared: it builds the tensors in place
 (no temporary copies), resets the kernel's high-water mark (/proc/self/clear_refs), writes or
@@ -24,8 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-OLD_COMMIT = "87192d9"  # the last commit with src/gpt2_classifier/model/tensorfile.py re-implementing safetensors
-OLD_PATH = "src/gpt2_classifier/model/tensorfile.py"
+OLD_COMMIT = "87192d9"  # the last commit with a tensorfile.py re-implementing safetensors (the flat layout)
+OLD_PATH = "src/gpt2_classifier/tensorfile.py"  # where it was then (before the package's folders)
+TINY = {"emb_dim": 32, "n_layers": 2, "n_heads": 2}  # --sizes tiny (--smoke)
 WAYS = {
     "write": {
         "old": "old write_tensors",
@@ -53,7 +55,7 @@ def shapes_of(size: str) -> dict[str, tuple[int, ...]]:
     from gpt2_classifier.model.weights import to_hf_tensors
 
     with torch.device("meta"):
-        model = GPTModel(GPTConfig(**PRESETS[size]))
+        model = GPTModel(GPTConfig(**(TINY if size == "tiny" else PRESETS[size])))
     return {name: tuple(t.shape) for name, t in to_hf_tensors(model).items()}
 
 
@@ -112,7 +114,8 @@ def run_child(operation: str, way: str, size: str, path: Path, old_source: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["gpt2-small", "gpt2-medium"])
+    parser.add_argument("--sizes", nargs="+", default=["gpt2-small", "gpt2-medium"], help="presets, or tiny")
+    parser.add_argument("--smoke", action="store_true", help="--sizes tiny")
     parser.add_argument("--dir", default=None, help="where the files are written (default: the temp folder)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,6 +123,8 @@ def main() -> None:
         operation, way, size, path, old_source = args.child
         print(json.dumps(measure(operation, way, size, Path(path), Path(old_source))))
         return
+    if args.smoke:
+        args.sizes = ["tiny"]
     repo = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         old_source = Path(tmp) / "old_tensorfile.py"
