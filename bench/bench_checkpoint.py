@@ -22,11 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gpt2_classifier.core.config import PRESETS, GPTConfig  # noqa: E402
+from gpt2_classifier.core.params import FinetuneParams  # noqa: E402
 from gpt2_classifier.data.encode import EncodedSplit  # noqa: E402
-from gpt2_classifier.model.classifier import replace_head, set_trainable  # noqa: E402
+from gpt2_classifier.model.classifier import Reading, replace_head, set_trainable  # noqa: E402
 from gpt2_classifier.model.weights import random_model  # noqa: E402
 from gpt2_classifier.train import checkpoint  # noqa: E402
-from gpt2_classifier.train.loop import FullForward, Trainer, TrainSettings  # noqa: E402
+from gpt2_classifier.train.inputs import FullForward  # noqa: E402
+from gpt2_classifier.train.loop import Trainer  # noqa: E402
 
 TINY = {"emb_dim": 32, "n_layers": 2, "n_heads": 2}  # --smoke's model
 
@@ -36,8 +38,8 @@ def trainer(architecture: dict) -> Trainer:
     set_trainable(model, "all")
     g = torch.Generator().manual_seed(0)
     split = EncodedSplit(torch.randint(0, 50257, (64, 120), generator=g), torch.arange(64) % 2, torch.full((64,), 120))
-    data = FullForward(model, split, "last", "cpu")
-    return Trainer(model, data, data, TrainSettings(lr=1e-5, epochs=2), "cpu")
+    data = FullForward(model, split, Reading("last", True, False, "float32", 1), "cpu")
+    return Trainer(model, data, data, FinetuneParams(lr=1e-5, epochs=2), "cpu")
 
 
 def step(t: Trainer, idx: torch.Tensor) -> None:

@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base" / "model.safetensors"
         save_hf(random_model(cfg, 123), base)
-        model, _ = build_classifier(cfg, base, 2, seed=123, trainable_blocks=1)
+        model, _ = build_classifier(cfg, base, 2, seed=123, trainable_blocks=1, lora_rank=None, lora_alpha=16)
         identity = BaseIdentity(name="gpt2-small", weights="random", sha256=sha256_file(base), revision="main",
                                 seed=123)  # fmt: skip
         for pool, precision in (("last", "float32"), ("flexible", "float32"), ("flexible", "bfloat16")):

@@ -71,7 +71,7 @@ def prepare(folder: Path, mode: str) -> str:
     keep, architecture = MODES[mode]
     if keep:
         parts = {name: parts[name].take(np.arange(keep[name])) for name in SPLITS}
-    encoded, meta = pad_encode(parts, ["ham", "spam"])
+    encoded, meta = pad_encode(parts, ["ham", "spam"], "longest", 1024, "head")
     for name in SPLITS:
         encoded[name].save(folder / f"{name}.safetensors")
     cfg = GPTConfig(**architecture)
@@ -152,30 +152,39 @@ def plain_loop(folder: Path, epochs: int) -> dict:
 def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     """The project's training and prediction code, with the classifier saved and reloaded before predicting."""
     from gpt2_classifier.core.files import sha256_file
+    from gpt2_classifier.core.params import FinetuneParams
     from gpt2_classifier.metrics.classification import classification_report
     from gpt2_classifier.model.classifier import ClassifierConfig, load_classifier, save_classifier
     from gpt2_classifier.model.pretrained import BaseIdentity
     from gpt2_classifier.train.fast import build_inputs, iter_inputs
-    from gpt2_classifier.train.loop import Trainer, TrainSettings, predict_proba
+    from gpt2_classifier.train.loop import Trainer, predict_proba
 
     start = time.perf_counter()
     model, splits = load(folder)
     training = {name: splits[name] for name in ("train", "validation")}  # as the finetune stage does
-    inputs = build_inputs(model, training, pool, 1, "cpu", cache_dir, release=True)
-    settings = TrainSettings(epochs=epochs, pool=pool)
-    history = Trainer(model, inputs["train"], inputs["validation"], settings, "cpu").fit()
     weights = sha256_file(folder / "model.safetensors")
     base = BaseIdentity(name="gpt2-small", weights="random", sha256=weights, revision="main", seed=SEED)
-    config = ClassifierConfig(labels=["ham", "spam"], pool=pool, max_length=splits["train"].input_ids.shape[1],
-                              pad_id=50256, padding="fixed", causal_mask=True, trainable_blocks=1, base=base,
-                              gpt=model.cfg, lora=None)  # fmt: skip
+    config = ClassifierConfig(
+        labels=["ham", "spam"],
+        pool=pool,
+        max_length=splits["train"].input_ids.shape[1],
+        pad_id=50256,
+        padding="fixed",
+        causal_mask=True,
+        trainable_blocks=1,
+        base=base,
+        gpt=model.cfg,
+        lora=None,
+    )
+    inputs = build_inputs(model, training, config.reading, "cpu", cache_dir, release=True)
+    history = Trainer(model, inputs["train"], inputs["validation"], FinetuneParams(epochs=epochs), "cpu").fit()
     save_classifier(model, cache_dir.parent / "classifier", config)
     train_seconds = time.perf_counter() - start
     del model, inputs
     model, config = load_classifier(cache_dir.parent / "classifier", folder / "model.safetensors")  # evaluate
     accuracy = {
         name: classification_report(splits[name].labels.numpy(), predict_proba(model, inputs, 32).numpy())["accuracy"]
-        for name, inputs in iter_inputs(model, splits, config.pool, 1, "cpu", cache_dir, release=True)
+        for name, inputs in iter_inputs(model, splits, config.reading, "cpu", cache_dir, release=True)
     }
     seconds = time.perf_counter() - start
     losses = [(r["train_loss"], r["val_loss"]) for r in history.steps]
