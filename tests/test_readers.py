@@ -5,6 +5,7 @@ import io
 import json
 import os
 import tarfile
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -12,11 +13,11 @@ import torch
 from conftest import zip_bytes
 
 from gpt2_classifier.core.errors import DataError, DownloadError, ParamsError
-from gpt2_classifier.core.params import DataParams, parse_params
+from gpt2_classifier.core.params import DataFormat, DataParams, parse_params
 from gpt2_classifier.data.download import fetch_data_file
 from gpt2_classifier.data.encode import pad, pad_encode
 from gpt2_classifier.data.messages import Messages, split
-from gpt2_classifier.data.readers import data_name, number_labels, read_labelled
+from gpt2_classifier.data.readers import READERS, data_name, number_labels, read_labelled
 from gpt2_classifier.metrics.classification import per_class_report
 from gpt2_classifier.train.loop import TrainSettings, class_weights
 
@@ -191,12 +192,29 @@ def test_tar_members_are_bounded_and_kept_inside(tmp_path, members, message):
         ),
         ("u.tsv", b"text\tlabel\nok\t\n", {"format": "tsv"}, r"^u.tsv:2: empty label \(data.label_column 'label'\)"),
         ("u.csv", b"text,label\nok,a\n\xff,b\n", {"format": "csv"}, r"^u.csv:3: not valid UTF-8"),
+        ("u.tsv", b"\n", {"format": "sms"}, r"^u.tsv: the file is empty; expected lines of 'label<TAB>text'$"),
+        (
+            "u.jsonl",
+            b"\xef\xbb\xbf \n",
+            {"format": "jsonl"},
+            r"^u.jsonl: the file is empty; expected labelled texts in columns 'text' and 'label'$",
+        ),
+        (
+            "u.csv",
+            b"body,intent\n",
+            {"format": "csv", "text_column": "body", "label_column": "intent"},
+            r"^u.csv: holds no rows; expected labelled texts in columns 'body' and 'intent'$",
+        ),
     ],  # fmt: skip
 )
 def test_bad_rows_are_named_by_file_and_line(tmp_path, name, content, data, message):
     with pytest.raises(DataError, match=message) as info:
         read(write(tmp_path, name, content), **data)
     assert "\n" not in str(info.value) and str(tmp_path) not in str(info.value)  # the user's file name, one line
+
+
+def test_every_data_format_has_its_reader():
+    assert set(READERS) == set(get_args(DataFormat))
 
 
 def test_parquet_rows_and_unknown_labels_are_named(tmp_path):
