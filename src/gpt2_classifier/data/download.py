@@ -25,7 +25,7 @@ import urllib3
 from tqdm.auto import tqdm
 
 from gpt2_classifier.core.errors import DownloadError, PipelineError
-from gpt2_classifier.core.files import atomic_path, sha256_file
+from gpt2_classifier.core.files import atomic_path, sha256_mismatch
 from gpt2_classifier.core.redact import redact
 from gpt2_classifier.data.archive import label_folders, open_archive, pack_folder
 
@@ -242,8 +242,7 @@ def verify_sha256(path: Path, expected: str | None, source: str) -> None:
     if expected is None:
         log.warning("data.sha256 is not set: %s is not verified", redact(source))
         return
-    actual = sha256_file(path)
-    if actual != expected:
+    if actual := sha256_mismatch(path, expected):
         raise DownloadError(
             f"{redact(source)}: SHA-256 of the data file is {actual}, expected {expected} (data.sha256); "
             "the copy is corrupt or a different version: get a good copy, or set data.sha256 to the SHA-256 "
