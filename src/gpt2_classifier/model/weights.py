@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from gpt2_classifier.core.config import GPTConfig
 from gpt2_classifier.core.errors import WeightsError
 from gpt2_classifier.core.files import atomic_path
-from gpt2_classifier.model.gpt import GPTModel
+from gpt2_classifier.model.gpt import GPTModel, seeded
 from gpt2_classifier.model.pretrained import check_checkpoint, published_name
 from gpt2_classifier.model.tensorfile import TensorFileError, open_tensors
 
@@ -80,12 +80,8 @@ def load_into(model: GPTModel, path: str | os.PathLike, device: torch.device | s
 
 def random_model(cfg: GPTConfig, seed: int) -> GPTModel:
     """PyTorch's default initialisation, as the book's GPTModel uses, seeded."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         return GPTModel(cfg)
-    finally:
-        torch.random.set_rng_state(generator_state)
 
 
 @contextlib.contextmanager
