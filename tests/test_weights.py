@@ -1,9 +1,12 @@
 """Loading and fetching checkpoints in the published layout, refusing bad ones."""
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import shutil
+import subprocess
+import sys
 import time
 import weakref
 
@@ -84,6 +87,29 @@ def test_loading_onto_a_device_holds_one_tensor_in_host_memory_at_a_time(checkpo
     model = load_model(CFG, path, "meta")  # a device without memory: only the shapes arrive
     assert len(read) == len(weights.hf_layout(CFG)) and all(p.is_meta for p in model.parameters())
     assert model.out_head.weight is model.tok_emb.weight
+
+
+def test_loading_skips_the_initialisation_and_imports_no_compiler(tmp_path):
+    """load_model builds the model on the meta device without torch.nn.init's fills (on meta, normal_ runs
+    a Python reference that imports torch._dynamo: seconds in each stage that loads a model); what it holds
+    afterwards is the file's tensors, bit for bit, every parameter and buffer on the CPU."""
+    save_hf(random_model(CFG, 0), tmp_path / "model.safetensors")
+    code = (
+        "import sys, torch\nfrom gpt2_classifier.core.config import GPTConfig\n"
+        "from gpt2_classifier.model.weights import load_model\n"
+        f"model = load_model(GPTConfig(**{dataclasses.asdict(CFG)!r}), sys.argv[1])\n"
+        "devices = {str(t.device) for t in [*model.parameters(), *model.buffers()]}\n"
+        "print('torch._dynamo' in sys.modules, sorted(devices))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, tmp_path / "model.safetensors"], capture_output=True, text=True)
+    assert out.stdout.split("\n")[0] == "False ['cpu']", out.stderr
+
+    loaded, expected = load_model(CFG, tmp_path / "model.safetensors"), random_model(CFG, 0)
+    assert all(not t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    for name, tensor in expected.state_dict().items():
+        if name != "out_head.weight":  # tied to the token embedding when loaded
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.nn.init.normal_(torch.zeros(4)).any()  # the fills work again outside load_model
 
 
 def test_the_hub_download_sends_the_users_token(server, checkpoint, tmp_path, monkeypatch):
