@@ -91,7 +91,7 @@ def test_loading_onto_a_device_holds_one_tensor_in_host_memory_at_a_time(checkpo
 
 def test_loading_skips_the_initialisation_and_imports_no_compiler(tmp_path):
     """load_model builds the model on the meta device without torch.nn.init's fills (on meta, normal_ runs
-    a Python reference that imports torch._dynamo: seconds in each stage that loads a model); what it holds
+    a Python reference that imports torch._dynamo: bench/README.md, bench_load.py); what it holds
     afterwards is the file's tensors, bit for bit, every parameter and buffer on the CPU."""
     save_hf(random_model(CFG, 0), tmp_path / "model.safetensors")
     code = (
