@@ -8,10 +8,7 @@ from gpt2_classifier.data.download import fetch_data_file
 
 
 def main(params: Params) -> None:
-    data = params.data
-    max_bytes = int(data.max_unzipped_mb * 2**20)
-    source = fetch_data_file(data.sources, data.member, data.sha256, RAW, data.timeout, data.retries, max_bytes,
-                             data.deadline, folders=data.format == "folders")  # fmt: skip
+    source = fetch_data_file(params.data, RAW)
     print(f"download: wrote {RAW} from {redact(source)}")
 
 

@@ -7,6 +7,7 @@ import pytest
 from conftest import PROJECT, make_messages, send_slowly, zip_bytes
 
 from gpt2_classifier.core.errors import DownloadError
+from gpt2_classifier.core.params import DataParams
 from gpt2_classifier.core.redact import redact
 from gpt2_classifier.data.download import fetch_data_file
 
@@ -15,10 +16,11 @@ SHA = hashlib.sha256(DATA).hexdigest()
 ZIP = zip_bytes({"SMSSpamCollection": DATA, "readme": b"about"})
 
 
-def fetch(sources, dest, sha=SHA, **kwargs):
-    kwargs.setdefault("retries", 0)
-    kwargs.setdefault("timeout", 5)
-    return fetch_data_file(sources, "SMSSpamCollection", sha, dest, **kwargs)
+def fetch(sources, dest, sha=SHA, member="SMSSpamCollection", **settings):
+    """fetch_data_file with data.url the first source and the others its mirrors; `settings` are data's."""
+    settings = {"retries": 0, "timeout": 5} | settings
+    data = DataParams(url=sources[0], mirrors=sources[1:], member=member, sha256=sha, **settings)
+    return fetch_data_file(data, dest)
 
 
 def test_http_primary_fails_then_mirror_succeeds(server, tmp_path, caplog):
@@ -133,7 +135,7 @@ def test_two_members_of_the_same_name_are_refused_and_a_full_path_picks_one(tmp_
     message = str(info.value)
     assert "zip holds 2 members named 'SMSSpamCollection' (backup/SMSSpamCollection, sms/SMSSpamCollection)" in message
     assert url in message and ".download." not in message  # the user's URL, not where it was downloaded to
-    fetch_data_file([url], "backup/SMSSpamCollection", None, tmp_path / "out" / "messages.tsv", retries=0)
+    fetch([url], tmp_path / "out" / "messages.tsv", sha=None, member="backup/SMSSpamCollection")
     assert (tmp_path / "out" / "messages.tsv").read_bytes() == b"ham\told copy\n"
 
 
@@ -143,7 +145,7 @@ def test_zip_bomb_is_bounded(tmp_path):
         zf.writestr("SMSSpamCollection", b"\0" * (3 << 20))
     assert path.stat().st_size < 10_000
     with pytest.raises(DownloadError, match="expands to 3145728 bytes"):
-        fetch([str(path)], tmp_path / "out" / "messages.tsv", max_bytes=1 << 20)
+        fetch([str(path)], tmp_path / "out" / "messages.tsv", max_unzipped_mb=1)
 
 
 def test_unsupported_scheme_and_redacted_credentials(tmp_path):
@@ -198,7 +200,7 @@ def test_a_trickling_server_is_stopped_at_the_deadline(server, tmp_path):
     url = server.url + "/slow.zip"
     start = time.monotonic()
     with pytest.raises(DownloadError) as info:
-        fetch_data_file([url], "SMSSpamCollection", SHA, tmp_path / "m.tsv", timeout=5, retries=2, deadline=1.5)
+        fetch([url], tmp_path / "m.tsv", retries=2, deadline=1.5)
     assert time.monotonic() - start < 5  # the deadline holds across reads and retries
     assert f"{url}: not done within 1.5 s (data.deadline)" in str(info.value)
     assert len(server.requests) == 1  # a deadline is not retried

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import tarfile
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -12,11 +13,11 @@ import torch
 from conftest import zip_bytes
 
 from gpt2_classifier.core.errors import DataError, DownloadError, ParamsError
-from gpt2_classifier.core.params import DataParams, parse_params
+from gpt2_classifier.core.params import DataFormat, DataParams, parse_params
 from gpt2_classifier.data.download import fetch_data_file
 from gpt2_classifier.data.encode import pad, pad_encode
 from gpt2_classifier.data.messages import Messages, split
-from gpt2_classifier.data.readers import data_name, number_labels, read_labelled
+from gpt2_classifier.data.readers import READERS, data_name, number_labels, read_labelled
 from gpt2_classifier.metrics.classification import per_class_report
 from gpt2_classifier.train.loop import class_weights
 
@@ -68,6 +69,11 @@ def write(tmp_path, name, data: bytes):
     return path
 
 
+def fetch(source, member, dest, **data):
+    """fetch_data_file from one local source, not checked by hash."""
+    return fetch_data_file(DataParams(url=str(source), member=member, retries=0, **data), dest)
+
+
 def read(path, **data):
     params = DataParams(url=str(path), **data)
     return read_labelled(path, params, None, 1 << 20)
@@ -84,18 +90,16 @@ def test_a_folder_of_your_own_is_packed_the_same_wherever_it_is_and_read_as_its_
     )
     os.utime(tmp_path / "b" / "data" / "train" / "billing" / "003.txt", (0, 0))  # another time, same text
     for root in ("a", "b"):
-        fetch_data_file([str(tmp_path / root)], "data/train", None, tmp_path / f"raw-{root}", retries=0, folders=True)
+        fetch(tmp_path / root, "data/train", tmp_path / f"raw-{root}", format="folders")
     assert (tmp_path / "raw-a").read_bytes() == (tmp_path / "raw-b").read_bytes()  # the texts only: one hash
     params = DataParams(url=str(tmp_path / "a"), format="folders", member="data/train")
     texts = read_labelled(tmp_path / "raw-a", params, ["billing", "refund", "shipping"], 1 << 20)
     archive = write(tmp_path, "d.tar.gz", tar_gz(members))
     assert texts == read_labelled(archive, params, ["billing", "refund", "shipping"], 1 << 20)
     with pytest.raises(DownloadError, match=rf"{tmp_path / 'a'}: its files are larger than data.max_unzipped_mb"):
-        fetch_data_file(
-            [str(tmp_path / "a")], "data/train", None, tmp_path / "raw-d", retries=0, max_bytes=100, folders=True
-        )
+        fetch(tmp_path / "a", "data/train", tmp_path / "raw-d", format="folders", max_unzipped_mb=100 / 2**20)
     with pytest.raises(DownloadError, match="a folder; give the zip or the data file itself"):
-        fetch_data_file([str(tmp_path / "a")], "data/train", None, tmp_path / "raw-c", retries=0)  # format csv
+        fetch(tmp_path / "a", "data/train", tmp_path / "raw-c", format="csv")
 
 
 @pytest.mark.parametrize(
@@ -136,16 +140,16 @@ def test_folders_in_a_tar_gz_and_a_zip_read_each_label_folder(tmp_path):
 
 def test_download_keeps_a_folders_archive_and_extracts_a_file_from_a_tar_gz(tmp_path):
     archive = write(tmp_path, "reviews.tar.gz", tar_gz(folder_members(ROWS)))
-    fetch_data_file([str(archive)], "data/train", None, tmp_path / "raw", retries=0, folders=True)
+    fetch(archive, "data/train", tmp_path / "raw", format="folders")
     assert (tmp_path / "raw").read_bytes() == archive.read_bytes()
     with pytest.raises(DownloadError, match="no folder of .txt files inside 'data/test'"):
-        fetch_data_file([str(archive)], "data/test", None, tmp_path / "raw2", retries=0, folders=True)
+        fetch(archive, "data/test", tmp_path / "raw2", format="folders")
     data = csv_bytes(ROWS)
     packed = write(tmp_path, "t.tar.gz", tar_gz({"export/intents.csv": data, "export/notes.txt": b"x"}))
-    fetch_data_file([str(packed)], "intents.csv", None, tmp_path / "one", retries=0)
+    fetch(packed, "intents.csv", tmp_path / "one")
     assert (tmp_path / "one").read_bytes() == data
     with pytest.raises(DownloadError, match="holds 2 files"):
-        fetch_data_file([str(packed)], None, None, tmp_path / "none", retries=0)
+        fetch(packed, None, tmp_path / "none")
 
 
 @pytest.mark.parametrize(
@@ -160,7 +164,7 @@ def test_tar_members_are_bounded_and_kept_inside(tmp_path, members, message):
     archive = write(tmp_path, "bad.tar.gz", tar_gz(members))
     name = next(iter(members)).rsplit("/", 1)[-1]
     with pytest.raises(DownloadError, match=message) as info:
-        fetch_data_file([str(archive)], name, None, tmp_path / "out", retries=0, max_bytes=1000)
+        fetch(archive, name, tmp_path / "out", max_unzipped_mb=1000 / 2**20)
     assert str(archive) in str(info.value) and not (tmp_path / "out").exists()
 
 
@@ -191,12 +195,29 @@ def test_tar_members_are_bounded_and_kept_inside(tmp_path, members, message):
         ),
         ("u.tsv", b"text\tlabel\nok\t\n", {"format": "tsv"}, r"^u.tsv:2: empty label \(data.label_column 'label'\)"),
         ("u.csv", b"text,label\nok,a\n\xff,b\n", {"format": "csv"}, r"^u.csv:3: not valid UTF-8"),
+        ("u.tsv", b"\n", {"format": "sms"}, r"^u.tsv: the file is empty; expected lines of 'label<TAB>text'$"),
+        (
+            "u.jsonl",
+            b"\xef\xbb\xbf \n",
+            {"format": "jsonl"},
+            r"^u.jsonl: the file is empty; expected labelled texts in columns 'text' and 'label'$",
+        ),
+        (
+            "u.csv",
+            b"body,intent\n",
+            {"format": "csv", "text_column": "body", "label_column": "intent"},
+            r"^u.csv: holds no rows; expected labelled texts in columns 'body' and 'intent'$",
+        ),
     ],  # fmt: skip
 )
 def test_bad_rows_are_named_by_file_and_line(tmp_path, name, content, data, message):
     with pytest.raises(DataError, match=message) as info:
         read(write(tmp_path, name, content), **data)
     assert "\n" not in str(info.value) and str(tmp_path) not in str(info.value)  # the user's file name, one line
+
+
+def test_every_data_format_has_its_reader():
+    assert set(READERS) == set(get_args(DataFormat))
 
 
 def test_parquet_rows_and_unknown_labels_are_named(tmp_path):

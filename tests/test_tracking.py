@@ -262,7 +262,7 @@ def test_runs_starting_at_once_share_the_experiment_that_one_of_them_created(tmp
 
 
 def test_a_new_store_is_a_copy_of_the_empty_one_made_once_per_machine(tmp_path, monkeypatch):
-    """MLflow's schema migrations (1-2 s) run once per machine: each later new `mlflow.db` is a copy
+    """MLflow's schema migrations run once per machine: each later new `mlflow.db` is a copy
     of that empty store, which MLflow accepts as current and fills as one it made itself."""
     from gpt2_classifier.tracking import runs, store
 

@@ -1,8 +1,12 @@
 """Loading and fetching checkpoints in the published layout, refusing bad ones."""
 
 import contextlib
+import dataclasses
 import hashlib
+import math
 import shutil
+import subprocess
+import sys
 import time
 import weakref
 
@@ -14,6 +18,9 @@ from test_model import transformers_checkpoint
 from gpt2_classifier.core.config import GPTConfig
 from gpt2_classifier.core.errors import PipelineError, WeightsError
 from gpt2_classifier.model import weights
+from gpt2_classifier.model.classifier import replace_head
+from gpt2_classifier.model.gpt import GPTModel
+from gpt2_classifier.model.lora import LinearWithLoRA, add_lora
 from gpt2_classifier.model.pretrained import check_checkpoint, fetch_pretrained
 from gpt2_classifier.model.weights import load_model, random_model, save_hf
 
@@ -80,6 +87,29 @@ def test_loading_onto_a_device_holds_one_tensor_in_host_memory_at_a_time(checkpo
     model = load_model(CFG, path, "meta")  # a device without memory: only the shapes arrive
     assert len(read) == len(weights.hf_layout(CFG)) and all(p.is_meta for p in model.parameters())
     assert model.out_head.weight is model.tok_emb.weight
+
+
+def test_loading_skips_the_initialisation_and_imports_no_compiler(tmp_path):
+    """load_model builds the model on the meta device without torch.nn.init's fills (on meta, normal_ runs
+    a Python reference that imports torch._dynamo: bench/README.md, bench_load.py); what it holds
+    afterwards is the file's tensors, bit for bit, every parameter and buffer on the CPU."""
+    save_hf(random_model(CFG, 0), tmp_path / "model.safetensors")
+    code = (
+        "import sys, torch\nfrom gpt2_classifier.core.config import GPTConfig\n"
+        "from gpt2_classifier.model.weights import load_model\n"
+        f"model = load_model(GPTConfig(**{dataclasses.asdict(CFG)!r}), sys.argv[1])\n"
+        "devices = {str(t.device) for t in [*model.parameters(), *model.buffers()]}\n"
+        "print('torch._dynamo' in sys.modules, sorted(devices))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, tmp_path / "model.safetensors"], capture_output=True, text=True)
+    assert out.stdout.split("\n")[0] == "False ['cpu']", out.stderr
+
+    loaded, expected = load_model(CFG, tmp_path / "model.safetensors"), random_model(CFG, 0)
+    assert all(not t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    for name, tensor in expected.state_dict().items():
+        if name != "out_head.weight":  # tied to the token embedding when loaded
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.nn.init.normal_(torch.zeros(4)).any()  # the fills work again outside load_model
 
 
 def test_the_hub_download_sends_the_users_token(server, checkpoint, tmp_path, monkeypatch):
@@ -232,6 +262,33 @@ def test_random_weights_are_seeded_and_round_trip(tmp_path):
         if name != "out_head.weight":  # the loaded head is tied to the token embedding
             assert torch.equal(loaded.state_dict()[name], tensor), name
     shutil.rmtree(tmp_path)
+
+
+def test_seeded_initialisation_is_the_seeds_and_leaves_the_global_random_state_alone():
+    """random_model, replace_head and add_lora draw from their seed as `torch.manual_seed(seed)` then the
+    same construction would, and PyTorch's global random state afterwards is what it was before."""
+    torch.manual_seed(1234)
+    torch.rand(5)  # a state that no seed gives
+    before = torch.get_rng_state()
+    gpus_before = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    model = random_model(CFG, 7)
+    base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    replace_head(model, 2, seed=3)
+    add_lora(model, rank=2, alpha=4.0, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(map(torch.equal, torch.cuda.get_rng_state_all() if gpus_before else [], gpus_before))
+
+    torch.manual_seed(7)
+    assert all(torch.equal(base[name], tensor) for name, tensor in GPTModel(CFG).state_dict().items())
+    torch.manual_seed(3)
+    head = torch.nn.Linear(CFG.emb_dim, 2)
+    assert torch.equal(model.out_head.weight, head.weight) and torch.equal(model.out_head.bias, head.bias)
+    torch.manual_seed(5)
+    adapters = [module for module in model.modules() if isinstance(module, LinearWithLoRA)]
+    assert len(adapters) == 4 * CFG.n_layers
+    for adapter in adapters:  # each adapter's A, in the order add_lora makes them
+        a = torch.nn.init.kaiming_uniform_(torch.empty(adapter.base.in_features, 2), a=math.sqrt(5))
+        assert torch.equal(adapter.A, a)
 
 
 def test_fetch_weights_errors_name_the_users_source(tmp_path, checkpoint):

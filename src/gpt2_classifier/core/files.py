@@ -114,6 +114,12 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def sha256_mismatch(path: str | os.PathLike, expected: str) -> str | None:
+    """The file's SHA-256 where it is not `expected` (for the caller's one-line error), else None."""
+    actual = sha256_file(path)
+    return None if actual == expected else actual
+
+
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     """A CSV with a header from the first row's keys."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:

@@ -25,7 +25,8 @@ import urllib3
 from tqdm.auto import tqdm
 
 from gpt2_classifier.core.errors import DownloadError, PipelineError
-from gpt2_classifier.core.files import atomic_path, sha256_file
+from gpt2_classifier.core.files import atomic_path, sha256_mismatch
+from gpt2_classifier.core.params import DataParams
 from gpt2_classifier.core.redact import redact
 from gpt2_classifier.data.archive import label_folders, open_archive, pack_folder
 
@@ -187,19 +188,12 @@ def keep_archive(archive: Path, folder: str | None, out: Path, label: str) -> No
     shutil.copyfile(archive, out)
 
 
-def fetch_data_file(
-    sources: list[str],
-    member: str | None,
-    sha256: str | None,
-    dest: Path,
-    timeout: float = 30.0,
-    retries: int = 3,
-    max_bytes: int = 100 << 20,
-    deadline: float = 600.0,
-    folders: bool = False,
-) -> str:
-    """Write the verified data file to `dest` from the first source that works; return that source.
-    With `folders`, the data is the whole archive, of one folder of texts per label inside `member`."""
+def fetch_data_file(data: DataParams, dest: Path) -> str:
+    """Write the verified data file to `dest` from the first of data.sources (data.url, then data.mirrors)
+    that works; return that source. For data.format folders, the data is the whole archive, of one folder
+    of texts per label inside data.member."""
+    sources, member, sha256 = data.sources, data.member, data.sha256
+    folders, max_bytes = data.format == "folders", int(data.max_unzipped_mb * 2**20)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     for source in sources:
@@ -211,7 +205,7 @@ def fetch_data_file(
                     archive = Path(tmp) / "folder.tar"
                     pack_folder(local, archive, max_bytes, redact(source))
                 else:
-                    archive = retrieve(source, Path(tmp), timeout, retries, deadline, "data.deadline")
+                    archive = retrieve(source, Path(tmp), data.timeout, data.retries, data.deadline, "data.deadline")
                 got = True
                 with atomic_path(dest) as out:
                     if folders:
@@ -242,8 +236,7 @@ def verify_sha256(path: Path, expected: str | None, source: str) -> None:
     if expected is None:
         log.warning("data.sha256 is not set: %s is not verified", redact(source))
         return
-    actual = sha256_file(path)
-    if actual != expected:
+    if actual := sha256_mismatch(path, expected):
         raise DownloadError(
             f"{redact(source)}: SHA-256 of the data file is {actual}, expected {expected} (data.sha256); "
             "the copy is corrupt or a different version: get a good copy, or set data.sha256 to the SHA-256 "

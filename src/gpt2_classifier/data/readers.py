@@ -7,10 +7,12 @@ start in a fraction of a second for every other format."""
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
@@ -41,6 +43,11 @@ class LabelledTexts:
         return len(self.texts)
 
 
+# A format's reader: (path, name, data, labels, max_bytes) -> the texts (see read_labelled)
+Reader = Callable[[Path, str, DataParams, list[str] | None, int], LabelledTexts]
+Rows = Iterator[tuple[int, str, str]]  # a text file's (line, text, label) of each row, in file order
+
+
 def data_name(data: DataParams) -> str:
     """The data file's name as the user gave it: the member of an archive, else the URL's file name."""
     base = PurePosixPath(unquote(urlsplit(data.url).path)).name or data.url
@@ -54,33 +61,7 @@ def read_labelled(
 ) -> LabelledTexts:
     """The labelled texts of the downloaded data at `path` (errors name it as `name`). For folders,
     only the folders that `labels` names are read (every folder when it is None)."""
-    path, name = Path(path), name or data_name(data)
-    if data.format == "folders":
-        return _read_folders(path, name, data.member, labels, max_bytes)
-    if data.format == "parquet":
-        return _read_parquet(path, name, data)
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # editors save UTF-8 with a byte-order mark
-    if not raw.strip():
-        raise DataError(f"{name}: the file is empty; expected {_expected(data)}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{name}:{line}: not valid UTF-8 at byte {exc.start}; convert the file to UTF-8") from None
-    if data.format == "sms":
-        rows = _sms_rows(text, name)
-    elif data.format == "jsonl":
-        rows = _jsonl_rows(text, name, data)
-    else:
-        rows = _table_rows(text, name, data, "," if data.format == "csv" else "\t")
-    texts, labels_read, lines = [], [], []
-    for line, text_, label in rows:
-        texts.append(text_)
-        labels_read.append(label)
-        lines.append(line)
-    if not texts:
-        raise DataError(f"{name}: holds no rows; expected {_expected(data)}")
-    return LabelledTexts(name, texts, labels_read, lines, [f"{name}:{line}" for line in lines], {})
+    return READERS[data.format](Path(path), name or data_name(data), data, labels, max_bytes)
 
 
 def parse_tsv(path: str | os.PathLike, labels: list[str] | None) -> Messages:
@@ -89,9 +70,33 @@ def parse_tsv(path: str | os.PathLike, labels: list[str] | None) -> Messages:
     return number_labels(read_labelled(path, data, labels, 0, name=str(path)), labels)[0]
 
 
+def _text_file(rows: Callable[[str, str, DataParams], Rows], expected: str | None = None) -> Reader:
+    """A reader of a UTF-8 text file whose rows `rows(text, name, data)` yields; an empty file is said to
+    miss `expected` (None: the labelled columns)."""
+
+    def read(path: Path, name: str, data: DataParams, labels: list[str] | None, max_bytes: int) -> LabelledTexts:
+        what = expected or _expected(data)
+        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # editors save UTF-8 with a byte-order mark
+        if not raw.strip():
+            raise DataError(f"{name}: the file is empty; expected {what}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise DataError(f"{name}:{line}: not valid UTF-8 at byte {exc.start}; convert the file to UTF-8") from None
+        texts, labels_read, lines = [], [], []
+        for line, text_, label in rows(text, name, data):
+            texts.append(text_)
+            labels_read.append(label)
+            lines.append(line)
+        if not texts:
+            raise DataError(f"{name}: holds no rows; expected {what}")
+        return LabelledTexts(name, texts, labels_read, lines, [f"{name}:{line}" for line in lines], {})
+
+    return read
+
+
 def _expected(data: DataParams) -> str:
-    if data.format == "sms":
-        return "lines of 'label<TAB>text'"
     return f"labelled texts in columns '{data.text_column}' and '{data.label_column}'"
 
 
@@ -108,7 +113,7 @@ def _checked(place: str, text: object, label: object, data: DataParams) -> tuple
     return str(text), str(label)
 
 
-def _sms_rows(text: str, name: str):
+def _sms_rows(text: str, name: str, data: DataParams) -> Rows:
     """`label<TAB>text` lines exactly: no quoting, tabs after the first belong to the text; LF, CRLF or
     (old Mac files) CR line ends; blank lines at the end are ignored."""
     lines = text.split("\n") if "\n" in text else text.split("\r")
@@ -126,7 +131,7 @@ def _sms_rows(text: str, name: str):
         yield number, message, label
 
 
-def _table_rows(text: str, name: str, data: DataParams, delimiter: str):
+def _table_rows(text: str, name: str, data: DataParams, delimiter: str) -> Rows:
     """(line, text, label) of each row of a CSV or TSV file with a header row."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
@@ -155,7 +160,7 @@ def _columns(names: list[str], name: str, data: DataParams, what: str) -> tuple[
     return names.index(data.text_column), names.index(data.label_column)
 
 
-def _jsonl_rows(text: str, name: str, data: DataParams):
+def _jsonl_rows(text: str, name: str, data: DataParams) -> Rows:
     """(line, text, label) of each JSON object, one a line."""
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -175,9 +180,9 @@ def _jsonl_rows(text: str, name: str, data: DataParams):
         yield number, *_checked(f"{name}:{number}", record[data.text_column], record[data.label_column], data)
 
 
-def _read_parquet(path: Path, name: str, data: DataParams) -> LabelledTexts:
-    # pyarrow for this format only (importing it costs the other formats' data stages a second); its
-    # batches rather than read_table, which imports pandas
+def _read_parquet(path: Path, name: str, data: DataParams, _labels: list[str] | None, _max: int) -> LabelledTexts:
+    # pyarrow for this format only (the other formats' data stages do not import it; bench/README.md,
+    # `bench_imports.py`); its batches rather than read_table, which imports pandas
     import pyarrow.parquet as pq
     from pyarrow import ArrowException
 
@@ -198,14 +203,14 @@ def _read_parquet(path: Path, name: str, data: DataParams) -> LabelledTexts:
     return LabelledTexts(name, texts, labels, rows, [f"{name} row {r}" for r in rows], {})
 
 
-def _read_folders(path: Path, name: str, folder: str | None, labels: list[str] | None, max_bytes: int):
-    """Each `.txt` file of `<folder>/<label>/` in the archive, read in archive order (a compressed tar
+def _read_folders(path: Path, name: str, data: DataParams, labels: list[str] | None, max_bytes: int) -> LabelledTexts:
+    """Each `.txt` file of `<data.member>/<label>/` in the archive, read in archive order (a compressed tar
     reads fastest so), then ordered by path; at most `max_bytes` of text in all."""
     try:
         with open_archive(path, name) as archive:
             if archive is None:
                 raise DataError(f"{name}: no zip or tar archive; data.format folders reads one from data.url")
-            found = label_folders(archive, folder)
+            found = label_folders(archive, data.member)
             wanted = {label: found[label] for label in found if labels is None or label in labels}
             left_out = {label: len(members) for label, members in found.items() if label not in wanted}
             by_name = {m.name: label for label, members in wanted.items() for m in members}
@@ -229,6 +234,18 @@ def _read_folders(path: Path, name: str, folder: str | None, labels: list[str] |
         labels_read.append(by_name[member_name])
         places.append(f"{name}: {member_name}")
     return LabelledTexts(name, texts, labels_read, list(range(1, len(texts) + 1)), places, left_out)
+
+
+# data.format -> its reader: a new format is one entry here (and its name in core/params.py's DataFormat,
+# and in TABULAR if it is read by column name)
+READERS: dict[str, Reader] = {
+    "sms": _text_file(_sms_rows, expected="lines of 'label<TAB>text'"),
+    "csv": _text_file(functools.partial(_table_rows, delimiter=",")),
+    "tsv": _text_file(functools.partial(_table_rows, delimiter="\t")),
+    "jsonl": _text_file(_jsonl_rows),
+    "parquet": _read_parquet,
+    "folders": _read_folders,
+}
 
 
 def number_labels(data: LabelledTexts, labels: list[str] | None) -> tuple[Messages, list[str]]:

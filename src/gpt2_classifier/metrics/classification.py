@@ -1,5 +1,6 @@
 """Classification metrics from predicted probabilities: accuracy, precision, recall, F1, ROC (numpy:
-scikit-learn's metrics would cost the evaluate stage 1.2 s of import here)."""
+importing scikit-learn's metrics would cost the evaluate stage more than computing them, see
+bench/README.md, `bench_imports.py`; tests/test_metrics.py checks these against them)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,24 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int
     return counts.reshape(num_classes, num_classes)
 
 
-def classification_report(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Accuracy, and precision/recall/F1: of class 1 for two classes, macro-averaged for more."""
-    num_classes = probs.shape[1]
+def _per_class(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> tuple[np.ndarray, ...]:
+    """The confusion matrix, and each class's precision, recall and F1 (0 for a class never predicted,
+    or never present)."""
     matrix = confusion_matrix(labels, probs.argmax(1), num_classes).astype(np.float64)
     true_positive = np.diag(matrix)
     precision = true_positive / np.maximum(matrix.sum(0), 1)
     recall = true_positive / np.maximum(matrix.sum(1), 1)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return matrix, precision, recall, f1
+
+
+def classification_report(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy, and precision/recall/F1: of class 1 for two classes, macro-averaged for more."""
+    num_classes = probs.shape[1]
+    matrix, precision, recall, f1 = _per_class(labels, probs, num_classes)
     pick = (lambda a: a[1]) if num_classes == 2 else (lambda a: a.mean())
     return {
-        "accuracy": float(true_positive.sum() / matrix.sum()),
+        "accuracy": float(np.diag(matrix).sum() / matrix.sum()),
         "precision": float(pick(precision)),
         "recall": float(pick(recall)),
         "f1": float(pick(f1)),
@@ -32,11 +40,7 @@ def classification_report(labels: np.ndarray, probs: np.ndarray) -> dict[str, fl
 def per_class_report(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """Precision, recall and F1 macro-averaged over the classes, and of each class with its support
     (its number of examples); a class never predicted has precision 0."""
-    matrix = confusion_matrix(labels, probs.argmax(1), len(classes)).astype(np.float64)
-    true_positive = np.diag(matrix)
-    precision = true_positive / np.maximum(matrix.sum(0), 1)
-    recall = true_positive / np.maximum(matrix.sum(1), 1)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    matrix, precision, recall, f1 = _per_class(labels, probs, len(classes))
     return {
         "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
         "per_class": {

@@ -15,7 +15,7 @@ from torch import nn
 from gpt2_classifier.core.config import GPTConfig, Pool, Precision, Truncate
 from gpt2_classifier.core.errors import WeightsError
 from gpt2_classifier.core.files import atomic_path, read_validated, sha256_file, write_json
-from gpt2_classifier.model.gpt import GPTModel
+from gpt2_classifier.model.gpt import GPTModel, seeded
 from gpt2_classifier.model.lora import LinearWithLoRA, add_lora, merge_lora
 from gpt2_classifier.model.pretrained import CONFIG_FILE, WEIGHTS_FILE, BaseConfig, BaseIdentity
 from gpt2_classifier.model.tensorfile import TensorFileError, read_tensors
@@ -79,12 +79,8 @@ class ClassifierConfig(BaseModel):
 
 def replace_head(model: GPTModel, num_classes: int, seed: int) -> GPTModel:
     """A fresh `Linear(emb_dim, num_classes)` output head, initialised from `seed`."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         model.out_head = nn.Linear(model.cfg.emb_dim, num_classes)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return model
 
 

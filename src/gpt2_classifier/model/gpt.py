@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gpt2_classifier.core.config import GPTConfig
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Modules made on the CPU inside are initialised from `seed`; PyTorch's global random state is as it
+    was afterwards (that of the GPUs is not touched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 class MultiHeadAttention(nn.Module):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from gpt2_classifier.model.gpt import GPTModel
+from gpt2_classifier.model.gpt import GPTModel, seeded
 
 
 class LinearWithLoRA(nn.Module):
@@ -47,13 +47,9 @@ def add_lora(model: GPTModel, rank: int, alpha: float, seed: int) -> int:
     """Freeze the model, wrap every linear layer of the blocks with an adapter, train the head too.
     Returns the number of trainable parameters."""
     model.requires_grad_(False)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         for parent, name, linear in list(_block_linears(model)):
             setattr(parent, name, LinearWithLoRA(linear, rank, alpha))
-    finally:
-        torch.random.set_rng_state(generator_state)
     model.out_head.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

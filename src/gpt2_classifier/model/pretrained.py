@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gpt2_classifier.core.config import PRESETS, GPTConfig
 from gpt2_classifier.core.errors import DownloadError, WeightsError
-from gpt2_classifier.core.files import atomic_path, read_validated, sha256_file
+from gpt2_classifier.core.files import atomic_path, read_validated, sha256_mismatch
 from gpt2_classifier.model.tensorfile import TensorFileError, open_tensors
 
 HF_REPOS = {
@@ -203,11 +203,7 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None,
         except DownloadError as exc:
             raise WeightsError(f"{where}: could not download {WEIGHTS_FILE} ({exc}). {offline}") from None
         expected = (metadata.etag or "").strip('"')
-        if re.fullmatch(r"[0-9a-f]{64}", expected):
-            actual = sha256_file(path)
-            if actual != expected:
-                raise WeightsError(
-                    f"{where}: {WEIGHTS_FILE} has SHA-256 {actual}, the Hub says {expected}; fetch again"
-                )
+        if re.fullmatch(r"[0-9a-f]{64}", expected) and (actual := sha256_mismatch(path, expected)):
+            raise WeightsError(f"{where}: {WEIGHTS_FILE} has SHA-256 {actual}, the Hub says {expected}; fetch again")
         os.replace(path, dest)
     return f"{where}@{commit}"

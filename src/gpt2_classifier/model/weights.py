@@ -7,19 +7,18 @@ transposed relative to `nn.Linear`. The LM head is tied to `wte`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from gpt2_classifier.core.config import GPTConfig
 from gpt2_classifier.core.errors import WeightsError
 from gpt2_classifier.core.files import atomic_path
-from gpt2_classifier.model.gpt import GPTModel
+from gpt2_classifier.model.gpt import GPTModel, seeded
 from gpt2_classifier.model.pretrained import check_checkpoint, published_name
 from gpt2_classifier.model.tensorfile import TensorFileError, open_tensors
 
@@ -80,24 +79,22 @@ def load_into(model: GPTModel, path: str | os.PathLike, device: torch.device | s
 
 def random_model(cfg: GPTConfig, seed: int) -> GPTModel:
     """PyTorch's default initialisation, as the book's GPTModel uses, seeded."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         return GPTModel(cfg)
-    finally:
-        torch.random.set_rng_state(generator_state)
 
 
-@contextlib.contextmanager
-def _skip_init() -> Iterator[None]:
-    """Build without initialising: on the meta device there is nothing to initialise, and the
-    embeddings' normal_ there goes through a Python kernel that imports torch._dynamo (1-2 s)."""
-    normal = torch.nn.init.normal_
-    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
-    try:
-        yield
-    finally:
-        torch.nn.init.normal_ = normal
+class _NoInit(TorchFunctionMode):
+    """Modules made inside skip torch.nn.init's fills (its functions ending in `_`): for a model whose
+    parameters come from a file right after. On the meta device there is nothing to fill anyway, and
+    the embeddings' `normal_` there would run PyTorch's Python reference, which imports torch._dynamo
+    (bench/README.md, `bench_load.py`). A torch-function mode is PyTorch's public way to change what its
+    functions do within a scope ("Extending PyTorch"); nn.init's fills all dispatch through it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        return func(*args, **kwargs)
 
 
 def save_hf(model: GPTModel, path: str | os.PathLike) -> None:
@@ -106,6 +103,6 @@ def save_hf(model: GPTModel, path: str | os.PathLike) -> None:
 
 
 def load_model(cfg: GPTConfig, path: str | os.PathLike, device: torch.device | str | None = None) -> GPTModel:
-    with _skip_init(), torch.device("meta"):
+    with torch.device("meta"), _NoInit():
         model = GPTModel(cfg)
     return load_into(model, path, device)

@@ -1,11 +1,12 @@
 """A new project's `mlflow.db`, copied from an empty store that is made once per machine.
 
-MLflow makes a new SQLite store by running its ~70 schema migrations, 1.2 s here, which
-every fresh clone, test project and CI run would pay at its first run. The migrated, empty schema
-is the same for one version of MLflow, SQLAlchemy and alembic, so it is made once, under the
-user's cache folder, and copied. It holds tables only: MLflow adds the Default experiment (with
-this store's artifact root) when it opens the copy, and checks the copy's schema revision then
-(`_verify_schema`), as for any store it did not just create.
+MLflow makes a new SQLite store by running its schema migrations (about 70), which every fresh
+clone, test project and queued experiment would pay at its first run (bench/README.md, `bench_store.py`,
+has what the copy saves). The migrated, empty schema is the same for one version of MLflow,
+SQLAlchemy and alembic, so it is made once, under the user's cache folder, by MLflow's own
+`mlflow db upgrade` (on a new file: the tables, then every migration), and copied. It holds tables
+only: MLflow adds the Default experiment (with this store's artifact root) when it opens the copy,
+and checks the copy's schema revision then (`_verify_schema`), as for any store it did not just create.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import logging
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from gpt2_classifier.core.paths import USER_CACHE
@@ -29,19 +32,15 @@ def template_path() -> Path:
 
 
 def _make(path: Path) -> None:
-    """MLflow's own table creation and migrations, into a file that appears whole or not at all."""
-    import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables
-
+    """MLflow's own table creation and migrations (its CLI, in a process of its own), into a file
+    that appears whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
     try:
-        _initialize_tables(engine)
-        engine.dispose()  # the file closed before it is renamed
+        command = [sys.executable, "-m", "mlflow", "db", "upgrade", f"sqlite:///{tmp}"]
+        subprocess.run(command, check=True, capture_output=True, stdin=subprocess.DEVNULL)
         os.replace(tmp, path)
     finally:
-        engine.dispose()  # again after a failure (a no-op after the first)
         tmp.unlink(missing_ok=True)
 
 
