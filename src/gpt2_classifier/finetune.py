@@ -114,16 +114,16 @@ def finetune(params: Params) -> History:
 
         config = ClassifierConfig(
             labels=meta.labels,
-            pool=pool,
+            pool=reading.pool,
             max_length=meta.max_length,
             pad_id=meta.pad_id,
             padding=meta.padding,
-            causal_mask=f.causal_mask,
-            trainable_blocks="all" if f.lora.enabled else f.trainable_blocks,
+            causal_mask=reading.causal,
+            trainable_blocks="all" if f.lora.enabled else reading.trainable_blocks,  # LoRA: merged into every block
             base=base.identity(),
             gpt=cfg,
             lora=lora_spec(model),
-            precision=f.precision,
+            precision=reading.precision,
             truncate=meta.truncate,
         )
         save_classifier(model, CLASSIFIER, config)
