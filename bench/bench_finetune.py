@@ -156,7 +156,7 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
     from gpt2_classifier.metrics.classification import classification_report
     from gpt2_classifier.model.classifier import ClassifierConfig, load_classifier, save_classifier
     from gpt2_classifier.model.pretrained import BaseIdentity
-    from gpt2_classifier.train.fast import build_inputs, iter_inputs
+    from gpt2_classifier.train.fast import iter_inputs
     from gpt2_classifier.train.loop import Trainer, predict_proba
 
     start = time.perf_counter()
@@ -176,7 +176,7 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
         gpt=model.cfg,
         lora=None,
     )
-    inputs = build_inputs(model, training, config.reading, "cpu", cache_dir, release=True)
+    inputs = dict(iter_inputs(model, training, config.reading, "cpu", cache_dir, release=True))
     history = Trainer(model, inputs["train"], inputs["validation"], FinetuneParams(epochs=epochs), "cpu").fit()
     save_classifier(model, cache_dir.parent / "classifier", config)
     train_seconds = time.perf_counter() - start

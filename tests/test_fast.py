@@ -15,7 +15,7 @@ from gpt2_classifier.model.classifier import replace_head, set_trainable
 from gpt2_classifier.model.weights import random_model
 from gpt2_classifier.train import fast, onednn, prefix, prefix_cache, tail
 from gpt2_classifier.train import inputs as full
-from gpt2_classifier.train.fast import build_inputs
+from gpt2_classifier.train.fast import iter_inputs
 from gpt2_classifier.train.inputs import FullForward
 from gpt2_classifier.train.loop import Trainer
 from gpt2_classifier.train.prefix_cache import frozen_digest
@@ -46,7 +46,7 @@ def classifier(blocks=1, cfg=CFG):
 @pytest.mark.parametrize("blocks", [0, 1, 2, 3])
 def test_fast_logits_and_loss_equal_the_full_forward(pool, blocks):
     model, split = classifier(blocks), ragged_split()
-    fast_inputs = build_inputs(model, {"s": split}, reading(pool, blocks), "cpu")["s"]
+    fast_inputs = dict(iter_inputs(model, {"s": split}, reading(pool, blocks), "cpu"))["s"]
     assert isinstance(fast_inputs, PrefixForward)
     plain = FullForward(model, split, reading(pool), "cpu")
     idx = torch.tensor([5, 0, 17, 39, 22, 8])
@@ -71,7 +71,7 @@ def test_training_on_the_fast_path_matches_the_plain_path(pool):
         model = classifier(1)
         splits = {"train": ragged_split(48), "validation": ragged_split(16, seed=1)}
         if use_fast:
-            inputs = build_inputs(model, splits, reading(pool, 1), "cpu")
+            inputs = dict(iter_inputs(model, splits, reading(pool, 1), "cpu"))
         else:
             inputs = {name: FullForward(model, split, reading(pool), "cpu") for name, split in splits.items()}
         history = Trainer(model, inputs["train"], inputs["validation"], settings, "cpu").fit()
@@ -93,7 +93,7 @@ def test_a_training_step_never_waits_for_the_device(pool, blocks, monkeypatch):
     monkeypatch.setattr(tail, "autocast", lambda *_: contextlib.nullcontext())  # there is none for meta
     monkeypatch.setattr(full, "autocast", lambda *_: contextlib.nullcontext())
     model, split = classifier(blocks), ragged_split()
-    on_cpu = build_inputs(model, {"s": split}, reading(pool, blocks), "cpu")["s"]
+    on_cpu = dict(iter_inputs(model, {"s": split}, reading(pool, blocks), "cpu"))["s"]
     on_meta = prefix.Prefix(on_cpu.prefix.hidden.to("meta"), on_cpu.prefix.offsets, on_cpu.prefix.visible)
     model.to("meta")
     idx = torch.tensor([5, 0, 17, 39, 22, 8])
@@ -118,37 +118,39 @@ def test_flexible_prefix_keeps_only_real_tokens():
 
 def test_falls_back_to_the_full_forward_where_assumptions_fail():
     split = ragged_split()
-    assert isinstance(build_inputs(classifier("all"), {"s": split}, reading("last", "all"), "cpu")["s"], FullForward)
+    assert isinstance(
+        dict(iter_inputs(classifier("all"), {"s": split}, reading("last", "all"), "cpu"))["s"], FullForward
+    )
     dropout_cfg = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32, drop_rate=0.1)
-    inputs = build_inputs(classifier(1, dropout_cfg), {"s": split}, reading("last", 1), "cpu")["s"]
+    inputs = dict(iter_inputs(classifier(1, dropout_cfg), {"s": split}, reading("last", 1), "cpu"))["s"]
     assert isinstance(inputs, FullForward)
 
 
 def test_prefix_cache_is_reused_and_keyed_by_frozen_weights(tmp_path, monkeypatch):
     model, split = classifier(1), ragged_split()
-    first = build_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path)["s"]
+    first = dict(iter_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path))["s"]
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
 
     def no_compute(*args):
         raise AssertionError("recomputed despite a cached prefix")
 
     monkeypatch.setattr(fast, "compute_prefix", no_compute)
-    again = build_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path)["s"]
+    again = dict(iter_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path))["s"]
     assert torch.equal(again.prefix.hidden, first.prefix.hidden)
     monkeypatch.undo()
 
     with torch.no_grad():
         model.trf_blocks[0].ff.layers[0].weight.add_(0.01)  # a different frozen block: a different key
-    build_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path)
+    dict(iter_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path))
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
 def test_damaged_cache_file_is_recomputed(tmp_path):
     model, split = classifier(1), ragged_split()
-    expected = build_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path)["s"].prefix.hidden
+    expected = dict(iter_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path))["s"].prefix.hidden
     (cached,) = tmp_path.glob("*.safetensors")
     cached.write_bytes(cached.read_bytes()[:100])
-    again = build_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path)["s"].prefix.hidden
+    again = dict(iter_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path))["s"].prefix.hidden
     assert torch.equal(again, expected)
 
 
@@ -192,11 +194,11 @@ def test_onednn_fused_block_equals_the_plain_ops():
 @pytest.mark.parametrize("cached", [False, True])
 def test_released_frozen_weights_give_the_same_inputs_and_are_gone(cached, tmp_path):
     model, splits = classifier(1), {"a": ragged_split(), "b": ragged_split(seed=3)}
-    kept = build_inputs(model, splits, reading("flexible", 1), "cpu", tmp_path)
+    kept = dict(iter_inputs(model, splits, reading("flexible", 1), "cpu", tmp_path))
     if not cached:
         for path in tmp_path.glob("*.safetensors"):
             path.unlink()
-    released = build_inputs(model, splits, reading("flexible", 1), "cpu", tmp_path, release=True)
+    released = dict(iter_inputs(model, splits, reading("flexible", 1), "cpu", tmp_path, release=True))
     for name in splits:
         assert torch.equal(released[name].prefix.hidden, kept[name].prefix.hidden)  # bit-identical
         idx = torch.arange(10)
@@ -221,7 +223,7 @@ def test_computed_prefixes_wait_in_the_cache_not_in_memory_and_survive_pruning(t
     blocks and every split's prefix are never in memory at once), then read back once the blocks are freed,
     even where another run pruned the files meanwhile."""
     model, splits = classifier(1), {"a": ragged_split(), "b": ragged_split(seed=3), "c": ragged_split(seed=4)}
-    expected = build_inputs(model, splits, reading("flexible", 1), "cpu")  # no cache: kept in memory
+    expected = dict(iter_inputs(model, splits, reading("flexible", 1), "cpu"))  # no cache: kept in memory
     alive, compute, release = [], fast.compute_prefix, fast.release_frozen
 
     def compute_one_at_a_time(*args, **kwargs):
@@ -237,7 +239,7 @@ def test_computed_prefixes_wait_in_the_cache_not_in_memory_and_survive_pruning(t
 
     monkeypatch.setattr(fast, "compute_prefix", compute_one_at_a_time)
     monkeypatch.setattr(fast, "release_frozen", pruned_meanwhile)
-    inputs = build_inputs(model, splits, reading("flexible", 1), "cpu", tmp_path, release=True)
+    inputs = dict(iter_inputs(model, splits, reading("flexible", 1), "cpu", tmp_path, release=True))
     assert len(alive) == 3 and not list(tmp_path.glob("*.safetensors"))
     for name in splits:
         assert torch.equal(inputs[name].prefix.hidden, expected[name].prefix.hidden)
@@ -252,7 +254,7 @@ def test_bfloat16_runs_the_matrix_products_in_bfloat16_on_both_paths(pool):
     idx = torch.tensor([5, 0, 17, 39, 22, 8])
     exact = FullForward(model, split, reading(pool), "cpu").logits(idx)
     for inputs in (
-        build_inputs(model, {"s": split}, reading(pool, 1, precision="bfloat16"), "cpu")["s"],
+        dict(iter_inputs(model, {"s": split}, reading(pool, 1, precision="bfloat16"), "cpu"))["s"],
         FullForward(model, split, reading(pool, precision="bfloat16"), "cpu"),
     ):
         logits = inputs.logits(idx)
@@ -268,7 +270,7 @@ def test_bfloat16_runs_the_matrix_products_in_bfloat16_on_both_paths(pool):
 def test_the_prefix_cache_keeps_float32_and_bfloat16_apart(tmp_path):
     model, split = classifier(1), ragged_split()
     for precision in ("float32", "bfloat16"):
-        build_inputs(model, {"s": split}, reading("last", 1, precision=precision), "cpu", tmp_path)
+        dict(iter_inputs(model, {"s": split}, reading("last", 1, precision=precision), "cpu", tmp_path))
     files = sorted(tmp_path.glob("*.safetensors"))
     assert len(files) == 2  # one prefix per arithmetic: a bfloat16 run never reads float32 activations
     hidden = [prefix_cache.read_cached(f).hidden for f in files]

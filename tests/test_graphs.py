@@ -10,7 +10,7 @@ from gpt2_classifier.core.params import FinetuneParams
 from gpt2_classifier.data.encode import EncodedSplit
 from gpt2_classifier.model.classifier import replace_head, set_trainable
 from gpt2_classifier.model.weights import random_model
-from gpt2_classifier.train.fast import build_inputs
+from gpt2_classifier.train.fast import iter_inputs
 from gpt2_classifier.train.graphs import WARMUP_STEPS, GraphedStep, graphed_step
 from gpt2_classifier.train.loop import Trainer
 
@@ -33,7 +33,7 @@ def trainer(device: str, pool: str = "last", blocks: int = 1, **changes) -> Trai
     set_trainable(model, blocks)
     model.to(device)
     splits = {"train": padded_split(64, 0), "validation": padded_split(24, 1)}
-    inputs = build_inputs(model, splits, reading(pool, blocks), device)
+    inputs = dict(iter_inputs(model, splits, reading(pool, blocks), device))
     settings = FinetuneParams(lr=1e-3, batch_size=8, epochs=3, eval_freq=5, eval_iter=2, **changes)
     return Trainer(model, inputs["train"], inputs["validation"], settings, device)
 

@@ -13,7 +13,7 @@ from gpt2_classifier.data.encode import EncodedSplit
 from gpt2_classifier.model.classifier import build_classifier, resolved_pool
 from gpt2_classifier.model.lora import LinearWithLoRA, merge_lora
 from gpt2_classifier.model.weights import random_model, save_hf
-from gpt2_classifier.train.fast import build_inputs
+from gpt2_classifier.train.fast import iter_inputs
 from gpt2_classifier.train.inputs import FullForward
 from gpt2_classifier.train.loop import Trainer
 
@@ -97,7 +97,7 @@ def test_causal_mask_switch_changes_the_classifier(base_weights):
         causal = FullForward(model, data, reading("first", causal=True), "cpu").logits(idx)
         bidirectional = FullForward(model, data, reading("first", causal=False), "cpu").logits(idx)
     assert not torch.allclose(causal, bidirectional, atol=1e-4)
-    assert isinstance(build_inputs(model, {"s": data}, reading("first", 1, causal=False), "cpu")["s"], FullForward)
+    assert isinstance(dict(iter_inputs(model, {"s": data}, reading("first", 1, causal=False), "cpu"))["s"], FullForward)
 
 
 def test_ignore_index_drops_those_rows_from_the_loss(base_weights):

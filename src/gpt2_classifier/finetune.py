@@ -40,7 +40,7 @@ from gpt2_classifier.tracking.lineage import flatten, hash_in_background
 from gpt2_classifier.tracking.runs import Tracker, finetune_run, run_tags
 from gpt2_classifier.train import checkpoint
 from gpt2_classifier.train.device import pick_device
-from gpt2_classifier.train.fast import build_inputs
+from gpt2_classifier.train.fast import iter_inputs
 from gpt2_classifier.train.graphs import graphed_step
 from gpt2_classifier.train.inputs import Inputs
 from gpt2_classifier.train.loop import History, Trainer, predict_proba
@@ -107,7 +107,7 @@ def finetune(params: Params) -> History:
         )
 
         splits = load_splits(ENCODED)  # test too: its prefix is computed with the others, never trained on
-        inputs = build_inputs(model, splits, reading, device, f.cache_dir(), release=True, base_sha256=base.sha256)
+        inputs = dict(iter_inputs(model, splits, reading, device, f.cache_dir(), release=True, base_sha256=base.sha256))
         trainer = Trainer(model, inputs["train"], inputs["validation"], f, device)
         trainer.graphed = graphed_step(trainer)  # on a GPU, each step one replay instead of hundreds of launches
         history = train_resumably(trainer, recipe, f, tracker)

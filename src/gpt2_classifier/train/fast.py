@@ -128,16 +128,3 @@ def on_device(prefix: Prefix, device) -> Prefix:
     if prefix.hidden.nbytes > free // 4:
         return prefix
     return Prefix(prefix.hidden.to(device), prefix.offsets, prefix.visible)
-
-
-def build_inputs(
-    model: GPTModel,
-    splits: dict[str, EncodedSplit],
-    reading: Reading,
-    device: torch.device | str,
-    cache_dir: Path | None = None,
-    release: bool = False,
-    base_sha256: str | None = None,
-) -> dict[str, Inputs]:
-    """Every split's inputs at once (see `iter_inputs`), as training needs them."""
-    return dict(iter_inputs(model, splits, reading, device, cache_dir, release, base_sha256))
