@@ -38,16 +38,24 @@ def trainer(device: str, pool: str = "last", blocks: int = 1, **changes) -> Trai
     return Trainer(model, inputs["train"], inputs["validation"], settings, device)
 
 
+SCHEDULE = {"schedule": {"warmup": 4, "initial_lr": 1e-5, "decay": "cosine", "min_lr": 1e-5}, "grad_clip": 0.5}
+
+
 @cuda
-@pytest.mark.parametrize(("pool", "blocks"), [("last", 1), ("last", 2), ("first", 1), ("last", 0)])
-def test_graphed_training_is_the_eager_run_number_for_number(pool, blocks):
-    eager, graphed = trainer("cuda", pool, blocks), trainer("cuda", pool, blocks)
+@pytest.mark.parametrize(
+    ("pool", "blocks", "changes"),
+    [("last", 1, {}), ("last", 2, {}), ("first", 1, {}), ("last", 0, {}), ("last", 1, SCHEDULE)],
+)
+def test_graphed_training_is_the_eager_run_number_for_number(pool, blocks, changes):
+    """Also with a learning rate that changes every step and clipping: the graph reads the rate's tensor."""
+    eager, graphed = trainer("cuda", pool, blocks, **changes), trainer("cuda", pool, blocks, **changes)
     graphed.graphed = graphed_step(graphed)
     assert isinstance(graphed.graphed, GraphedStep)
     histories = [t.fit() for t in (eager, graphed)]
     steps = 3 * (64 // 8)
     assert graphed.graphed.graph is not None and graphed.graphed.steps == steps > WARMUP_STEPS
     assert histories[0].steps == histories[1].steps and histories[0].epochs == histories[1].epochs
+    assert histories[0].learning_rates == histories[1].learning_rates
     for (name, a), b in zip(eager.model.named_parameters(), graphed.model.parameters(), strict=True):
         if a.requires_grad:
             assert torch.equal(a, b), name

@@ -37,6 +37,10 @@ def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     assert not {"val_accuracy", "train_accuracy"} & set(run.data.metrics)  # estimates never pose as full-set values
     summary = json.loads((project / "reports/train/summary.json").read_text())
     assert run.data.metrics["examples_seen"] == summary["examples_seen"]  # one true value everywhere
+    finetune = yaml.safe_load((project / "params.yaml").read_text())["finetune"]
+    rates = client.get_metric_history(run_id, "lr")  # every optimizer step's, at its step
+    assert sorted(m.step for m in rates) == list(range(summary["examples_seen"] // finetune["batch_size"]))
+    assert {m.value for m in rates} == {finetune["lr"]}  # the reference's constant rate
     assert "peak_gpu_memory_mib" not in summary and "peak_gpu_memory_mib" not in run.data.metrics  # no GPU here
     test_accuracy = json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"]
     assert run.data.metrics["test/accuracy"] == pytest.approx(test_accuracy)

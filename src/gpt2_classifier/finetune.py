@@ -162,8 +162,14 @@ def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: 
     def on_step(record: dict) -> None:
         tracker.log_metrics({k: record[k] for k in STEP_METRICS}, step=record["step"])
 
+    logged = 0  # learning rates logged so far
+
     def on_epoch(record: dict) -> None:
+        nonlocal logged
         tracker.log_metrics({k: record[k] for k in EPOCH_METRICS}, step=record["step"])
+        rates = [r for r in trainer.history.learning_rates[logged:] if r["step"] <= record["step"]]
+        tracker.log_series("lr", [(r["step"], r["lr"]) for r in rates])  # every optimizer step's, once an epoch
+        logged += len(rates)
 
     interrupted = checkpoint.resume(saved, trainer, fingerprint) if f.resume else None
     if interrupted is not None:

@@ -136,6 +136,21 @@ class LoraParams(Section):
     alpha: float = Field(16.0, gt=0)  # the adapter's output is scaled by alpha, as in the book
 
 
+class ScheduleParams(Section):
+    """The learning rate of each optimizer step (the book's appendix D); the defaults keep finetune.lr
+    constant, as the reference does."""
+
+    # steps of linear warm-up (an integer), or a fraction of all optimizer steps (0 < x < 1)
+    warmup: Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0, lt=1)] = 0
+    initial_lr: float = Field(0.0, ge=0)  # where warm-up starts; it rises linearly to finetune.lr
+    decay: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up, from finetune.lr ...
+    min_lr: float = Field(0.0, ge=0)  # ... down to this at the last step (cosine, linear)
+
+    @property
+    def varies(self) -> bool:
+        return self.warmup != 0 or self.decay != "constant"
+
+
 class FinetuneParams(Section):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -148,6 +163,8 @@ class FinetuneParams(Section):
     trainable_blocks: Literal["all"] | Annotated[int, Field(ge=0)] = 1
     lora: LoraParams = LoraParams()
     accumulation_steps: int = Field(1, ge=1)
+    schedule: ScheduleParams = ScheduleParams()
+    grad_clip: Annotated[float, Field(gt=0)] | None = None  # the gradients' global norm at most this; None: off
     causal_mask: bool = True
     ignore_index: int = -100
     # balanced: each class's loss weighted by n / (classes * its training examples); none: unweighted
@@ -156,6 +173,16 @@ class FinetuneParams(Section):
     precision: Precision = "float32"
     prefix_cache: bool = True
     resume: bool = True
+
+    @model_validator(mode="after")
+    def _schedule_fits_lr(self) -> FinetuneParams:
+        for name in ("initial_lr", "min_lr"):
+            if getattr(self.schedule, name) > self.lr:
+                raise ValueError(
+                    f"finetune.schedule.{name}={getattr(self.schedule, name):g} exceeds finetune.lr={self.lr:g}, "
+                    "the peak; lower it"
+                )
+        return self
 
     @model_validator(mode="after")
     def _lora_replaces_block_training(self) -> FinetuneParams:

@@ -272,6 +272,19 @@ class Tracker:
 
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, model_id=model_id)
 
+    def log_series(self, key: str, points: list[tuple[int, float]]) -> None:
+        """Many values of one metric at once, each at its step (MLflow's batch call, 1000 values a request)."""
+        if self.run_id and points:
+            import time
+
+            import mlflow
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            metrics = [Metric(key, float(value), now, step) for step, value in points]
+            for start in range(0, len(metrics), 1000):
+                mlflow.MlflowClient().log_batch(self.run_id, metrics=metrics[start : start + 1000])
+
     def log_artifacts(self, paths: list[Path], folder: str | None = None) -> None:
         if self.run_id:
             import mlflow

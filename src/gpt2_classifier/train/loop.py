@@ -21,12 +21,14 @@ from gpt2_classifier.core.params import FinetuneParams
 from gpt2_classifier.model.gpt import GPTModel
 from gpt2_classifier.train.device import to_device
 from gpt2_classifier.train.inputs import Inputs
+from gpt2_classifier.train.schedule import learning_rate
 
 
 @dataclass
 class History:
     # Estimates over `eval_iter` batches, as the reference makes them (evaluate measures the full sets):
     steps: list[dict] = field(default_factory=list)  # step, examples_seen, train_loss, val_loss
+    learning_rates: list[dict] = field(default_factory=list)  # step, lr: every optimizer step's
     epochs: list[dict] = field(default_factory=list)  # epoch, step, examples_seen, {train,val}_accuracy_estimate
     examples_seen: int = 0
     seconds: float = 0.0
@@ -57,9 +59,15 @@ class Trainer:
         self.model, self.train_inputs, self.val_inputs, self.s = model, train, val, settings
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(settings.seed)
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        batches = len(train) // settings.batch_size  # per epoch (the last partial batch is dropped)
+        self.total_updates = -(-batches // settings.accumulation_steps) * settings.epochs
+        self.updates = 0  # optimizer steps done
+        # Where finetune.schedule varies the learning rate, it is one tensor that the update reads and that is
+        # filled before each step (so a CUDA graph that captured the update reads it too); else finetune.lr.
+        lr = torch.tensor(self.learning_rate(), device=self.device) if settings.schedule.varies else settings.lr
         # The fused kernel does AdamW's update in one pass: the same update, several times faster on CPU.
-        self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=lr, weight_decay=settings.weight_decay, fused=True)
         self.weight = None
         if settings.class_weights == "balanced":
             counts = class_weights(train.labels, model.out_head.out_features, settings.ignore_index)
@@ -83,8 +91,21 @@ class Trainer:
         loss = self.loss(inputs.logits(idx), labels)
         (loss / self.s.accumulation_steps).backward()
         if update:
+            if self.s.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.s.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def learning_rate(self) -> float:
+        """The learning rate of the next optimizer step (finetune.lr and finetune.schedule)."""
+        return learning_rate(self.s, self.updates, self.total_updates)
+
+    def _set_learning_rate(self) -> float:
+        lr = self.learning_rate()
+        if self.s.schedule.varies:
+            for group in self.optimizer.param_groups:
+                group["lr"].fill_(lr)
+        return lr
 
     def _train_batches(self) -> Iterator[torch.Tensor]:
         return index_batches(len(self.train_inputs), self.s.batch_size, self.generator)
@@ -129,13 +150,17 @@ class Trainer:
         for epoch in range(self.epoch + 1, self.s.epochs + 1):
             self.optimizer.zero_grad(set_to_none=True)
             for batch, idx in enumerate(self._train_batches(), start=1):
+                update = batch % accumulate == 0 or batch == steps_per_epoch
+                lr = self._set_learning_rate() if update else None
                 if self.graphed is not None:
-                    self.graphed(idx)
+                    self.graphed(idx)  # (a graph applies only where every batch updates)
                 else:
-                    update = batch % accumulate == 0 or batch == steps_per_epoch
                     self.train_step(self.train_inputs, idx, update)
                 history.examples_seen += len(idx)
                 self.step += 1
+                if update:
+                    self.updates += 1
+                    history.learning_rates.append({"step": self.step, "lr": lr})
                 progress.update()
                 if self.step % self.s.eval_freq == 0:
                     record = {
@@ -186,8 +211,9 @@ class Trainer:
         info = {
             "epoch": self.epoch,
             "step": self.step,
+            "updates": self.updates,
             "history": asdict(self.history),
-            "param_groups": optimizer["param_groups"],
+            "param_groups": [{**group, "lr": float(group["lr"])} for group in optimizer["param_groups"]],
         }
         return tensors, info
 
@@ -203,9 +229,12 @@ class Trainer:
                 _, index, name = key.split(".", 2)
                 moments.setdefault(int(index), {})[name] = value
         self.optimizer.load_state_dict({"state": moments, "param_groups": info["param_groups"]})
+        if self.s.schedule.varies:  # the tensor the update reads, as in __init__ (filled before each step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
         self.generator.set_state(tensors["rng.batches"])
         torch.set_rng_state(tensors["rng.torch"])
-        self.epoch, self.step = info["epoch"], info["step"]
+        self.epoch, self.step, self.updates = info["epoch"], info["step"], info["updates"]
         self.history = History(**info["history"])
 
 
