@@ -429,9 +429,9 @@ def report(results: dict) -> None:
               + (f"; peak GPU memory {p['peak_gpu_mib']} MiB" if p["peak_gpu_mib"] is not None else ""))  # fmt: skip
         for n in names:
             total = sum(results["variants"][n]["stages"].values())
-            train = results["variants"][n]["train_seconds"]
-            print(f"  {n}: end to end {p['seconds'] / total:.2f}x the plain script's speed, "
-                  f"training {p['train_seconds'] / train:.1f}x")  # fmt: skip
+            train = results["variants"][n]["train_seconds"]  # summary.json's, to 0.1 s: 0 for a tiny run
+            training = f"{p['train_seconds'] / train:.1f}x" if train else "- (under 0.05 s)"
+            print(f"  {n}: end to end {p['seconds'] / total:.2f}x the plain script's speed, training {training}")
     if "dvc_repro" in results:
         print(f"cold dvc repro (this checkout, no variant's changes): {results['dvc_repro']:.2f} s")
 

@@ -180,3 +180,17 @@ def test_screenshots(tmp_path):
         assert line in out, out
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 6 and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs), out
+
+
+def test_bench_stages_reports_a_training_too_short_to_time(capsys):
+    """summary.json keeps training seconds to 0.1 s: a tiny run's 0 gets no ratio (it was a ZeroDivisionError)."""
+    spec = importlib.util.spec_from_file_location("bench_stages", BENCH / "bench_stages.py")
+    bench_stages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_stages)
+    accuracy = {"test": {"accuracy": 0.5}, "validation": {"accuracy": 0.5}}
+    variant = {"stages": dict.fromkeys(bench_stages.STAGES, 1.0), "train_seconds": 0.0, "metrics": accuracy,
+               "peak_mib": dict.fromkeys(bench_stages.STAGES, 50), "peak_gpu_mib": None}  # fmt: skip
+    plain = {"seconds": 3.0, "prepare_seconds": 1.0, "train_seconds": 1.0, "evaluate_seconds": 0.1,
+             "accuracy": {"test": 0.5, "validation": 0.5}, "peak_gpu_mib": None}  # fmt: skip
+    bench_stages.report({"import_torch": 1.0, "variants": {"default": variant}, "plain": plain})
+    assert "  default: end to end 0.43x the plain script's speed, training - (under 0.05 s)" in capsys.readouterr().out
