@@ -9,7 +9,7 @@ from gpt2_classifier.data.readers import number_labels, read_labelled
 
 
 def main(params: Params) -> None:
-    b, max_bytes = params.balance, int(params.data.max_unzipped_mb * 2**20)
+    b, max_bytes = params.balance, params.data.max_unzipped_bytes
     read = read_labelled(RAW, params.data, b.labels, max_bytes)
     messages, labels = number_labels(read, b.labels)
     balanced = balance(messages, labels, b.seed, b.strategy)

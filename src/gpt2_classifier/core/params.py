@@ -51,6 +51,10 @@ class DataParams(Section):
             raise ValueError("is empty; name the column of the data file's header")
         return value
 
+    @property
+    def max_unzipped_bytes(self) -> int:
+        return int(self.max_unzipped_mb * 2**20)
+
     @model_validator(mode="after")
     def _distinct_columns(self) -> DataParams:
         if self.format in TABULAR and self.text_column == self.label_column:

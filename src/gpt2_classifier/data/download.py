@@ -195,7 +195,7 @@ def fetch_data_file(data: DataParams, dest: Path) -> str:
     that works; return that source. For data.format folders, the data is the whole archive, of one folder
     of texts per label inside data.member."""
     sources, member, sha256 = data.sources, data.member, data.sha256
-    folders, max_bytes = data.format == "folders", int(data.max_unzipped_mb * 2**20)
+    folders, max_bytes = data.format == "folders", data.max_unzipped_bytes
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     for source in sources:

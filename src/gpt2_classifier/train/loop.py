@@ -65,7 +65,7 @@ class Trainer:
         self.updates = 0  # optimizer steps done
         # Where finetune.schedule varies the learning rate, it is one tensor that the update reads and that is
         # filled before each step (so a CUDA graph that captured the update reads it too); else finetune.lr.
-        lr = torch.tensor(self.learning_rate(), device=self.device) if settings.schedule.varies else settings.lr
+        lr = torch.tensor(self.next_learning_rate(), device=self.device) if settings.schedule.varies else settings.lr
         # The fused kernel does AdamW's update in one pass: the same update, several times faster on CPU.
         self.optimizer = torch.optim.AdamW(self.trainable, lr=lr, weight_decay=settings.weight_decay, fused=True)
         self.weight = None
@@ -96,12 +96,12 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
-    def learning_rate(self) -> float:
+    def next_learning_rate(self) -> float:
         """The learning rate of the next optimizer step (finetune.lr and finetune.schedule)."""
         return learning_rate(self.s, self.updates, self.total_updates)
 
     def _set_learning_rate(self) -> float:
-        lr = self.learning_rate()
+        lr = self.next_learning_rate()
         if self.s.schedule.varies:
             for group in self.optimizer.param_groups:
                 group["lr"].fill_(lr)
