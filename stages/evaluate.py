@@ -1,4 +1,5 @@
-"""Stage evaluate: accuracy on the full splits; precision, recall, F1, confusion matrix, ROC."""
+"""Stage evaluate: accuracy on the full splits; precision, recall, F1, calibration, confusion matrix, ROC,
+precision-recall, reliability, bootstrap intervals."""
 
 from gpt2_classifier.core.params import Params
 from gpt2_classifier.core.stage import run_stage

@@ -36,6 +36,7 @@ def test_project_params_are_the_reference_recipe():
     )
     assert (f.pool, f.trainable_blocks) == ("last", 1)
     assert p.data.sha256 == "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+    assert (p.evaluate.bootstrap, p.evaluate.seed, p.evaluate.calibration_bins) == (1000, 123, 10)
 
 
 @pytest.mark.parametrize(
@@ -58,6 +59,8 @@ def test_project_params_are_the_reference_recipe():
         ("mlflow", "experiment_name", "  ", "mlflow.experiment_name: is empty; name the MLflow experiment"),
         ("balance", "seed", -1, "balance.seed: Input should be greater than or equal to 0"),
         ("split", "seed", 2**32, "split.seed: Input should be less than 4294967296"),
+        ("evaluate", "bootstrap", -1, "evaluate.bootstrap: Input should be greater than or equal to 0"),
+        ("evaluate", "calibration_bins", 0, "evaluate.calibration_bins: Input should be greater than or equal to 1"),
         (
             "finetune",
             "ignore_index",

@@ -1,6 +1,7 @@
 """The evaluate stage's work: from the classifier's predictions on the full splits (finetune writes
-them, with the model in memory), accuracy, precision, recall and F1, and the test set's confusion
-matrix and ROC, written for DVC and logged to finetune's MLflow run and model. No torch here."""
+them, with the model in memory), accuracy, precision, recall, F1, log loss, Brier score and ECE, and
+the test set's confusion matrix, ROC, precision-recall curve, reliability diagram and bootstrap
+intervals, written for DVC and logged to finetune's MLflow run and model. No torch here."""
 
 from __future__ import annotations
 
@@ -9,16 +10,20 @@ import re
 import numpy as np
 
 from gpt2_classifier.core.files import write_json, write_rows
-from gpt2_classifier.core.params import Params
+from gpt2_classifier.core.params import EvaluateParams, Params
 from gpt2_classifier.core.paths import EVAL_REPORTS, METRICS, PREDICTIONS, RUN_FILE, SPLITS
+from gpt2_classifier.metrics.bootstrap import bootstrap_intervals
+from gpt2_classifier.metrics.calibration import calibration_report, reliability_bins
 from gpt2_classifier.metrics.classification import (
+    average_precision,
     classification_report,
     confusion_matrix,
     per_class_report,
+    precision_recall_curve,
     roc_auc,
     roc_curve,
 )
-from gpt2_classifier.metrics.plots import plot_confusion
+from gpt2_classifier.metrics.plots import plot_confusion, plot_reliability
 from gpt2_classifier.metrics.predictions import Predictions, read_predictions
 from gpt2_classifier.tracking.runs import continue_run
 
@@ -26,18 +31,22 @@ from gpt2_classifier.tracking.runs import continue_run
 def evaluate(params: Params) -> dict[str, dict[str, float]]:
     with continue_run(params.mlflow, RUN_FILE) as (tracker, record):
         predictions = {name: read_predictions(PREDICTIONS / f"{name}.csv") for name in SPLITS}
+        bins = params.evaluate.calibration_bins
         metrics = {
-            name: classification_report(p.labels, p.probs) | per_class_report(p.labels, p.probs, p.classes)
+            name: classification_report(p.labels, p.probs)
+            | calibration_report(p.labels, p.probs, bins)
+            | per_class_report(p.labels, p.probs, p.classes)
             for name, p in predictions.items()
         }
         test_auc = write_test_reports(predictions["test"])
         if test_auc is not None:
             metrics["test"]["roc_auc"] = test_auc
+        metrics["test"] = add_test_metrics(metrics["test"], predictions["test"], params.evaluate)
         write_json(METRICS, metrics)
         # At the training's last step, where the logged model reads its metrics.
         flat = {metric_key(split, *keys): value for split, values in metrics.items() for keys, value in leaves(values)}
         tracker.log_metrics(flat, step=record.step, model_id=record.model_id)
-        reports = [EVAL_REPORTS / name for name in ("confusion.png", "confusion.csv", "roc.csv")]
+        reports = [EVAL_REPORTS / name for name in EVAL_FILES]
         tracker.log_artifacts([METRICS, *reports], "evaluate")
         tracker.log_lineage("evaluate", inputs=None, outputs={"metrics": METRICS})
         register_as = params.mlflow.register_as
@@ -45,7 +54,45 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
             version = tracker.register(record.model_uri, register_as, metrics["test"]["accuracy"])
             print(f"evaluate: registered {register_as} version {version}")
     print("evaluate: accuracy " + ", ".join(f"{name} {metrics[name]['accuracy']:.2%}" for name in SPLITS))
+    if "accuracy_ci" in metrics["test"]:
+        interval = metrics["test"]["accuracy_ci"]
+        print(f"evaluate: test accuracy 95 % interval {interval['low']:.2%} to {interval['high']:.2%}")
     return metrics
+
+
+EVAL_FILES = (
+    "confusion.png",
+    "confusion.csv",
+    "roc.csv",
+    "pr.csv",
+    "reliability.csv",
+    "reliability.png",
+)  # reports/eval/, for MLflow
+
+
+def add_test_metrics(test: dict, predictions: Predictions, settings: EvaluateParams) -> dict:
+    """Adds to the test metrics what a deployer checks before trusting them: average precision (of
+    class 1 for two classes; for more, macro-averaged and each class's one-vs-rest under per_class)
+    and the bootstrap intervals of accuracy and F1; writes the precision-recall curves (pr.csv: of
+    class 1, or one-vs-rest per class as roc.csv) and the reliability diagram (reliability.csv, .png).
+    Returns the metrics with the numbers first, then the intervals, then macro and per_class."""
+    labels, probs, names = predictions.labels, predictions.probs, predictions.classes
+    positives = [1] if len(names) == 2 else range(len(names))
+    curves = {c: precision_recall_curve((labels == c).astype(np.int64), probs[:, c]) for c in positives}
+    write_rows(EVAL_REPORTS / "pr.csv", [{"class": names[c], **p} for c, points in curves.items() for p in points])
+    bins = settings.calibration_bins
+    reliability = reliability_bins(labels, probs, bins)
+    write_rows(EVAL_REPORTS / "reliability.csv", reliability)
+    plot_reliability(reliability, bins, test["ece"], EVAL_REPORTS / "reliability.png")
+    precision = {c: average_precision(points) for c, points in curves.items()}
+    if len(names) == 2:
+        test["average_precision"] = precision[1]
+    else:
+        test["average_precision"] = test["macro"]["average_precision"] = float(np.mean(list(precision.values())))
+        for c, name in enumerate(names):
+            test["per_class"][name]["average_precision"] = precision[c]
+    test |= bootstrap_intervals(labels, probs, settings.bootstrap, settings.seed)
+    return dict(sorted(test.items(), key=lambda item: (isinstance(item[1], dict), item[0] in ("macro", "per_class"))))
 
 
 def leaves(tree: dict, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:

@@ -230,6 +230,12 @@ class MlflowParams(Section):
         return value
 
 
+class EvaluateParams(Section):
+    bootstrap: int = Field(1000, ge=0)  # resamples of the test rows for 95 % intervals of accuracy and F1; 0: none
+    seed: Seed = 123  # of the resampling
+    calibration_bins: int = Field(10, ge=1)  # equal bins of confidence for the reliability diagram and ECE
+
+
 class Params(Section):
     data: DataParams
     balance: BalanceParams = BalanceParams()
@@ -238,6 +244,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     finetune: FinetuneParams = FinetuneParams()
     mlflow: MlflowParams = MlflowParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")
     def _fits_the_model(self) -> Params:

@@ -1,6 +1,7 @@
-"""Classification metrics from predicted probabilities: accuracy, precision, recall, F1, ROC (numpy:
-importing scikit-learn's metrics would cost the evaluate stage more than computing them, see
-bench/README.md, `bench_imports.py`; tests/test_metrics.py checks these against them)."""
+"""Classification metrics from predicted probabilities: accuracy, precision, recall, F1, ROC, the
+precision-recall curve and average precision (numpy: importing scikit-learn's metrics would cost
+the evaluate stage more than computing them, see bench/README.md, `bench_imports.py`;
+tests/test_metrics.py checks these against them)."""
 
 from __future__ import annotations
 
@@ -55,19 +56,49 @@ def per_class_report(labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
     }
 
 
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> list[dict[str, float]]:
-    """False and true positive rates as the threshold on `scores` (of class 1) falls."""
+def _counts_at_thresholds(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each distinct score from the highest down, and the positives (label 1) and negatives whose score
+    is at least that (what predicting class 1 from that threshold gets right and wrong), with the
+    number of positives and of negatives."""
     order = np.argsort(-scores, kind="stable")
     scores, positive = scores[order], (labels[order] == 1).astype(np.float64)
+    last_of_each_threshold = np.flatnonzero(np.append(scores[1:] != scores[:-1], True))
     true_pos, false_pos = positive.cumsum(), (1 - positive).cumsum()
-    last_of_each_threshold = np.append(scores[1:] != scores[:-1], True)
-    n_pos, n_neg = max(positive.sum(), 1), max((1 - positive).sum(), 1)
+    n_pos, n_neg = positive.sum(), len(positive) - positive.sum()
+    return (
+        scores[last_of_each_threshold],
+        true_pos[last_of_each_threshold],
+        false_pos[last_of_each_threshold],
+        n_pos,
+        n_neg,
+    )
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> list[dict[str, float]]:
+    """False and true positive rates as the threshold on `scores` (of class 1) falls."""
+    thresholds, true_pos, false_pos, n_pos, n_neg = _counts_at_thresholds(labels, scores)
     points = [{"threshold": 1.0, "fpr": 0.0, "tpr": 0.0}]
-    for i in np.flatnonzero(last_of_each_threshold):
-        fpr, tpr = float(false_pos[i] / n_neg), float(true_pos[i] / n_pos)
-        points.append({"threshold": float(scores[i]), "fpr": fpr, "tpr": tpr})
+    for threshold, tp, fp in zip(thresholds.tolist(), true_pos.tolist(), false_pos.tolist(), strict=True):
+        points.append({"threshold": threshold, "fpr": fp / max(n_neg, 1), "tpr": tp / max(n_pos, 1)})
     return points
 
 
 def roc_auc(points: list[dict[str, float]]) -> float:
     return sum((b["fpr"] - a["fpr"]) * (a["tpr"] + b["tpr"]) / 2 for a, b in zip(points, points[1:], strict=False))
+
+
+def precision_recall_curve(labels: np.ndarray, scores: np.ndarray) -> list[dict[str, float]]:
+    """Recall and precision as the threshold on `scores` (of class 1) falls: scikit-learn's
+    precision_recall_curve with every threshold kept, from its end point (recall 0, precision 1), given
+    threshold 1.0 as roc_curve's first point is. Precision is 0 where nothing is predicted positive."""
+    thresholds, true_pos, false_pos, n_pos, _ = _counts_at_thresholds(labels, scores)
+    points = [{"threshold": 1.0, "recall": 0.0, "precision": 1.0}]
+    for threshold, tp, fp in zip(thresholds.tolist(), true_pos.tolist(), false_pos.tolist(), strict=True):
+        points.append({"threshold": threshold, "recall": tp / max(n_pos, 1), "precision": tp / max(tp + fp, 1)})
+    return points
+
+
+def average_precision(points: list[dict[str, float]]) -> float:
+    """The precision at each threshold weighted by the recall it adds: scikit-learn's
+    average_precision_score (a step function, not interpolated)."""
+    return max(0.0, sum((b["recall"] - a["recall"]) * b["precision"] for a, b in zip(points, points[1:], strict=False)))
