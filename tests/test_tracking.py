@@ -44,7 +44,8 @@ def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     assert "peak_gpu_memory_mib" not in summary and "peak_gpu_memory_mib" not in run.data.metrics  # no GPU here
     test_accuracy = json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"]
     assert run.data.metrics["test/accuracy"] == pytest.approx(test_accuracy)
-    for key in ("validation/accuracy", "train/accuracy", "test/precision", "test/recall", "test/f1"):
+    for key in ("validation/accuracy", "train/accuracy", "test/precision", "test/recall", "test/f1", "validation/ece",
+                "test/log_loss", "test/brier", "test/average_precision", "test/accuracy_ci/low"):  # fmt: skip
         assert key in run.data.metrics
     assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)  # system metrics
     tags = run.data.tags
@@ -54,7 +55,8 @@ def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     folders = ("finetune", "evaluate", "lineage")
     artifacts = {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
     for path in ("finetune/loss.csv", "finetune/accuracy.csv", "finetune/params.yaml", "evaluate/metrics.json",
-                 "evaluate/confusion.png", "lineage/finetune.json", "lineage/evaluate.json"):  # fmt: skip
+                 "evaluate/confusion.png", "evaluate/pr.csv", "evaluate/reliability.csv", "evaluate/reliability.png",
+                 "lineage/finetune.json", "lineage/evaluate.json"):  # fmt: skip
         assert path in artifacts, path
     inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "validation", "test"} and all(d.digest for d in inputs.values())

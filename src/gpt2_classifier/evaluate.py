@@ -53,10 +53,12 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
         if register_as and record.model_uri:
             version = tracker.register(record.model_uri, register_as, metrics["test"]["accuracy"])
             print(f"evaluate: registered {register_as} version {version}")
-    print("evaluate: accuracy " + ", ".join(f"{name} {metrics[name]['accuracy']:.2%}" for name in SPLITS))
-    if "accuracy_ci" in metrics["test"]:
-        interval = metrics["test"]["accuracy_ci"]
-        print(f"evaluate: test accuracy 95 % interval {interval['low']:.2%} to {interval['high']:.2%}")
+    interval = metrics["test"].get("accuracy_ci")
+    print(
+        "evaluate: accuracy "
+        + ", ".join(f"{name} {metrics[name]['accuracy']:.2%}" for name in SPLITS)
+        + (f" (95 % interval {interval['low']:.2%} to {interval['high']:.2%})" if interval else "")
+    )
     return metrics
 
 
