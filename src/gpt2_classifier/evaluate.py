@@ -18,6 +18,7 @@ from gpt2_classifier.metrics.classification import (
     roc_auc,
     roc_curve,
 )
+from gpt2_classifier.metrics.decision import DECISION_FILE, Decision
 from gpt2_classifier.metrics.plots import plot_confusion
 from gpt2_classifier.metrics.predictions import Predictions, read_predictions
 from gpt2_classifier.tracking.runs import continue_run
@@ -30,7 +31,11 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
             name: classification_report(p.labels, p.probs) | per_class_report(p.labels, p.probs, p.classes)
             for name, p in predictions.items()
         }
-        test_auc = write_test_reports(predictions["test"])
+        decision = Decision.read(PREDICTIONS / DECISION_FILE)
+        if decision.threshold is not None:  # beside argmax's: where the classifier's threshold puts them
+            for name in ("validation", "test"):
+                metrics[name]["at_threshold"] = report_at_threshold(predictions[name], decision)
+        test_auc = write_test_reports(predictions["test"], decision)
         if test_auc is not None:
             metrics["test"]["roc_auc"] = test_auc
         write_json(METRICS, metrics)
@@ -62,12 +67,19 @@ def metric_key(*parts: str) -> str:
     return "/".join(re.sub(r"[^\w.\- :]", "_", part) for part in parts)
 
 
-def write_test_reports(test: Predictions) -> float | None:
-    """The test set's predictions (confusion.csv, for dvc plots), confusion matrix (PNG) and ROC
-    (roc.csv: of the positive class for two labels, one-vs-rest per label for more). Returns the
-    ROC AUC for two labels."""
-    labels, probs, names = test.labels, test.probs, test.classes
-    predicted = probs.argmax(1)
+def report_at_threshold(p: Predictions, decision: Decision) -> dict[str, float]:
+    """The threshold, and accuracy, precision, recall and F1 of the labels it gives."""
+    decided = np.eye(len(p.classes))[decision.predict(decision.calibrate(p.probs))]  # one-hot: its argmax
+    return {"threshold": decision.threshold} | classification_report(p.labels, decided)
+
+
+def write_test_reports(test: Predictions, decision: Decision) -> float | None:
+    """The test set's predictions as the classifier decides (confusion.csv, for dvc plots), their
+    confusion matrix (PNG) and the ROC (roc.csv: of the positive class for two labels, one-vs-rest per
+    label for more). Returns the ROC AUC for two labels."""
+    labels, names = test.labels, test.classes
+    probs = decision.calibrate(test.probs)
+    predicted = decision.predict(probs)
     EVAL_REPORTS.mkdir(parents=True, exist_ok=True)
     pairs = zip(labels.tolist(), predicted.tolist(), strict=True)
     write_rows(EVAL_REPORTS / "confusion.csv", [{"actual": names[a], "predicted": names[p]} for a, p in pairs])
