@@ -228,6 +228,7 @@ def test_evaluate_writes_the_trust_metrics_and_their_plots(classes, tmp_path, mo
 
     from gpt2_classifier.core.params import parse_params
     from gpt2_classifier.evaluate import evaluate
+    from gpt2_classifier.metrics.decision import Decision, scaled
     from gpt2_classifier.metrics.predictions import Predictions, write_predictions
 
     monkeypatch.chdir(tmp_path)
@@ -235,6 +236,7 @@ def test_evaluate_writes_the_trust_metrics_and_their_plots(classes, tmp_path, mo
     for seed, split in enumerate(("train", "validation", "test")):
         labels, probs = _scored(len(classes), seed=seed)
         write_predictions(tmp_path / f"reports/predictions/{split}.csv", Predictions(classes, labels, probs))
+    Decision().write(tmp_path / "reports/predictions/decision.json")  # argmax, no temperature
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     raw["mlflow"]["enabled"] = False
     params = parse_params(raw)
@@ -266,3 +268,10 @@ def test_evaluate_writes_the_trust_metrics_and_their_plots(classes, tmp_path, mo
     test = evaluate(fewer)["test"]
     assert "accuracy_ci" not in test and test["ece"] == expected_calibration_error(labels, probs, 4)
     assert pd.read_csv(tmp_path / "reports/eval/reliability.csv")["bin"].max() <= 3
+
+    # With a temperature, the calibration metrics are of the probabilities the classifier serves
+    Decision(temperature=2.0).write(tmp_path / "reports/predictions/decision.json")
+    test = evaluate(fewer)["test"]
+    assert test["log_loss"] == log_loss(labels, scaled(probs, 2.0)) != log_loss(labels, probs)
+    assert test["ece"] == expected_calibration_error(labels, scaled(probs, 2.0), 4)
+    assert test["accuracy"] == classification_report(labels, probs)["accuracy"]

@@ -127,6 +127,11 @@ def test_intents_csv_example_three_classes_end_to_end(tmp_path):
     predicted = mlflow.pyfunc.load_model(run_info["model_uri"]).predict(["my parcel is late", "password locked"])
     assert list(predicted.columns) == ["label", *(f"p_{c}" for c in labels)] and len(predicted) == 2
 
+    # A threshold is for two classes: with three, finetune refuses it before training, in one line.
+    refused = run(["dvc", "exp", "run", "-S", "decision.threshold=f1"], project, check=False)
+    assert refused.returncode != 0
+    assert "decision.threshold=f1 needs two classes; the data has 3 (account, billing, shipping)" in refused.stderr
+
 
 def test_imdb_example_on_a_small_archive_of_the_same_layout(tmp_path):
     rng = random.Random(0)

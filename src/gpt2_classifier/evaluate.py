@@ -23,6 +23,7 @@ from gpt2_classifier.metrics.classification import (
     roc_auc,
     roc_curve,
 )
+from gpt2_classifier.metrics.decision import DECISION_FILE, Decision
 from gpt2_classifier.metrics.plots import plot_confusion, plot_reliability
 from gpt2_classifier.metrics.predictions import Predictions, read_predictions
 from gpt2_classifier.tracking.runs import continue_run
@@ -31,17 +32,24 @@ from gpt2_classifier.tracking.runs import continue_run
 def evaluate(params: Params) -> dict[str, dict[str, float]]:
     with continue_run(params.mlflow, RUN_FILE) as (tracker, record):
         predictions = {name: read_predictions(PREDICTIONS / f"{name}.csv") for name in SPLITS}
+        decision = Decision.read(PREDICTIONS / DECISION_FILE)
+        served = {
+            name: Predictions(p.classes, p.labels, decision.calibrate(p.probs)) for name, p in predictions.items()
+        }
         bins = params.evaluate.calibration_bins
-        metrics = {
+        metrics = {  # calibration: of the probabilities the classifier serves (decision.calibration)
             name: classification_report(p.labels, p.probs)
-            | calibration_report(p.labels, p.probs, bins)
+            | calibration_report(p.labels, served[name].probs, bins)
             | per_class_report(p.labels, p.probs, p.classes)
             for name, p in predictions.items()
         }
-        test_auc = write_test_reports(predictions["test"])
+        if decision.threshold is not None:  # beside argmax's: where the classifier's threshold puts them
+            for name in ("validation", "test"):
+                metrics[name]["at_threshold"] = report_at_threshold(predictions[name], decision)
+        test_auc = write_test_reports(predictions["test"], decision)
         if test_auc is not None:
             metrics["test"]["roc_auc"] = test_auc
-        metrics["test"] = add_test_metrics(metrics["test"], predictions["test"], params.evaluate)
+        metrics["test"] = add_test_metrics(metrics["test"], served["test"], params.evaluate)
         write_json(METRICS, metrics)
         # At the training's last step, where the logged model reads its metrics.
         flat = {metric_key(split, *keys): value for split, values in metrics.items() for keys, value in leaves(values)}
@@ -62,14 +70,8 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
     return metrics
 
 
-EVAL_FILES = (
-    "confusion.png",
-    "confusion.csv",
-    "roc.csv",
-    "pr.csv",
-    "reliability.csv",
-    "reliability.png",
-)  # reports/eval/, for MLflow
+# reports/eval/, for MLflow
+EVAL_FILES = ("confusion.png", "confusion.csv", "roc.csv", "pr.csv", "reliability.csv", "reliability.png")
 
 
 def add_test_metrics(test: dict, predictions: Predictions, settings: EvaluateParams) -> dict:
@@ -111,12 +113,19 @@ def metric_key(*parts: str) -> str:
     return "/".join(re.sub(r"[^\w.\- :]", "_", part) for part in parts)
 
 
-def write_test_reports(test: Predictions) -> float | None:
-    """The test set's predictions (confusion.csv, for dvc plots), confusion matrix (PNG) and ROC
-    (roc.csv: of the positive class for two labels, one-vs-rest per label for more). Returns the
-    ROC AUC for two labels."""
-    labels, probs, names = test.labels, test.probs, test.classes
-    predicted = probs.argmax(1)
+def report_at_threshold(p: Predictions, decision: Decision) -> dict[str, float]:
+    """The threshold, and accuracy, precision, recall and F1 of the labels it gives."""
+    decided = np.eye(len(p.classes))[decision.predict(decision.calibrate(p.probs))]  # one-hot: its argmax
+    return {"threshold": decision.threshold} | classification_report(p.labels, decided)
+
+
+def write_test_reports(test: Predictions, decision: Decision) -> float | None:
+    """The test set's predictions as the classifier decides (confusion.csv, for dvc plots), their
+    confusion matrix (PNG) and the ROC (roc.csv: of the positive class for two labels, one-vs-rest per
+    label for more). Returns the ROC AUC for two labels."""
+    labels, names = test.labels, test.classes
+    probs = decision.calibrate(test.probs)
+    predicted = decision.predict(probs)
     EVAL_REPORTS.mkdir(parents=True, exist_ok=True)
     pairs = zip(labels.tolist(), predicted.tolist(), strict=True)
     write_rows(EVAL_REPORTS / "confusion.csv", [{"actual": names[a], "predicted": names[p]} for a, p in pairs])

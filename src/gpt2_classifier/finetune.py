@@ -9,12 +9,13 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gpt2_classifier.core.config import architecture_name
 from gpt2_classifier.core.errors import PipelineError
 from gpt2_classifier.core.files import atomic_dir, write_json, write_rows
-from gpt2_classifier.core.params import FinetuneParams, Params, parse_params
+from gpt2_classifier.core.params import DecisionParams, FinetuneParams, Params, parse_params
 from gpt2_classifier.core.paths import (
     BASE,
     CLASSIFIER,
@@ -26,6 +27,7 @@ from gpt2_classifier.core.paths import (
     TRAIN_REPORTS,
 )
 from gpt2_classifier.data.encode import EncodingInfo, load_splits
+from gpt2_classifier.metrics.decision import DECISION_FILE, Decision, decide
 from gpt2_classifier.metrics.predictions import Predictions, write_predictions
 from gpt2_classifier.model.classifier import (
     ClassifierConfig,
@@ -42,7 +44,6 @@ from gpt2_classifier.train import checkpoint
 from gpt2_classifier.train.device import pick_device
 from gpt2_classifier.train.fast import iter_inputs
 from gpt2_classifier.train.graphs import graphed_step
-from gpt2_classifier.train.inputs import Inputs
 from gpt2_classifier.train.loop import History, Trainer, predict_proba
 
 STEP_METRICS = ("train_loss", "val_loss", "examples_seen")  # every eval_freq steps
@@ -59,6 +60,11 @@ def run_name(name: str, weights: str) -> str:
 def finetune(params: Params) -> History:
     f = params.finetune
     meta = EncodingInfo.read(ENCODED)
+    if params.decision.threshold != "argmax" and len(meta.labels) != 2:
+        raise PipelineError(
+            f"decision.threshold={params.decision.threshold} needs two classes; the data has {len(meta.labels)} "
+            f"({', '.join(meta.labels)}); set decision.threshold: argmax (the most probable class is chosen)"
+        )
     base = BaseConfig.read(BASE)
     cfg = dataclasses.replace(base.gpt, drop_rate=params.model.drop_rate)
     if meta.max_length > cfg.context_length:
@@ -112,6 +118,12 @@ def finetune(params: Params) -> History:
         trainer.graphed = graphed_step(trainer)  # on a GPU, each step one replay instead of hundreds of launches
         history = train_resumably(trainer, recipe, f, tracker)
 
+        probs = {name: predict_proba(model, inputs[name], PREDICT_BATCH).numpy() for name in SPLITS}
+        labels = {name: inputs[name].labels.numpy() for name in SPLITS}
+        decision = decide(params.decision, probs["validation"], labels["validation"])
+        report_decision(params.decision, decision, meta.labels)
+        chosen = {"resolved.temperature": decision.temperature}
+        tracker.log_params(chosen | ({"resolved.threshold": decision.threshold} if decision.threshold else {}))
         config = ClassifierConfig(
             labels=meta.labels,
             pool=reading.pool,
@@ -125,9 +137,11 @@ def finetune(params: Params) -> History:
             lora=lora_spec(model),
             precision=reading.precision,
             truncate=meta.truncate,
+            temperature=decision.temperature,
+            threshold=decision.threshold,
         )
         save_classifier(model, CLASSIFIER, config)
-        write_all_predictions(model, inputs, meta.labels)
+        write_all_predictions(probs, labels, meta.labels, decision)
         summary = write_reports(history, trainable, tracker.run_id, peak_gpu_memory_mib(device))
         final_step = trainer.step
         speed = {"train_seconds": summary["seconds"], "examples_per_second": summary["examples_per_second"]}
@@ -185,13 +199,29 @@ def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: 
     return history
 
 
-def write_all_predictions(model: torch.nn.Module, inputs: dict[str, Inputs], classes: list[str]) -> None:
-    """The trained classifier's probabilities on every full split, for evaluate (reports/predictions/)."""
+def write_all_predictions(
+    probs: dict[str, np.ndarray], labels: dict[str, np.ndarray], classes: list[str], decision: Decision
+) -> None:
+    """The trained classifier's probabilities on every full split (before calibration), and the decision
+    chosen on validation, for evaluate (reports/predictions/)."""
     with atomic_dir(PREDICTIONS) as tmp:
         for name in SPLITS:
-            probs = predict_proba(model, inputs[name], PREDICT_BATCH).numpy()
-            labels = inputs[name].labels.numpy()
-            write_predictions(tmp / f"{name}.csv", Predictions(classes, labels, probs))
+            write_predictions(tmp / f"{name}.csv", Predictions(classes, labels[name], probs[name]))
+        decision.write(tmp / DECISION_FILE)
+
+
+def report_decision(chose: DecisionParams, decision: Decision, classes: list[str]) -> None:
+    """Say what was chosen on validation, and warn when the target precision is out of reach there."""
+    if chose.calibration == "temperature":
+        print(f"finetune: temperature {decision.temperature:.4f}, fitted to the validation log loss")
+    if decision.threshold is None:
+        return
+    print(f"finetune: {classes[1]} when its probability is at least {decision.threshold:.4f} ({chose.threshold} rule)")
+    if not decision.reached:
+        print(
+            f"finetune: warning: no threshold reaches {chose.threshold} {chose.target:g} on the validation set; "
+            "the most precise one is used: lower decision.target, or give split.validation more data"
+        )
 
 
 def peak_gpu_memory_mib(device: torch.device) -> int | None:

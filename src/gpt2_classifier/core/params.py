@@ -205,6 +205,17 @@ class FinetuneParams(Section):
         return project_root() / CHECKPOINTS
 
 
+class DecisionParams(Section):
+    """How the trained classifier decides, fitted on the validation set after training and stored with it."""
+
+    calibration: Literal["none", "temperature"] = "none"  # temperature: one T fitted to the validation log loss
+    # argmax: the most probable class; two classes only: class 1 (balance.labels[1]) when its probability
+    # reaches the threshold with the best validation F1 (f1), the lowest reaching `target` precision
+    # (precision), or the highest keeping `target` recall (recall)
+    threshold: Literal["argmax", "f1", "precision", "recall"] = "argmax"
+    target: float = Field(0.99, gt=0, le=1)  # of precision or recall
+
+
 class MlflowParams(Section):
     enabled: bool = True
     experiment_name: str = Field("gpt2-classifier", max_length=500)  # MLflow's longest
@@ -243,6 +254,7 @@ class Params(Section):
     pad_encode: PadEncodeParams = PadEncodeParams()
     model: ModelParams = ModelParams()
     finetune: FinetuneParams = FinetuneParams()
+    decision: DecisionParams = DecisionParams()
     mlflow: MlflowParams = MlflowParams()
     evaluate: EvaluateParams = EvaluateParams()
 

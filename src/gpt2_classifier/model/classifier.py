@@ -15,6 +15,7 @@ from torch import nn
 from gpt2_classifier.core.config import GPTConfig, Pool, Precision, Truncate
 from gpt2_classifier.core.errors import WeightsError
 from gpt2_classifier.core.files import atomic_path, read_validated, sha256_file, write_json
+from gpt2_classifier.metrics.decision import Decision
 from gpt2_classifier.model.gpt import GPTModel, seeded
 from gpt2_classifier.model.lora import LinearWithLoRA, add_lora, merge_lora
 from gpt2_classifier.model.pretrained import CONFIG_FILE, WEIGHTS_FILE, BaseConfig, BaseIdentity
@@ -62,6 +63,14 @@ class ClassifierConfig(BaseModel):
     lora: LoraSpec | None
     precision: Precision = "float32"  # the forward pass's arithmetic (finetune.precision)
     truncate: Truncate = "head"  # which end of a longer text is read (pad_encode.truncate)
+    # How it decides, chosen on validation (decision params): probabilities calibrated by the temperature;
+    # two classes with a threshold: class 1 when its probability reaches it (None: the most probable class)
+    temperature: float = 1.0
+    threshold: float | None = None
+
+    @property
+    def decision(self) -> Decision:
+        return Decision(self.temperature, self.threshold)
 
     @property
     def unpadded(self) -> bool:

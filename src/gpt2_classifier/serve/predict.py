@@ -45,7 +45,8 @@ class TextClassifier:
         return cls(model, config, device)
 
     def predict_proba(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """(len(texts), classes) probabilities, through the fast path where it applies, as training
+        """(len(texts), classes) probabilities, calibrated as decision.calibration chose (the temperature
+        fitted on validation), through the fast path where it applies, as training
         ran: the frozen blocks on the positions the classifier can see (the real tokens, where it reads
         the last of them), packed; the last block at the read position only. Messages go GROUP at a
         time, which bounds the memory a long file takes."""
@@ -59,18 +60,17 @@ class TextClassifier:
             probs.append(predict_proba(self.model, inputs, batch_size))
             bar.update(len(group))
         bar.close()
-        return torch.cat(probs)
+        return torch.from_numpy(self.config.decision.calibrate(torch.cat(probs).numpy()))
 
     def predict(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[dict]:
-        """Per message: the label and the probability of every label."""
-        probs = self.predict_proba(texts, batch_size, progress)
-        results = []
-        for row in probs.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            results.append(
-                {"label": self.labels[best], **{f"p_{label}": p for label, p in zip(self.labels, row, strict=True)}}
-            )
-        return results
+        """Per message: the label (the most probable, or by the threshold chosen on validation) and the
+        probability of every label."""
+        probs = self.predict_proba(texts, batch_size, progress).numpy()
+        chosen = self.config.decision.predict(probs)
+        return [
+            {"label": self.labels[best], **{f"p_{label}": p for label, p in zip(self.labels, row, strict=True)}}
+            for best, row in zip(chosen.tolist(), probs.tolist(), strict=True)
+        ]
 
 
 def ensure_base_weights(folder: Path) -> Path:
