@@ -10,7 +10,8 @@ from typing import get_args
 import numpy as np
 import pytest
 import torch
-from conftest import zip_bytes
+import yaml
+from conftest import PROJECT, zip_bytes
 
 from gpt2_classifier.core.errors import DataError, DownloadError, ParamsError
 from gpt2_classifier.core.params import DataFormat, DataParams, parse_params
@@ -223,6 +224,32 @@ def test_download_checks_every_listed_folder(tmp_path):
         ".txt files inside 'aclImdb/dev' (data.member); data.format folders expects <data.member>/<label>/<name>.txt)."
     )
     assert not (tmp_path / "raw2").exists()
+
+
+def test_every_example_experiment_is_valid_params_and_imdb_is_the_bonus_recipe():
+    base = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    examples = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((PROJECT / "experiments").glob("*.yaml"))}
+    resolved = {}
+    for name, example in examples.items():
+        if "set" not in example:
+            continue  # reference_rows.yaml: rows, checked in test_variants.py
+        params = yaml.safe_load(yaml.safe_dump(base))
+        for key, value in example["set"].items():
+            *parents, leaf = key.split(".")
+            node = params
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        resolved[name] = parse_params(params, f"{name}.yaml")
+    assert set(resolved) == {"imdb", "intents"}
+    imdb = resolved["imdb"]
+    assert (imdb.data.format, imdb.data.members) == ("folders", ["aclImdb/train", "aclImdb/test"])
+    assert imdb.data.max_unzipped_bytes > 66 * 10**6  # the 50,000 labelled reviews' text
+    assert (imdb.balance.labels, imdb.balance.strategy) == (["neg", "pos"], "none")
+    assert (imdb.split.seed, imdb.split.train, imdb.split.validation, imdb.split.test) == (123, 0.7, 0.1, 0.2)
+    assert (imdb.model.name, imdb.model.weights) == ("gpt2-small", "pretrained")
+    assert (imdb.finetune.trainable_blocks, imdb.finetune.epochs) == ("all", 1)
+    assert (imdb.finetune.lr, imdb.finetune.batch_size, imdb.finetune.weight_decay) == (5e-5, 8, 0.1)
 
 
 @pytest.mark.parametrize(
