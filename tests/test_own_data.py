@@ -151,11 +151,11 @@ def test_imdb_example_on_a_small_archive_of_the_same_layout(tmp_path):
     sets = ["--set", f"data.url={archive}", "--set", "pad_encode.max_length=48"]  # the tiny model reads 128 tokens
     run([sys.executable, "experiments/own_data.py", "imdb", *sets], project)
 
-    counts = json.loads((project / "data/balance.json").read_text())
-    assert counts == {"messages": 40, "parsed": {"neg": 20, "pos": 20}, "balanced": {"neg": 20, "pos": 20},
+    counts = json.loads((project / "data/balance.json").read_text())  # train and test pooled, as the bonus
+    assert counts == {"messages": 80, "parsed": {"neg": 40, "pos": 40}, "balanced": {"neg": 40, "pos": 40},
                       "labels": ["neg", "pos"], "left_out": {"unsup": 7}}  # fmt: skip
     meta = json.loads((project / "data/encoded/meta.json").read_text())
-    assert [meta["splits"][s]["messages"] for s in ("train", "validation", "test")] == [28, 4, 8]
+    assert [meta["splits"][s]["messages"] for s in ("train", "validation", "test")] == [56, 8, 16]
     assert meta["truncate"] == "tail" and meta["max_length"] == 48 and meta["splits"]["train"]["truncated"] > 0
     assert json.loads((project / "models/classifier/config.json").read_text())["truncate"] == "tail"
     assert (project / "reports/metrics.json").is_file()

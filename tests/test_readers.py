@@ -10,13 +10,14 @@ from typing import get_args
 import numpy as np
 import pytest
 import torch
-from conftest import zip_bytes
+import yaml
+from conftest import PROJECT, zip_bytes
 
 from gpt2_classifier.core.errors import DataError, DownloadError, ParamsError
 from gpt2_classifier.core.params import DataFormat, DataParams, parse_params
 from gpt2_classifier.data.download import fetch_data_file
 from gpt2_classifier.data.encode import pad, pad_encode
-from gpt2_classifier.data.messages import Messages, split
+from gpt2_classifier.data.messages import Messages, balance, split
 from gpt2_classifier.data.readers import READERS, data_name, number_labels, read_labelled
 from gpt2_classifier.metrics.classification import per_class_report
 from gpt2_classifier.train.loop import class_weights
@@ -152,6 +153,105 @@ def test_download_keeps_a_folders_archive_and_extracts_a_file_from_a_tar_gz(tmp_
         fetch(packed, None, tmp_path / "none")
 
 
+def acl_imdb(seed=0) -> dict[str, bytes]:
+    """The layout of aclImdb_v1.tar.gz, small, in a shuffled archive order: train/{neg,pos,unsup} and
+    test/{neg,pos}, files named as there (`<id>_<rating>.txt`: `10_2.txt` sorts before `2_9.txt`)."""
+    rng = np.random.default_rng(seed)
+    members = {}
+    for part, n in (("train", 6), ("test", 4)):
+        for label in ("neg", "pos"):
+            for i in range(n * 2 if part == "train" else n):
+                rating = i % 4 + (1 if label == "neg" else 7)
+                members[f"aclImdb/{part}/{label}/{i}_{rating}.txt"] = f"{part} {label} {i}".encode()
+        members[f"aclImdb/{part}/urls_pos.txt"] = b"http://www.imdb.com/title/tt0000001/usercomments"
+    members |= {f"aclImdb/train/unsup/{i}_0.txt": b"unlabelled" for i in range(3)}
+    members["aclImdb/README"] = b"Large Movie Review Dataset v1.0"
+    names = list(members)
+    return {names[i]: members[names[i]] for i in rng.permutation(len(names))}
+
+
+def labelled(members, part) -> list[str]:
+    """A folder's labelled texts by path: the order data.format folders reads them in."""
+    return sorted(n for n in members if n.startswith(f"aclImdb/{part}/") and n.split("/")[2] in ("neg", "pos"))
+
+
+def test_listed_folders_are_pooled_in_the_listed_order_each_by_path(tmp_path):
+    members = acl_imdb()
+    assert [len(labelled(members, part)) for part in ("train", "test")] == [24, 8]
+    for archive in (
+        write(tmp_path, "aclImdb_v1.tar.gz", tar_gz(members)),
+        write(tmp_path, "a.zip", zip_bytes(members)),
+    ):
+        for member, order in [
+            (["aclImdb/train", "aclImdb/test"], labelled(members, "train") + labelled(members, "test")),
+            (["aclImdb/test/", "aclImdb/train"], labelled(members, "test") + labelled(members, "train")),
+            ("aclImdb/train", labelled(members, "train")),  # one folder, as before
+        ]:
+            params = DataParams(url=str(archive), format="folders", member=member)
+            texts = read_labelled(archive, params, ["neg", "pos"], 1 << 20)
+            assert texts.places == [f"{archive.name}: {name}" for name in order], member
+            assert texts.texts == [members[name].decode() for name in order]
+            assert texts.labels == [name.split("/")[2] for name in order]
+            assert texts.left_out == {"unsup": 3}  # train/unsup: balance.labels names neg and pos only
+    assert order[:3] == ["aclImdb/train/neg/0_1.txt", "aclImdb/train/neg/10_3.txt", "aclImdb/train/neg/11_4.txt"]
+
+
+def test_pooled_folders_split_by_the_fractions_and_all_50000_reviews_give_the_bonus_sizes(tmp_path):
+    members = acl_imdb()
+    archive = write(tmp_path, "aclImdb_v1.tar.gz", tar_gz(members))
+    params = DataParams(url=str(archive), format="folders", member=["aclImdb/train", "aclImdb/test"])
+    pooled, labels = number_labels(read_labelled(archive, params, ["neg", "pos"], 1 << 20), ["neg", "pos"])
+    assert len(pooled) == 32 and np.bincount(pooled.labels).tolist() == [16, 16]
+    assert len(balance(pooled, labels, seed=123)) == 32  # equal classes: undersampling keeps every review
+    parts = split(pooled, 0.7, 0.1, 0.2, seed=123)
+    assert [len(parts[s]) for s in ("train", "validation", "test")] == [22, 3, 7]  # int(32 * .7), int(3.2), the rest
+    assert sorted(t for part in parts.values() for t in part.texts) == sorted(pooled.texts)
+    # the real archive's 25,000 neg and 25,000 pos: the bonus's 35,000 / 5,000 / 10,000
+    reviews = messages([0] * 25_000 + [1] * 25_000)
+    assert len(balance(reviews, ["neg", "pos"], seed=123)) == 50_000
+    parts = split(reviews, 0.7, 0.1, 0.2, seed=123)
+    assert [len(parts[s]) for s in ("train", "validation", "test")] == [35_000, 5_000, 10_000]
+
+
+def test_download_checks_every_listed_folder(tmp_path):
+    archive = write(tmp_path, "aclImdb_v1.tar.gz", tar_gz(acl_imdb()))
+    fetch(archive, ["aclImdb/train", "aclImdb/test"], tmp_path / "raw", format="folders")
+    assert (tmp_path / "raw").read_bytes() == archive.read_bytes()
+    with pytest.raises(DownloadError) as info:
+        fetch(archive, ["aclImdb/train", "aclImdb/dev"], tmp_path / "raw2", format="folders")
+    assert str(info.value) == (
+        f"could not get the folders of 'aclImdb/train', 'aclImdb/dev' from {archive} ({archive}: no folder of "
+        ".txt files inside 'aclImdb/dev' (data.member); data.format folders expects <data.member>/<label>/<name>.txt)."
+    )
+    assert not (tmp_path / "raw2").exists()
+
+
+def test_every_example_experiment_is_valid_params_and_imdb_is_the_bonus_recipe():
+    base = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    examples = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((PROJECT / "experiments").glob("*.yaml"))}
+    resolved = {}
+    for name, example in examples.items():
+        if "set" not in example:
+            continue  # reference_rows.yaml: rows, checked in test_variants.py
+        params = yaml.safe_load(yaml.safe_dump(base))
+        for key, value in example["set"].items():
+            *parents, leaf = key.split(".")
+            node = params
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        resolved[name] = parse_params(params, f"{name}.yaml")
+    assert set(resolved) == {"imdb", "intents"}
+    imdb = resolved["imdb"]
+    assert (imdb.data.format, imdb.data.members) == ("folders", ["aclImdb/train", "aclImdb/test"])
+    assert imdb.data.max_unzipped_bytes > 66 * 10**6  # the 50,000 labelled reviews' text
+    assert (imdb.balance.labels, imdb.balance.strategy) == (["neg", "pos"], "none")
+    assert (imdb.split.seed, imdb.split.train, imdb.split.validation, imdb.split.test) == (123, 0.7, 0.1, 0.2)
+    assert (imdb.model.name, imdb.model.weights) == ("gpt2-small", "pretrained")
+    assert (imdb.finetune.trainable_blocks, imdb.finetune.epochs) == ("all", 1)
+    assert (imdb.finetune.lr, imdb.finetune.batch_size, imdb.finetune.weight_decay) == (5e-5, 8, 0.1)
+
+
 @pytest.mark.parametrize(
     ("members", "message"),
     [
@@ -247,6 +347,14 @@ def test_new_params_have_one_line_errors():
         ({"balance": {"strategy": "oversample"}}, "balance.strategy: Input should be 'undersample' or 'none'"),
         ({"pad_encode": {"truncate": "middle"}}, "pad_encode.truncate: Input should be 'head' or 'tail'"),
         ({"finetune": {"class_weights": "inverse"}}, "finetune.class_weights: Input should be 'balanced' or 'none'"),
+        (
+            {"data": {"url": "x", "format": "csv", "member": ["a.csv", "b.csv"]}},
+            r"data: member is a list \(\['a.csv', 'b.csv'\]\), which only format folders reads; give format 'csv' "
+            "one member, the data file's path in the archive",
+        ),
+        ({"data": {"url": "x", "format": "folders", "member": []}}, "data.member: is an empty list; name the folders"),
+        ({"data": {"url": "x", "format": "folders", "member": ["a/b", "a/b/"]}}, "data.member: lists 'a/b' twice"),
+        ({"data": {"url": "x", "format": "folders", "member": ["a", None]}}, "data.member: lists an empty folder"),
     ]:
         with pytest.raises(ParamsError, match=message) as info:
             parse_params(base | change)

@@ -31,8 +31,9 @@ class DataParams(Section):
     url: str
     mirrors: list[str] = []
     # The data file inside a zip or tar.gz (its path there, or a name that one member has); for
-    # folders, the folder in the archive that holds one folder per label (null: the archive's top)
-    member: str | None = "SMSSpamCollection"
+    # folders, the folder in the archive that holds one folder per label (null: the archive's top),
+    # or a list of such folders whose texts are pooled, in the listed order (IMDB's train and test)
+    member: str | list[str] | None = "SMSSpamCollection"
     sha256: Sha256 | None = None  # of the data file (for folders: of the archive); null: not checked
     # sms: `label<TAB>text` lines (the SMS Spam Collection); csv, tsv (header row), jsonl, parquet:
     # columns text_column and label_column; folders: <member>/<label>/<name>.txt in a folder, zip or tar.gz
@@ -51,14 +52,39 @@ class DataParams(Section):
             raise ValueError("is empty; name the column of the data file's header")
         return value
 
+    @field_validator("member", mode="before")
+    @classmethod
+    def _folders_listed_once(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError("is an empty list; name the folders to read, or give one member")
+        if any(not isinstance(folder, str) or not folder.strip("/ ") for folder in value):
+            raise ValueError(f"lists an empty folder ({value}); name each folder in the archive")
+        seen = [folder.strip("/") for folder in value]
+        twice = sorted({folder for folder in seen if seen.count(folder) > 1})
+        if twice:
+            raise ValueError(f"lists {twice[0]!r} twice; list each folder once")
+        return value
+
+    @property
+    def members(self) -> list[str | None]:
+        """The folders that data.format folders reads, in the order their texts are pooled."""
+        return list(self.member) if isinstance(self.member, list) else [self.member]
+
     @property
     def max_unzipped_bytes(self) -> int:
         return int(self.max_unzipped_mb * 2**20)
 
     @model_validator(mode="after")
-    def _distinct_columns(self) -> DataParams:
+    def _fits_format(self) -> DataParams:
         if self.format in TABULAR and self.text_column == self.label_column:
             raise ValueError(f"text_column and label_column are both {self.text_column!r}; name two columns")
+        if isinstance(self.member, list) and self.format != "folders":
+            raise ValueError(
+                f"member is a list ({self.member}), which only format folders reads; give format "
+                f"{self.format!r} one member, the data file's path in the archive"
+            )
         return self
 
     @field_validator("url", "mirrors")

@@ -178,15 +178,16 @@ def extract_member(archive: Path, member: str | None, out: Path, max_bytes: int,
         opened.copy(opened.find(member) if member else opened.only_member(), out, max_bytes)
 
 
-def keep_archive(archive: Path, folder: str | None, out: Path, label: str) -> None:
+def keep_archive(archive: Path, folders: list[str | None], out: Path, label: str) -> None:
     """data.format folders: the archive itself is the data (balance reads its folders in place), once
-    it is known to hold `<folder>/<label>/<name>.txt` files."""
+    it is known to hold `<folder>/<label>/<name>.txt` files for each of `folders`."""
     with open_archive(archive, label) as opened:
         if opened is None:
             raise DownloadError(
                 f"{label}: no zip or tar archive; data.format folders reads one folder per label from one"
             )
-        label_folders(opened, folder)
+        for folder in folders:
+            label_folders(opened, folder)
     shutil.copyfile(archive, out)
 
 
@@ -211,7 +212,7 @@ def fetch_data_file(data: DataParams, dest: Path) -> str:
                 got = True
                 with atomic_path(dest) as out:
                     if folders:
-                        keep_archive(archive, member, out, redact(source))
+                        keep_archive(archive, data.members, out, redact(source))
                     else:
                         extract_member(archive, member, out, max_bytes, redact(source))
                     verify_sha256(out, sha256, source)
@@ -230,7 +231,7 @@ def fetch_data_file(data: DataParams, dest: Path) -> str:
             "e.g. dvc exp run -S data.url=/path/to/sms+spam+collection.zip"
         )
     if folders:
-        what = f"the folders of '{member}'" if member else "the archive"
+        what = "the folders of " + ", ".join(f"'{m}'" for m in data.members) if member else "the archive"
     else:
         what = f"'{member}'" if member else "the data file"
     raise DownloadError(f"could not get {what} from {', '.join(redact(s) for s in sources)} ({failure}).{fix}")

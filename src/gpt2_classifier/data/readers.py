@@ -204,16 +204,21 @@ def _read_parquet(path: Path, name: str, data: DataParams, _labels: list[str] | 
 
 
 def _read_folders(path: Path, name: str, data: DataParams, labels: list[str] | None, max_bytes: int) -> LabelledTexts:
-    """Each `.txt` file of `<data.member>/<label>/` in the archive, read in archive order (a compressed tar
-    reads fastest so), then ordered by path; at most `max_bytes` of text in all."""
+    """Each `.txt` file of `<member>/<label>/` in the archive for each folder of data.member, read in
+    archive order (a compressed tar reads fastest so), then pooled: the folders in the listed order, each
+    ordered by path; at most `max_bytes` of text in all."""
     try:
         with open_archive(path, name) as archive:
             if archive is None:
                 raise DataError(f"{name}: no zip or tar archive; data.format folders reads one from data.url")
-            found = label_folders(archive, data.member)
-            wanted = {label: found[label] for label in found if labels is None or label in labels}
-            left_out = {label: len(members) for label, members in found.items() if label not in wanted}
-            by_name = {m.name: label for label, members in wanted.items() for m in members}
+            by_name: dict[str, tuple[int, str]] = {}  # member -> (its folder's place in data.member, label)
+            left_out: dict[str, int] = {}
+            for place, folder in enumerate(data.members):
+                for label, members in label_folders(archive, folder).items():
+                    if labels is None or label in labels:
+                        by_name |= {m.name: (place, label) for m in members}
+                    else:
+                        left_out[label] = left_out.get(label, 0) + len(members)
             read, total = {}, 0
             for member in archive.members:  # archive order
                 if member.name not in by_name:
@@ -227,13 +232,15 @@ def _read_folders(path: Path, name: str, data: DataParams, labels: list[str] | N
     except PipelineError as exc:
         raise DataError(str(exc).replace("data.max_unzipped_mb", "data.max_unzipped_mb (all texts together)")) from None
     texts, labels_read, places = [], [], []
-    for member_name in sorted(read):
+    for member_name in sorted(read, key=lambda member_name: (by_name[member_name][0], member_name)):
         if not read[member_name].strip():
             raise DataError(f"{name}: {member_name}: empty text; remove the file or fill it in")
         texts.append(read[member_name])
-        labels_read.append(by_name[member_name])
+        labels_read.append(by_name[member_name][1])
         places.append(f"{name}: {member_name}")
-    return LabelledTexts(name, texts, labels_read, list(range(1, len(texts) + 1)), places, left_out)
+    return LabelledTexts(
+        name, texts, labels_read, list(range(1, len(texts) + 1)), places, dict(sorted(left_out.items()))
+    )
 
 
 # data.format -> its reader: a new format is one entry here (and its name in core/params.py's DataFormat,
