@@ -22,6 +22,7 @@ SMOKE_TESTS = {
     "bench_imports.py": "test_bench_imports",
     "bench_load.py": "test_bench_load",
     "bench_onednn.py": "test_bench_onednn",
+    "bench_recipes.py": "test_bench_recipes",
     "bench_store.py": "test_bench_store",
     "bench_stages.py": "test_bench_stages_before_and_after",
     "bench_tensorfile.py": "test_bench_tensorfile",
@@ -112,6 +113,23 @@ def test_bench_data():
     assert all(result["seconds"][s] > 0 and result["peak_mib"][s] > 0 for s in stages)
     assert result["rows"] == 600 and result["balance"]["messages"] == 600
     assert sum(result["splits"].values()) == sum(result["balance"]["balanced"].values()) > 0
+
+
+@pytest.mark.slow
+def test_bench_recipes():
+    """Both recipes' rows: epochs run within those allowed, the best epoch among them, every number parses,
+    and the threshold's and argmax's test precision and recall are percentages."""
+    out = smoke("bench_recipes.py").stdout
+    percent, ci = rf"({NUMBER})%", rf"{NUMBER}% \({NUMBER}% to {NUMBER}%\)"
+    found = rows(out, rf"\| (reference|appendix-d) \| (\d+) of (\d+) \| (\d+)(?: \(kept \d+\))? \| {NUMBER} s "
+                      rf"\| {NUMBER} s \| {ci} \| {ci} \| ({NUMBER}) \(validation precision {percent}, [^)]+\) "
+                      rf"\| {percent} / {percent} \| {percent} / {percent} \|")  # fmt: skip
+    assert [m[1] for m in found] == ["reference", "appendix-d"], out
+    for m in found:
+        run, allowed, best = int(m[2]), int(m[3]), int(m[4])
+        assert 1 <= best <= run <= allowed == {"reference": 5, "appendix-d": 10}[m[1]], out
+        assert 0 <= float(m[5]) <= 1 and all(0 <= float(m[i]) <= 100 for i in range(6, 11)), out
+    assert "appendix-d: decision.threshold=precision, decision.target=0.99, finetune.epochs=10" in out, out
 
 
 @pytest.mark.slow
