@@ -119,11 +119,13 @@ def finetune(params: Params) -> History:
         trainer.graphed = graphed_step(trainer)  # on a GPU, each step one replay instead of hundreds of launches
         history = train_resumably(trainer, recipe, f, tracker)
         if history.stopped == "patience":
-            rule = f.early_stopping
+            rule, epochs = f.early_stopping, "epoch" if f.early_stopping.patience == 1 else "epochs"
             print(
                 f"finetune: stopped after epoch {history.epochs_run} of {f.epochs}: {rule.metric} improved by no "
-                f"more than {rule.min_delta:g} in {rule.patience} epochs (finetune.early_stopping)"
+                f"more than {rule.min_delta:g} in {rule.patience} {epochs} (finetune.early_stopping)"
             )
+        if f.keep == "best":
+            print(f"finetune: keeping epoch {history.best_epoch}'s weights, the best {f.early_stopping.metric}")
 
         config = ClassifierConfig(
             labels=meta.labels,
