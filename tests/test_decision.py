@@ -219,6 +219,9 @@ def test_the_model_card_says_what_the_pipeline_wrote_and_travels_with_the_mlflow
     at = test["at_threshold"]
     assert f"test precision {at['precision']:.2%} and recall {at['recall']:.2%}" in card
     assert "- Random base weights: not a pretrained model." in card
+    summary = json.loads((project / "reports/train/summary.json").read_text())
+    assert f"- Weights of epoch {summary['kept_epoch']} (finetune.keep: last); the best validation_loss" in card
+    assert f"{summary['best_validation_loss']:.4f}, at epoch {summary['best_epoch']}; every epoch ran" in card
     assert f"- {len(rows)} test messages: one message moves test accuracy by {1 / len(rows):.2%}" in card
 
     run_info = json.loads((project / "reports/train/mlflow_run.json").read_text())

@@ -100,12 +100,17 @@ def _training(c: CardInputs, p: Params) -> list[str]:
         f"- {c.summary.get('epochs_run', f.epochs)} of at most {f.epochs} epochs, {c.summary['examples_seen']:,} "
         f"examples seen in {c.summary['seconds']:g} s",
     ]
-    if "best_epoch" in c.summary:
-        lines.append(
-            f"- Stopped: {c.summary.get('stopped', 'after every epoch')}; kept the weights of "
-            f"{'the best epoch' if f.keep == 'best' else 'the last epoch'} (best epoch by "
-            f"{f.early_stopping.metric}: {c.summary['best_epoch']})"
+    if "kept_epoch" in c.summary:
+        rule, metric = f.early_stopping, f.early_stopping.metric
+        why = (
+            "every epoch ran"
+            if c.summary["stopped"] == "epochs"
+            else (f"stopped early: {metric} improved by no more than {rule.min_delta:g} in {rule.patience} epoch(s)")
         )
+        lines.append(
+            f"- Weights of epoch {c.summary['kept_epoch']} (finetune.keep: {f.keep}); the best {metric} on the full "
+            f"validation set, {c.summary[f'best_{metric}']:.4f}, at epoch {c.summary['best_epoch']}; {why}"
+        )  # fmt: skip
     return ["## Training", "\n".join(lines)]
 
 
