@@ -156,8 +156,8 @@ def test_imdb_example_on_a_small_archive_of_the_same_layout(tmp_path):
                       "labels": ["neg", "pos"], "left_out": {"unsup": 7}}  # fmt: skip
     meta = json.loads((project / "data/encoded/meta.json").read_text())
     assert [meta["splits"][s]["messages"] for s in ("train", "validation", "test")] == [56, 8, 16]
-    assert meta["truncate"] == "tail" and meta["max_length"] == 48 and meta["splits"]["train"]["truncated"] > 0
-    assert json.loads((project / "models/classifier/config.json").read_text())["truncate"] == "tail"
+    assert meta["truncate"] == "head" and meta["max_length"] == 48 and meta["splits"]["train"]["truncated"] > 0
+    assert json.loads((project / "models/classifier/config.json").read_text())["truncate"] == "head"
     assert (project / "reports/metrics.json").is_file()
 
 
