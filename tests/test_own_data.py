@@ -104,7 +104,8 @@ def test_intents_csv_example_three_classes_end_to_end(tmp_path):
     config = json.loads((project / "models/classifier/config.json").read_text())
     assert config["labels"] == labels
     metrics = json.loads((project / "reports/metrics.json").read_text())["test"]
-    assert set(metrics["per_class"]) == set(labels) and set(metrics["macro"]) == {"precision", "recall", "f1"}
+    assert set(metrics["per_class"]) == set(labels)
+    assert set(metrics["macro"]) == {"precision", "recall", "f1", "average_precision"}
     assert [metrics["per_class"][c]["support"] for c in labels] == [4, 10, 6]  # stratified test split: 20%
     confusion = pd.read_csv(project / "reports/eval/confusion.csv")
     assert set(confusion["actual"]) == set(labels) and len(confusion) == 20
