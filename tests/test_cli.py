@@ -53,11 +53,14 @@ def test_peak_gpu_memory_is_in_the_summary_on_cuda_only(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20 + 1)
     assert peak_gpu_memory_mib(torch.device("cuda")) == 3 and peak_gpu_memory_mib(torch.device("cpu")) is None
     monkeypatch.chdir(tmp_path)
-    history = History(steps=[{"step": 0, "train_loss": 0.5, "val_loss": 0.6}],
-                      epochs=[{"epoch": 1, "train_accuracy_estimate": 0.5, "val_accuracy_estimate": 0.4}])  # fmt: skip
-    assert write_reports(history, 10, None, 3)["peak_gpu_memory_mib"] == 3
+    from gpt2_classifier.core.params import FinetuneParams
+
+    epoch = {"epoch": 1, "step": 0, "train_accuracy_estimate": 0.5, "val_accuracy_estimate": 0.4,
+             "validation_loss": 0.7, "validation_accuracy": 0.4}  # fmt: skip
+    history = History(steps=[{"step": 0, "train_loss": 0.5, "val_loss": 0.6}], epochs=[epoch], best_epoch=1)
+    assert write_reports(history, FinetuneParams(), 10, None, 3)["peak_gpu_memory_mib"] == 3
     assert json.loads((tmp_path / "reports/train/summary.json").read_text())["peak_gpu_memory_mib"] == 3
-    assert "peak_gpu_memory_mib" not in write_reports(history, 10, None, None)  # on the CPU: not a made-up 0
+    assert "peak_gpu_memory_mib" not in write_reports(history, FinetuneParams(), 10, None, None)  # on the CPU: no 0
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,15 @@
-"""The decision chosen on validation: temperature scaling and the operating threshold (metrics/decision.py),
-stored in the classifier, applied by classify, the MLflow model and evaluate."""
+"""The deployable model: the decision chosen on validation (temperature scaling and the operating threshold,
+metrics/decision.py), stored in the classifier, applied by classify, the MLflow model and evaluate; and the
+model card evaluate writes and logs with the MLflow model (metrics/card.py)."""
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import made_zip, make_project, run, tiny_params
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import f1_score, log_loss, precision_recall_curve, precision_score, recall_score
@@ -126,7 +129,7 @@ def decided(tmp_path_factory):
     """A tiny project trained with temperature scaling and a threshold at a target precision."""
     tmp = tmp_path_factory.mktemp("decided")
     decision = {"calibration": "temperature", "threshold": "precision", "target": 0.9}
-    params = tiny_params(*made_zip(tmp, 90, 30, seed=5), decision=decision, mlflow={"enabled": False})
+    params = tiny_params(*made_zip(tmp, 90, 30, seed=5), decision=decision, mlflow={"system_metrics": False})
     project = make_project(tmp / "p", params)
     result = run(["dvc", "repro"], project)
     return project, result.stdout
@@ -186,3 +189,94 @@ def test_classify_and_the_pyfunc_model_decide_by_the_stored_threshold(decided):
     model = ClassifierModel()
     model.classifier = classifier  # what load_context builds from the logged folder
     assert model.predict(None, texts)["label"].tolist() == [r["label"] for r in results]
+
+
+@pytest.mark.slow
+def test_the_model_card_says_what_the_pipeline_wrote_and_travels_with_the_mlflow_model(decided):
+    import mlflow
+
+    project, _ = decided
+    card = (project / "reports/model_card.md").read_text()
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    counts = json.loads((project / "data/balance.json").read_text())
+    base = json.loads((project / "models/base/config.json").read_text())
+    config = json.loads((project / "models/classifier/config.json").read_text())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    test = metrics["test"]
+    assert card.startswith("# Model card: ham / spam classifier on gpt2-custom-2L-32d-2h\n")
+    assert f"SHA-256 `{params['data']['sha256']}` (checked on download)" in card
+    assert f"random weights (SHA-256 `{base['sha256']}`)" in card
+    assert f"as read: ham {counts['parsed']['ham']}, spam {counts['parsed']['spam']}" in card
+    for split in ("train", "validation", "test"):
+        rows = pd.read_csv(project / f"reports/predictions/{split}.csv")
+        ham, spam = (rows.actual == "ham").sum(), (rows.actual == "spam").sum()
+        assert f"| {split} | {len(rows)} | {ham} | {spam} |" in card
+        assert f"| {split} | {metrics[split]['accuracy']:.2%} | {metrics[split]['precision']:.2%} |" in card
+    ci = test["accuracy_ci"]
+    assert f"Test accuracy {test['accuracy']:.2%}, 95 % bootstrap interval {ci['low']:.2%} to {ci['high']:.2%}" in card
+    assert f"spam when its probability is at least {config['threshold']:.4f}: the precision rule, target 0.9" in card
+    assert f"temperature {config['temperature']:.4f}, fitted to the validation log loss" in card
+    at = test["at_threshold"]
+    assert f"test precision {at['precision']:.2%} and recall {at['recall']:.2%}" in card
+    assert "- Random base weights: not a pretrained model." in card
+    summary = json.loads((project / "reports/train/summary.json").read_text())
+    assert f"- Weights of epoch {summary['kept_epoch']} (finetune.keep: last); the best validation_loss" in card
+    assert f"{summary['best_validation_loss']:.4f}, at epoch {summary['best_epoch']}; every epoch ran" in card
+    assert f"- {len(rows)} test messages: one message moves test accuracy by {1 / len(rows):.2%}" in card
+
+    run_info = json.loads((project / "reports/train/mlflow_run.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    location = client.get_logged_model(run_info["model_id"]).artifact_location
+    assert (Path(location.removeprefix("file://")) / "model_card.md").read_text() == card
+    assert f'load_model("{run_info["model_uri"]}")' in card
+
+    again = run([sys.executable, "stages/evaluate.py"], project)  # the same inputs write the same card
+    assert again.returncode == 0 and (project / "reports/model_card.md").read_text() == card
+
+
+def test_the_card_of_a_pretrained_three_class_model_without_intervals():
+    from gpt2_classifier.core.params import parse_params
+    from gpt2_classifier.metrics.card import CardInputs, model_card
+
+    labels = ["account", "billing", "shipping"]
+    report = {"accuracy": 0.9, "precision": 0.8, "recall": 0.7, "f1": 0.75, "log_loss": 0.3, "brier": 0.1, "ece": 0.05}
+    gpt = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
+           "drop_rate": 0.0, "qkv_bias": True}  # fmt: skip
+    card = model_card(
+        CardInputs(
+            params=parse_params(
+                {
+                    "data": {"url": "https://user:secret@example.com/t.csv", "format": "csv", "member": None},
+                    "split": {"stratify": True},
+                }
+            ),  # fmt: skip
+            balance={"parsed": dict.fromkeys(labels, 10), "balanced": dict.fromkeys(labels, 10), "labels": labels},
+            classifier={
+                "labels": labels,
+                "base": {"name": "gpt2-small", "weights": "pretrained", "sha256": "ab"},
+                "gpt": gpt,
+                "lora": None,
+                "trainable_blocks": "all",
+                "max_length": 120,
+                "truncate": "tail",
+                "pool": "last",
+                "precision": "float32",
+            },  # fmt: skip
+            summary={"examples_seen": 48, "seconds": 3.0},
+            split_counts={
+                "train": dict.fromkeys(labels, 7),
+                "validation": dict.fromkeys(labels, 1),
+                "test": dict.fromkeys(labels, 2),
+            },  # fmt: skip
+            decision=Decision(),
+            metrics={"train": report, "validation": report, "test": report},
+        )
+    )
+    assert card.startswith("# Model card: account / billing / shipping classifier on gpt2-small\n")
+    assert "secret" not in card and "https://***@example.com/t.csv (csv)" in card
+    assert "Random base weights" not in card and "pretrained weights" in card
+    assert "- Fine-tuned: every parameter and a new head of 3 classes" in card
+    assert "- The most probable class (argmax)" in card and "Calibration of the probabilities: none" in card
+    assert card.count("95 % bootstrap interval not computed (evaluate.bootstrap: 0)") == 2  # accuracy and F1
+    assert "ROC AUC" not in card and "At the threshold" not in card and "macro-averaged, by argmax" in card
+    assert "stratified by class" in card and "- 6 test messages: one message moves test accuracy by 16.67%" in card

@@ -37,10 +37,10 @@ def toy(n, seed):
     return EncodedSplit(ids, labels, torch.full((n,), 10))
 
 
-def trainer(blocks=1):
+def trainer(blocks=1, **changes):
     model = replace_head(random_model(CFG, 0), 2, seed=1)
     set_trainable(model, blocks)
-    settings = FinetuneParams(lr=1e-2, epochs=3, eval_freq=2, eval_iter=2)
+    settings = FinetuneParams(**{"lr": 1e-2, "epochs": 3, "eval_freq": 2, "eval_iter": 2, **changes})
     train, val = FullForward(model, toy(48, 0), reading(), "cpu"), FullForward(model, toy(16, 1), reading(), "cpu")
     return Trainer(model, train, val, settings, "cpu")
 
@@ -49,30 +49,40 @@ class Interrupt(Exception):
     pass
 
 
+# Early stopping: epoch 2's validation loss is the best by more than min_delta, epochs 3 and 4 are not, so
+# patience 2 stops training after epoch 4 of 5; the run is interrupted in epoch 4, after epoch 3's checkpoint.
+EARLY = {"epochs": 5, "early_stopping": {"patience": 2, "min_delta": 2e-3}, "keep": "best"}
+
+
 @pytest.mark.parametrize("blocks", [1, "all"])
-def test_resumed_run_ends_with_the_same_weights_and_history(tmp_path, blocks):
+@pytest.mark.parametrize("changes", [{}, EARLY], ids=["reference", "early-stopping"])
+def test_resumed_run_ends_with_the_same_weights_and_history(tmp_path, blocks, changes):
     torch.manual_seed(5)
-    whole = trainer(blocks)
+    whole = trainer(blocks, **changes)
     expected = whole.fit()
     expected_state = {n: p.clone() for n, p in whole.model.named_parameters()}
+    interrupted_in = 4 if changes else 2
+    if changes:  # the premise: the best epoch's weights come from the checkpoint
+        assert (expected.best_epoch, expected.epochs_run, expected.stopped) == (2, 4, "patience")
 
     torch.manual_seed(5)
-    first = trainer(blocks)
+    first = trainer(blocks, **changes)
     path = tmp_path / "ckpt.safetensors"
 
-    def stop_in_epoch_two(record):
-        if record["epoch"] == 2:
+    def interrupt(record):
+        if record["epoch"] == interrupted_in:
             raise Interrupt
 
     with pytest.raises(Interrupt), checkpoint.Writer(path, "fp", {"run_id": "r1"}) as writer:
-        first.fit(on_epoch=stop_in_epoch_two, on_checkpoint=writer.save)
+        first.fit(on_epoch=interrupt, on_checkpoint=writer.save)
 
     torch.manual_seed(999)  # a resumed process starts with other random state; the checkpoint restores it
-    second = trainer(blocks)
+    second = trainer(blocks, **changes)
     assert checkpoint.resume(path, second, "fp") == {"run_id": "r1"}
-    assert second.epoch == 1
+    assert second.epoch == interrupted_in - 1
     history = second.fit()
     assert history.steps == expected.steps and history.epochs == expected.epochs
+    assert (history.best_epoch, history.stopped) == (expected.best_epoch, expected.stopped)
     for name, param in second.model.named_parameters():
         assert torch.equal(param, expected_state[name]), name
 

@@ -218,6 +218,28 @@ def test_bootstrap_intervals_are_seeded_and_hold_the_estimate():
     assert bootstrap.bootstrap_intervals(labels, probs, 0, seed=1) == {}
 
 
+def write_card_inputs(project, classes: list[str]) -> None:
+    """What the stages before evaluate write that the model card reads: the class counts, the classifier's
+    config and the training summary."""
+    import json
+
+    from gpt2_classifier.core.config import GPTConfig
+
+    counts = dict.fromkeys(classes, 100)
+    files = {
+        "data/balance.json": {"messages": 100 * len(classes), "parsed": counts, "balanced": counts, "labels": classes},
+        "models/classifier/config.json": {
+            "labels": classes, "pool": "last", "max_length": 64, "truncate": "head", "precision": "float32",
+            "trainable_blocks": 1, "lora": None, "gpt": GPTConfig().to_dict(),
+            "base": {"name": "gpt2-small", "weights": "random", "sha256": "0" * 64},
+        },
+        "reports/train/summary.json": {"examples_seen": 100, "seconds": 1.0},
+    }  # fmt: skip
+    for name, content in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(json.dumps(content))
+
+
 @pytest.mark.parametrize("classes", [["ham", "spam"], ["ham", "spam", "promo"]])
 def test_evaluate_writes_the_trust_metrics_and_their_plots(classes, tmp_path, monkeypatch):
     import json
@@ -237,6 +259,7 @@ def test_evaluate_writes_the_trust_metrics_and_their_plots(classes, tmp_path, mo
         labels, probs = _scored(len(classes), seed=seed)
         write_predictions(tmp_path / f"reports/predictions/{split}.csv", Predictions(classes, labels, probs))
     Decision().write(tmp_path / "reports/predictions/decision.json")  # argmax, no temperature
+    write_card_inputs(tmp_path, classes)
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     raw["mlflow"]["enabled"] = False
     params = parse_params(raw)

@@ -104,7 +104,8 @@ def test_intents_csv_example_three_classes_end_to_end(tmp_path):
     config = json.loads((project / "models/classifier/config.json").read_text())
     assert config["labels"] == labels
     metrics = json.loads((project / "reports/metrics.json").read_text())["test"]
-    assert set(metrics["per_class"]) == set(labels) and set(metrics["macro"]) == {"precision", "recall", "f1"}
+    assert set(metrics["per_class"]) == set(labels)
+    assert set(metrics["macro"]) == {"precision", "recall", "f1", "average_precision"}
     assert [metrics["per_class"][c]["support"] for c in labels] == [4, 10, 6]  # stratified test split: 20%
     confusion = pd.read_csv(project / "reports/eval/confusion.csv")
     assert set(confusion["actual"]) == set(labels) and len(confusion) == 20
@@ -156,8 +157,8 @@ def test_imdb_example_on_a_small_archive_of_the_same_layout(tmp_path):
                       "labels": ["neg", "pos"], "left_out": {"unsup": 7}}  # fmt: skip
     meta = json.loads((project / "data/encoded/meta.json").read_text())
     assert [meta["splits"][s]["messages"] for s in ("train", "validation", "test")] == [56, 8, 16]
-    assert meta["truncate"] == "tail" and meta["max_length"] == 48 and meta["splits"]["train"]["truncated"] > 0
-    assert json.loads((project / "models/classifier/config.json").read_text())["truncate"] == "tail"
+    assert meta["truncate"] == "head" and meta["max_length"] == 48 and meta["splits"]["train"]["truncated"] > 0
+    assert json.loads((project / "models/classifier/config.json").read_text())["truncate"] == "head"
     assert (project / "reports/metrics.json").is_file()
 
 

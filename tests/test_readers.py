@@ -249,6 +249,7 @@ def test_every_example_experiment_is_valid_params_and_imdb_is_the_bonus_recipe()
     assert (imdb.split.seed, imdb.split.train, imdb.split.validation, imdb.split.test) == (123, 0.7, 0.1, 0.2)
     assert (imdb.model.name, imdb.model.weights) == ("gpt2-small", "pretrained")
     assert (imdb.finetune.trainable_blocks, imdb.finetune.epochs) == ("all", 1)
+    assert (imdb.pad_encode.max_length, imdb.pad_encode.truncate) == (256, "head")  # the bonus script's first 256
     assert (imdb.finetune.lr, imdb.finetune.batch_size, imdb.finetune.weight_decay) == (5e-5, 8, 0.1)
 
 

@@ -37,6 +37,10 @@ def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     assert not {"val_accuracy", "train_accuracy"} & set(run.data.metrics)  # estimates never pose as full-set values
     summary = json.loads((project / "reports/train/summary.json").read_text())
     assert run.data.metrics["examples_seen"] == summary["examples_seen"]  # one true value everywhere
+    assert len(client.get_metric_history(run_id, "validation_loss")) == 1  # the full set's, after the epoch
+    assert run.data.metrics["validation_accuracy"] == pytest.approx(summary["validation_accuracy"])
+    assert run.data.metrics["best_epoch"] == summary["best_epoch"] == 1 and run.data.metrics["epochs_run"] == 1
+    assert run.data.tags["stopped"] == summary["stopped"] == "epochs" and summary["kept_epoch"] == 1
     finetune = yaml.safe_load((project / "params.yaml").read_text())["finetune"]
     rates = client.get_metric_history(run_id, "lr")  # every optimizer step's, at its step
     assert sorted(m.step for m in rates) == list(range(summary["examples_seen"] // finetune["batch_size"]))

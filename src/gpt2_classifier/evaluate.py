@@ -9,11 +9,22 @@ import re
 
 import numpy as np
 
-from gpt2_classifier.core.files import write_json, write_rows
+from gpt2_classifier.core.files import atomic_path, read_json, write_json, write_rows
 from gpt2_classifier.core.params import EvaluateParams, Params
-from gpt2_classifier.core.paths import EVAL_REPORTS, METRICS, PREDICTIONS, RUN_FILE, SPLITS
+from gpt2_classifier.core.paths import (
+    BALANCE_COUNTS,
+    CLASSIFIER,
+    EVAL_REPORTS,
+    METRICS,
+    MODEL_CARD,
+    PREDICTIONS,
+    RUN_FILE,
+    SPLITS,
+    TRAIN_REPORTS,
+)
 from gpt2_classifier.metrics.bootstrap import bootstrap_intervals
 from gpt2_classifier.metrics.calibration import calibration_report, reliability_bins
+from gpt2_classifier.metrics.card import CardInputs, model_card
 from gpt2_classifier.metrics.classification import (
     average_precision,
     classification_report,
@@ -51,11 +62,13 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
             metrics["test"]["roc_auc"] = test_auc
         metrics["test"] = add_test_metrics(metrics["test"], served["test"], params.evaluate)
         write_json(METRICS, metrics)
+        write_card(params, predictions, decision, metrics, record.model_uri)
         # At the training's last step, where the logged model reads its metrics.
         flat = {metric_key(split, *keys): value for split, values in metrics.items() for keys, value in leaves(values)}
         tracker.log_metrics(flat, step=record.step, model_id=record.model_id)
         reports = [EVAL_REPORTS / name for name in EVAL_FILES]
-        tracker.log_artifacts([METRICS, *reports], "evaluate")
+        tracker.log_artifacts([METRICS, MODEL_CARD, *reports], "evaluate")
+        tracker.log_model_artifacts([MODEL_CARD])  # the card travels with the model
         tracker.log_lineage("evaluate", inputs=None, outputs={"metrics": METRICS})
         register_as = params.mlflow.register_as
         if register_as and record.model_uri:
@@ -97,6 +110,28 @@ def add_test_metrics(test: dict, predictions: Predictions, settings: EvaluatePar
             test["per_class"][name]["average_precision"] = precision[c]
     test |= bootstrap_intervals(labels, probs, settings.bootstrap, settings.seed)
     return dict(sorted(test.items(), key=lambda item: (isinstance(item[1], dict), item[0] in ("macro", "per_class"))))
+
+
+def write_card(
+    params: Params, predictions: dict[str, Predictions], decision: Decision, metrics: dict, model_uri: str | None
+) -> None:
+    """reports/model_card.md, from what the stages before wrote and the metrics."""
+    counts = {
+        name: {p.classes[c]: int(n) for c, n in enumerate(np.bincount(p.labels, minlength=len(p.classes)))}
+        for name, p in predictions.items()
+    }
+    inputs = CardInputs(
+        params=params,
+        balance=read_json(BALANCE_COUNTS),
+        classifier=read_json(CLASSIFIER / "config.json"),
+        summary=read_json(TRAIN_REPORTS / "summary.json"),
+        split_counts=counts,
+        decision=decision,
+        metrics=metrics,
+        model_uri=model_uri,
+    )
+    with atomic_path(MODEL_CARD) as tmp:
+        tmp.write_text(model_card(inputs), encoding="utf-8")
 
 
 def leaves(tree: dict, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:

@@ -47,7 +47,14 @@ from gpt2_classifier.train.graphs import graphed_step
 from gpt2_classifier.train.loop import History, Trainer, predict_proba
 
 STEP_METRICS = ("train_loss", "val_loss", "examples_seen")  # every eval_freq steps
-EPOCH_METRICS = ("train_accuracy_estimate", "val_accuracy_estimate", "examples_seen", "epoch")
+EPOCH_METRICS = (
+    "train_accuracy_estimate",
+    "val_accuracy_estimate",
+    "validation_loss",  # on the full validation set
+    "validation_accuracy",
+    "examples_seen",
+    "epoch",
+)
 PREDICT_BATCH = 64  # rows per forward pass when predicting (the results do not depend on it)
 REPORT_FILES = ("loss.csv", "accuracy.csv", "summary.json")
 
@@ -117,6 +124,14 @@ def finetune(params: Params) -> History:
         trainer = Trainer(model, inputs["train"], inputs["validation"], f, device)
         trainer.graphed = graphed_step(trainer)  # on a GPU, each step one replay instead of hundreds of launches
         history = train_resumably(trainer, recipe, f, tracker)
+        if history.stopped == "patience":
+            rule, epochs = f.early_stopping, "epoch" if f.early_stopping.patience == 1 else "epochs"
+            print(
+                f"finetune: stopped after epoch {history.epochs_run} of {f.epochs}: {rule.metric} improved by no "
+                f"more than {rule.min_delta:g} in {rule.patience} {epochs} (finetune.early_stopping)"
+            )
+        if f.keep == "best":
+            print(f"finetune: keeping epoch {history.best_epoch}'s weights, the best {f.early_stopping.metric}")
 
         probs = {name: predict_proba(model, inputs[name], PREDICT_BATCH).numpy() for name in SPLITS}
         labels = {name: inputs[name].labels.numpy() for name in SPLITS}
@@ -142,8 +157,10 @@ def finetune(params: Params) -> History:
         )
         save_classifier(model, CLASSIFIER, config)
         write_all_predictions(probs, labels, meta.labels, decision)
-        summary = write_reports(history, trainable, tracker.run_id, peak_gpu_memory_mib(device))
+        summary = write_reports(history, f, trainable, tracker.run_id, peak_gpu_memory_mib(device))
         final_step = trainer.step
+        tracker.log_metrics({k: summary[k] for k in ("best_epoch", "kept_epoch", "epochs_run")}, step=final_step)
+        tracker.set_tags({"stopped": history.stopped})
         speed = {"train_seconds": summary["seconds"], "examples_per_second": summary["examples_per_second"]}
         if "peak_gpu_memory_mib" in summary:
             speed["peak_gpu_memory_mib"] = summary["peak_gpu_memory_mib"]
@@ -230,19 +247,31 @@ def peak_gpu_memory_mib(device: torch.device) -> int | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None
 
 
-def write_reports(history: History, trainable: int, run_id: str | None, peak_gpu_mib: int | None = None) -> dict:
+def write_reports(
+    history: History, f: FinetuneParams, trainable: int, run_id: str | None, peak_gpu_mib: int | None = None
+) -> dict:
     """The curves as CSV, which dvc plots draws (MLflow charts the same values, logged as metrics), and
     summary.json (for dvc metrics, with the MLflow run, so `dvc exp show` names each experiment's run;
-    on CUDA, with the peak GPU memory); returns the summary."""
+    on CUDA, with the peak GPU memory); returns the summary. Its losses and accuracies are those of the
+    weights kept (finetune.keep): the kept epoch's, and the last loss estimate made by its end."""
     TRAIN_REPORTS.mkdir(parents=True, exist_ok=True)
     write_rows(TRAIN_REPORTS / "loss.csv", history.steps)
     write_rows(TRAIN_REPORTS / "accuracy.csv", history.epochs)
-    last_loss, last_epoch = history.steps[-1], history.epochs[-1]
+    kept = history.epoch_record(history.best_epoch if f.keep == "best" else history.epochs_run)
+    best = history.epoch_record(history.best_epoch)
+    loss = [record for record in history.steps if record["step"] <= kept["step"]][-1]
     summary = {
-        "train_loss": last_loss["train_loss"],
-        "val_loss": last_loss["val_loss"],
-        "train_accuracy_estimate": last_epoch["train_accuracy_estimate"],
-        "val_accuracy_estimate": last_epoch["val_accuracy_estimate"],
+        "train_loss": loss["train_loss"],
+        "val_loss": loss["val_loss"],
+        "train_accuracy_estimate": kept["train_accuracy_estimate"],
+        "val_accuracy_estimate": kept["val_accuracy_estimate"],
+        "validation_loss": kept["validation_loss"],  # on the full validation set
+        "validation_accuracy": kept["validation_accuracy"],
+        "kept_epoch": kept["epoch"],  # whose weights were saved (finetune.keep)
+        "best_epoch": best["epoch"],
+        f"best_{f.early_stopping.metric}": best[f.early_stopping.metric],
+        "epochs_run": history.epochs_run,
+        "stopped": history.stopped,  # epochs: every epoch ran; patience: finetune.early_stopping stopped it
         "examples_seen": history.examples_seen,
         "seconds": round(history.seconds, 1),
         "examples_per_second": round(history.examples_seen / max(history.seconds, 1e-9), 2),

@@ -181,6 +181,20 @@ class ScheduleParams(Section):
         return self.warmup != 0 or self.decay != "constant"
 
 
+class EarlyStoppingParams(Section):
+    """When training stops, judged after each epoch on the full validation set; the defaults run every
+    epoch, as the reference does."""
+
+    metric: Literal["validation_loss", "validation_accuracy"] = "validation_loss"  # lower | higher is better
+    # stop after this many epochs in a row without an improvement of more than min_delta; None: never
+    patience: Annotated[int, Field(ge=1)] | None = None
+    min_delta: float = Field(0.0, ge=0)
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric == "validation_loss"
+
+
 class FinetuneParams(Section):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -195,6 +209,10 @@ class FinetuneParams(Section):
     accumulation_steps: int = Field(1, ge=1)
     schedule: ScheduleParams = ScheduleParams()
     grad_clip: Annotated[float, Field(gt=0)] | None = None  # the gradients' global norm at most this; None: off
+    early_stopping: EarlyStoppingParams = EarlyStoppingParams()
+    # the weights saved: last (the reference: those after the last epoch run) | best (those of the epoch
+    # with early_stopping.metric's best value)
+    keep: Literal["last", "best"] = "last"
     causal_mask: bool = True
     ignore_index: int = -100
     # balanced: each class's loss weighted by n / (classes * its training examples); none: unweighted

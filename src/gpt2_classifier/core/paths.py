@@ -18,6 +18,7 @@ RUN_FILE = TRAIN_REPORTS / "mlflow_run.json"  # finetune -> evaluate: the MLflow
 PREDICTIONS = Path("reports/predictions")  # finetune: {split}.csv, the classifier's probabilities
 METRICS = Path("reports/metrics.json")  # evaluate
 EVAL_REPORTS = Path("reports/eval")  # evaluate: confusion matrix, ROC
+MODEL_CARD = Path("reports/model_card.md")  # evaluate: for whoever deploys the classifier
 
 # Outside DVC's outputs, under the project folder (see files.project_root): kept between runs.
 PREFIX_CACHE = Path(".cache/prefix")

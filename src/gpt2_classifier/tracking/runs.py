@@ -293,6 +293,14 @@ class Tracker:
                 if Path(path).exists():
                     mlflow.log_artifact(str(path), artifact_path=folder)
 
+    def log_model_artifacts(self, paths: list[Path]) -> None:
+        """Files stored with the run's logged model (MLflow 3), beside its own."""
+        if self.run_id and self.model_id:
+            import mlflow
+
+            for path in paths:
+                mlflow.MlflowClient().log_model_artifact(self.model_id, str(path))
+
     def log_datasets(self, files: dict[str, Path]) -> None:
         """Each split's CSV as an MLflow dataset input (its digest, schema and row count)."""
         if self.run_id:

@@ -29,9 +29,19 @@ class History:
     # Estimates over `eval_iter` batches, as the reference makes them (evaluate measures the full sets):
     steps: list[dict] = field(default_factory=list)  # step, examples_seen, train_loss, val_loss
     learning_rates: list[dict] = field(default_factory=list)  # step, lr: every optimizer step's
-    epochs: list[dict] = field(default_factory=list)  # epoch, step, examples_seen, {train,val}_accuracy_estimate
+    # epoch, step, examples_seen, {train,val}_accuracy_estimate; validation_{loss,accuracy}: on the full set
+    epochs: list[dict] = field(default_factory=list)
     examples_seen: int = 0
     seconds: float = 0.0
+    best_epoch: int | None = None  # the epoch of finetune.early_stopping.metric's best value so far
+    stopped: str | None = None  # once fit ends: "epochs" (every epoch ran) or "patience" (early stopping)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.epochs)
+
+    def epoch_record(self, epoch: int) -> dict:
+        return self.epochs[epoch - 1]
 
 
 def index_batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
@@ -76,11 +86,15 @@ class Trainer:
         # The training step as a CUDA graph (graphs.graphed_step) where one applies, given a batch's row indices.
         self.graphed: Callable[[torch.Tensor], None] | None = None
         self.epoch = 0  # epochs done
+        # keep: best, the trainable parameters of the best epoch (as state() copies them), while training goes on
+        self.best: dict[str, torch.Tensor] | None = None
         self.step = -1  # the reference counts from -1, so its first estimate follows the first step
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy over the batch; rows labelled `ignore_index` do not count."""
-        return F.cross_entropy(logits, labels, weight=self.weight, ignore_index=self.s.ignore_index)
+        return F.cross_entropy(
+            logits, labels, weight=self.weight, ignore_index=self.s.ignore_index, reduction=reduction
+        )
 
     def train_step(self, inputs: Inputs, idx: torch.Tensor, update: bool = True) -> None:
         """The training step on the rows `idx` of `inputs`: forward, loss, backward and, when `update`, the
@@ -132,14 +146,55 @@ class Trainer:
             return sum(torch.stack(losses).tolist()) / len(losses) if losses else 0.0
         return int(torch.stack(correct).sum()) / seen if correct else 0.0
 
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        """Loss and accuracy on the whole validation set (every row, in order, no randomness): the loss is
+        the cross-entropy over all rows at once (weighted as in training), accuracy the share of rows
+        right; rows labelled `ignore_index` do not count. Read back once, at the end."""
+        self.model.eval()
+        inputs, ignored = self.val_inputs, self.s.ignore_index
+        sums = []  # per batch: summed loss, what F.cross_entropy's mean divides by, rows right, rows counted
+        for idx in self._val_batches():
+            logits = inputs.logits(idx).float()
+            labels = to_device(inputs.labels[idx], self.device)
+            counted = labels != ignored
+            rows = counted.sum()
+            # with class weights, a mean over rows weighs each by its class's weight
+            divisor = rows if self.weight is None else (self.weight[labels.where(counted, 0)] * counted).sum()
+            right = ((logits.argmax(-1) == labels) & counted).sum()
+            sums.append(torch.stack([self.loss(logits, labels, reduction="sum"), divisor, right, rows]))
+        self.model.train()
+        loss, divisor, right, rows = torch.stack(sums).sum(0).tolist()
+        return loss / divisor if divisor else math.nan, right / rows if rows else math.nan
+
+    def _improved(self, record: dict) -> bool:
+        """Whether this epoch beats the best so far by more than early_stopping.min_delta (the first does)."""
+        rule, best = self.s.early_stopping, self.history.best_epoch
+        if best is None:
+            return True
+        value, best_value = record[rule.metric], self.history.epoch_record(best)[rule.metric]
+        gain = best_value - value if rule.lower_is_better else value - best_value
+        return gain > rule.min_delta
+
+    def _copy_into_model(self, named: dict[str, torch.Tensor]) -> None:
+        trained = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in named.items():
+                trained[name].copy_(value)
+
+    def _trained_copy(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters, copied to the CPU (training goes on changing them in place)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+
     def fit(
         self,
         on_step: Callable[[dict], None] | None = None,
         on_epoch: Callable[[dict], None] | None = None,
         on_checkpoint: Callable[[Trainer], None] | None = None,
     ) -> History:
-        """Train for the remaining epochs (all, unless `load_state` restored some); after each
-        epoch `on_checkpoint(self)` may save `state()`."""
+        """Train for the remaining epochs (all, unless `load_state` restored some, and fewer where
+        finetune.early_stopping stops it); after each epoch that another follows, `on_checkpoint(self)`
+        may save `state()`. With finetune.keep: best, the model ends with the best epoch's weights."""
         history = self.history
         steps_per_epoch = len(self.train_inputs) // self.s.batch_size
         start = time.perf_counter() - history.seconds
@@ -147,6 +202,7 @@ class Trainer:
         total = steps_per_epoch * self.s.epochs
         progress = tqdm(total=total, initial=self.step + 1, unit="step", disable=None, desc="finetune")
         accumulate = self.s.accumulation_steps
+        patience, stopping = self.s.early_stopping.patience, False
         for epoch in range(self.epoch + 1, self.s.epochs + 1):
             self.optimizer.zero_grad(set_to_none=True)
             for batch, idx in enumerate(self._train_batches(), start=1):
@@ -185,23 +241,36 @@ class Trainer:
                 "train_accuracy_estimate": self.estimate(self.train_inputs, self._train_batches(), "accuracy"),
                 "val_accuracy_estimate": self.estimate(self.val_inputs, self._val_batches(), "accuracy"),
             }
+            record["validation_loss"], record["validation_accuracy"] = self.validate()
             history.epochs.append(record)
             self.epoch = epoch
+            if self._improved(record):
+                history.best_epoch = epoch
+                if self.s.keep == "best" and epoch < self.s.epochs:  # (after the last, the model holds them)
+                    self.best = self._trained_copy()
+            # (after the last epoch, nothing is left to stop: it ran every epoch)
+            stopping = patience is not None and epoch < self.s.epochs and epoch - history.best_epoch >= patience
             history.seconds = time.perf_counter() - start
             if on_epoch:
                 on_epoch(record)
+            if stopping:
+                break
             if on_checkpoint and epoch < self.s.epochs:
                 on_checkpoint(self)
         progress.close()
+        history.stopped = "patience" if stopping else "epochs"
+        if self.s.keep == "best" and history.best_epoch != self.epoch:
+            self._copy_into_model(self.best)
         return history
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything a resumed run needs to continue bit for bit: trained parameters, optimizer
-        moments, both random generators, and the counters and history (JSON-able). The tensors are
-        copies on the CPU, which training may go on changing in place while they are written."""
-        tensors = {
-            f"param.{n}": p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad
-        }
+        moments, both random generators, the best epoch's parameters (keep: best), and the counters and
+        history (JSON-able; the best epoch in it). The tensors are copies on the CPU, which training may go
+        on changing in place while they are written."""
+        tensors = {f"param.{n}": p for n, p in self._trained_copy().items()}
+        if self.best is not None:  # copied when that epoch ended, never changed since
+            tensors.update({f"best.{n}": p for n, p in self.best.items()})
         optimizer = self.optimizer.state_dict()
         for index, moments in optimizer["state"].items():
             for key, value in moments.items():
@@ -218,11 +287,8 @@ class Trainer:
         return tensors, info
 
     def load_state(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
-        trained = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for key, value in tensors.items():
-                if key.startswith("param."):
-                    trained[key.removeprefix("param.")].copy_(value)
+        self._copy_into_model({k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")})
+        self.best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")} or None
         moments: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
