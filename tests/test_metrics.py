@@ -286,6 +286,7 @@ def test_evaluate_writes_the_trust_metrics_and_their_plots(classes, tmp_path, mo
     assert list(reliability.columns) == ["bin", "confidence", "accuracy", "count"]
     assert reliability.to_dict("records") == reliability_bins(labels, probs, 10)  # written exactly
     assert (tmp_path / "reports/eval/reliability.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "reports/eval/pr.png").read_bytes().startswith(b"\x89PNG")
 
     fewer = parse_params(raw | {"evaluate": {"bootstrap": 0, "calibration_bins": 4}})
     test = evaluate(fewer)["test"]

@@ -59,7 +59,8 @@ def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     folders = ("finetune", "evaluate", "lineage")
     artifacts = {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
     for path in ("finetune/loss.csv", "finetune/accuracy.csv", "finetune/params.yaml", "evaluate/metrics.json",
-                 "evaluate/confusion.png", "evaluate/pr.csv", "evaluate/reliability.csv", "evaluate/reliability.png",
+                 "evaluate/confusion.png", "evaluate/pr.csv", "evaluate/pr.png", "evaluate/reliability.csv",
+                 "evaluate/reliability.png", "evaluate/model_card.md",
                  "lineage/finetune.json", "lineage/evaluate.json"):  # fmt: skip
         assert path in artifacts, path
     inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}

@@ -35,7 +35,7 @@ from gpt2_classifier.metrics.classification import (
     roc_curve,
 )
 from gpt2_classifier.metrics.decision import DECISION_FILE, Decision
-from gpt2_classifier.metrics.plots import plot_confusion, plot_reliability
+from gpt2_classifier.metrics.plots import plot_confusion, plot_precision_recall, plot_reliability
 from gpt2_classifier.metrics.predictions import Predictions, read_predictions
 from gpt2_classifier.tracking.runs import continue_run
 
@@ -84,7 +84,7 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
 
 
 # reports/eval/, for MLflow
-EVAL_FILES = ("confusion.png", "confusion.csv", "roc.csv", "pr.csv", "reliability.csv", "reliability.png")
+EVAL_FILES = ("confusion.png", "confusion.csv", "roc.csv", "pr.csv", "pr.png", "reliability.csv", "reliability.png")
 
 
 def add_test_metrics(test: dict, predictions: Predictions, settings: EvaluateParams) -> dict:
@@ -102,6 +102,8 @@ def add_test_metrics(test: dict, predictions: Predictions, settings: EvaluatePar
     write_rows(EVAL_REPORTS / "reliability.csv", reliability)
     plot_reliability(reliability, bins, test["ece"], EVAL_REPORTS / "reliability.png")
     precision = {c: average_precision(points) for c, points in curves.items()}
+    named = {names[c]: points for c, points in curves.items()}
+    plot_precision_recall(named, {names[c]: ap for c, ap in precision.items()}, EVAL_REPORTS / "pr.png")
     if len(names) == 2:
         test["average_precision"] = precision[1]
     else:

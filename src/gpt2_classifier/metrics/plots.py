@@ -1,6 +1,6 @@
-"""The confusion matrix and the reliability diagram as PNGs, for MLflow (dvc plots draws them from the
-CSVs too; the training curves are MLflow metrics and CSVs that dvc plots draws, so they need no
-figure)."""
+"""The confusion matrix, the precision-recall curves and the reliability diagram as PNGs, for MLflow
+(dvc plots draws them from the CSVs too; the training curves are MLflow metrics and CSVs that dvc
+plots draws, so they need no figure)."""
 
 from __future__ import annotations
 
@@ -63,4 +63,26 @@ def plot_reliability(rows: list[dict[str, float]], bins: int, ece: float, path: 
     ax.set_xlabel("confidence (the predicted class's probability; dots: each bin's mean)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"reliability (test set; ECE {ece:.3f})")
+    _save(fig, path)
+
+
+def plot_precision_recall(curves: dict[str, list[dict[str, float]]], precision: dict[str, float], path) -> None:
+    """Each class's precision against recall as the threshold falls (classification.precision_recall_curve:
+    of class 1 alone for two classes), a step at every threshold, its average precision in the title or,
+    for several classes, beside each curve's name."""
+    fig = Figure(figsize=(4.4, 4.2))
+    ax = fig.subplots()
+    for name, points in curves.items():
+        ax.step([p["recall"] for p in points], [p["precision"] for p in points], where="post", label=f"{name} "
+                f"(AP {precision[name]:.3f})")  # fmt: skip
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    if len(curves) == 1:
+        ((name, ap),) = precision.items()
+        ax.set_title(f"precision-recall of {name} (test set; AP {ap:.3f})")
+    else:
+        ax.set_title("precision-recall, one class against the rest (test set)")
+        ax.legend(fontsize=7, loc="lower left")
     _save(fig, path)
