@@ -3,8 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 SET ?=
+UI ?=
 
-.PHONY: setup pipeline test test-team lint clean-venv
+.PHONY: setup pipeline ui plots-offline test test-team lint clean-venv
 
 $(BIN)/python:
 	python3 -m venv $(VENV)
@@ -32,6 +33,17 @@ else
 	@PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp run $(foreach s,$(SET),-S '$(s)') \
 	  2> >(sed -u '/No file hash info found/d' >&2)
 endif
+
+# mlflow ui on the project's store (UI="--port 5001" adds options). MLflow's server imports starlette's
+# deprecated WSGI middleware, which warns once per worker: MLflow's to change, not yours, so that one is hidden.
+ui: $(VENV)/.installed
+	PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated" $(BIN)/mlflow ui \
+	  --backend-store-uri sqlite:///mlflow.db $(UI)
+
+# The `dvc plots` page loads vega, vega-lite and vega-embed from a CDN; this inlines them (from the npm
+# registry, once) into .dvc/plots/offline.html and sets it in .dvc/config.local, for a browser offline.
+plots-offline: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/offline_plots.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -7,11 +7,11 @@ with "Show diff only", a metric chart of both runs, the Models tab, and `dvc plo
 Runs two tiny experiments that differ in `finetune.lr` (real data when ../shared has it, else
 made-up messages) in a temporary copy of the project, starts `mlflow ui` on 127.0.0.1, and
 drives headless Chromium with Selenium. Needs Debian's `chromium` and `chromium-driver`, and
-`pip install selenium`; the vega scripts of the `dvc plots` page come from the npm registry
-(`npm pack`), inlined into an HTML template, since the page's default CDN is not reachable
+`pip install selenium`; the vega scripts of the `dvc plots` page come from the npm registry,
+inlined by tools/offline_plots.py (make plots-offline), since the page's CDN is not reachable
 offline. Prints the path of each PNG; look at them.
 
---smoke: made-up messages, a 2-block GPT of width 32, one epoch, DVC's plots page as DVC writes it
+--smoke: made-up messages, a 2-block GPT of width 32, one epoch, the plots page that loads from the CDN
 (no npm), short waits in the browser. Without Chromium, its driver or selenium it still runs both
 experiments, `dvc plots diff`, the MLflow queries and `mlflow ui`, then says what is missing and exits
 with status 4 (SKIPPED), so a test can tell "no browser here" from a failure.
@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.parse
@@ -39,7 +38,6 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "tests"))
 from conftest import SHARED_DATA, made_zip, make_project, run, tiny_params  # noqa: E402
 
-VEGA = ["vega@5.20.2", "vega-lite@5.2.0", "vega-embed@6.18.2"]  # the versions DVC's page names
 SKIPPED = 4  # --smoke's exit status where no browser can be driven (everything before it ran)
 NO_BROWSER = "needs selenium (pip install selenium) and Debian's chromium and chromium-driver"
 
@@ -58,25 +56,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def offline_template(folder: Path) -> Path:
-    """DVC's plots page with vega, vega-lite and vega-embed inlined instead of loaded from a CDN."""
-    scripts = []
-    for package in VEGA:
-        tarball = subprocess.run(["npm", "pack", package, "--silent"], cwd=folder, capture_output=True, text=True,
-                                 check=True, timeout=300).stdout.split()[-1]  # fmt: skip
-        with tarfile.open(folder / tarball) as tar:
-            name = package.split("@")[0]
-            member = tar.extractfile(f"package/build/{name}.min.js")
-            scripts.append(f"<script>{member.read().decode()}</script>")
-    template = folder / "offline.html"
-    template.write_text(
-        '<!DOCTYPE html><html><head>{refresh_tag}<meta charset="utf-8"><title>DVC Plot</title>'
-        + "".join(scripts)
-        + "<style>table { border-spacing: 15px; }</style></head><body>{plot_divs}</body></html>"
-    )
-    return template
 
 
 def click(driver, by, xpath: str) -> bool:
@@ -128,10 +107,9 @@ def main() -> None:
 
 def screenshots(args: argparse.Namespace, work: Path, missing: str | None, wait: float) -> int:
     project = two_experiments(work, args.smoke)
-    plots = ["dvc", "plots", "diff", "lr-low", "lr-high", "-o", "dvc_plots"]
-    if not args.smoke:  # the page's vega scripts come from a CDN, unreachable here
-        plots[-2:-2] = ["--html-template", str(offline_template(work))]
-    run(plots, project)
+    if not args.smoke:  # the page's vega scripts come from a CDN, unreachable here: make plots-offline
+        run([sys.executable, str(PROJECT / "tools" / "offline_plots.py")], project, timeout=900)
+    run(["dvc", "plots", "diff", "lr-low", "lr-high", "-o", "dvc_plots"], project)
     print(f"dvc plots diff: {project / 'dvc_plots' / 'index.html'}", flush=True)
 
     from mlflow.tracking import MlflowClient

@@ -208,6 +208,7 @@ def make_project(dest: Path, params: dict) -> Path:
     (dest / ".dvc").mkdir()
     shutil.copy(PROJECT / ".dvc" / "config", dest / ".dvc" / "config")
     shutil.copy(PROJECT / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
+    shutil.copytree(PROJECT / ".dvc" / "plots", dest / ".dvc" / "plots", ignore=shutil.ignore_patterns("offline.html"))
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dest)
     run(["git", "add", "-A"], dest)

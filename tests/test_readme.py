@@ -4,8 +4,10 @@ others name the test that runs them. A new command in the README fails this test
 is listed here."""
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -38,7 +40,6 @@ RUN_HERE = [
     "python experiments/queue_rows.py --list",
     "python experiments/queue_rows.py 2 16 19",
     "dvc queue start -j 1",
-    "mlflow ui --backend-store-uri sqlite:///mlflow.db",
 ]
 S3, SSH = (
     "test_team.py::test_s3_remote_pushes_and_pulls_with_credentials_kept_out_of_git_and_output",
@@ -49,6 +50,8 @@ EXTRAS = ".ci/run (the test extra installs the s3, ssh and server extras)"
 ELSEWHERE = {
     "make pipeline": "the clean-clone check (downloads data and weights; offline it fails with one line)",
     "make test": ".ci/run",
+    "make ui": "test_make_ui_serves_mlflow_with_no_warnings",
+    "make plots-offline": "test_plots_page.py::test_make_plots_offline_writes_a_page_that_draws_without_a_network",
     'make pipeline SET="data.url=/path/to/sms+spam+collection.zip model.weights=random"': "test_make_pipeline_set",
     "source .venv/bin/activate": "(PATH set by the tests)",
     # Working as a team: placeholders (<bucket>, <host>) stand for the servers those tests start.
@@ -112,9 +115,7 @@ def project_with_make(tmp_path, made_data):
 
 
 def test_make_pipeline_set(tmp_path, made_data):
-    stamp = PROJECT / ".venv" / ".installed"
-    if not stamp.is_file() or any((PROJECT / f).stat().st_mtime > stamp.stat().st_mtime for f in MAKE_INPUTS[1:]):
-        pytest.skip("needs the project's .venv made by make and up to date (make test makes it)")
+    made_venv_or_skip()
     url, _ = made_data
     project = project_with_make(tmp_path, made_data)
     # The README's offline command, with this test's data in place of /path/to/...
@@ -123,6 +124,41 @@ def test_make_pipeline_set(tmp_path, made_data):
     assert "No file hash info found" not in result.stdout + result.stderr  # nothing the user must act on
     assert "python -m pip" not in result.stdout  # the venv was reused, not rebuilt
     assert json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"] >= 0
+
+
+def made_venv_or_skip() -> None:
+    stamp = PROJECT / ".venv" / ".installed"
+    if not stamp.is_file() or any((PROJECT / f).stat().st_mtime > stamp.stat().st_mtime for f in MAKE_INPUTS[1:]):
+        pytest.skip("needs the project's .venv made by make and up to date (make test makes it)")
+
+
+def test_make_ui_serves_mlflow_with_no_warnings(tmp_path, made_data):
+    made_venv_or_skip()
+    project = project_with_make(tmp_path, made_data)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        ui = subprocess.Popen(["make", "ui", f"UI=--port {port}"], cwd=project, stdout=out, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip  # make, mlflow and its workers: one group
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until it answers and each worker it started is up (each imports MLflow's server)
+            assert ui.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            text = log.read_text()
+            if 0 < text.count("Started server process") == text.count("Application startup complete"):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+                        assert page.status == 200
+                        break
+                except OSError:
+                    pass
+            time.sleep(1)
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+    assert "Warning" not in log.read_text(), log.read_text()  # StarletteDeprecationWarning: MLflow's, hidden
 
 
 def test_readme_dvc_commands_work_as_written(tmp_path, made_data):
@@ -167,22 +203,3 @@ def test_readme_dvc_commands_work_as_written(tmp_path, made_data):
     names = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], project).stdout))
     for row in ("row-02", "row-16", "row-19"):
         assert row in names
-
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", 5000)) == 0:
-            pytest.skip("port 5000 is taken: cannot try `mlflow ui` on its default port")
-    ui = subprocess.Popen(["bash", "-c", f"exec {RUN_HERE[15]}"], cwd=project, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:5000/", timeout=5) as page:
-                    assert page.status == 200
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow ui did not answer on 127.0.0.1:5000 within 90 s"
-                time.sleep(1)
-    finally:
-        ui.terminate()
-        ui.wait(timeout=30)
