@@ -28,9 +28,9 @@ RUN_HERE = [
     "dvc exp run -S finetune.lr=1e-4",
     "dvc exp run -S finetune.trainable_blocks=2",
     "dvc exp show --only-changed --drop 'Created|.*/|train|.*estimate|seconds|examples|mlflow_run_id"
-    "|.*\\.(precision|recall)$"
-    "|.*\\.(macro|per_class)\\.' "
-    "--keep '(validation|test)\\.accuracy'",
+    "|.*loss|.*epoch.*|stopped|.*\\.(precision|recall|brier|ece)$"
+    "|.*\\.(macro|per_class|at_threshold|accuracy_ci|f1_ci)\\.' "
+    "--keep '(validation|test)\\.accuracy$'",
     "dvc plots diff $(dvc exp ls --name-only)",
     "dvc exp run -S model.weights=random -S '++model.config={emb_dim: 64, n_layers: 2, n_heads: 2}'",
     "dvc exp run --queue -S 'finetune.lr=5e-5,1e-4,2e-4'",
