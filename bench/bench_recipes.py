@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stages import ROOT, SHARED_ZIP, STAGES, environment, made_up_zip, make_project, timed  # noqa: E402
+from bench_stages import ROOT, STAGES, data_zip, environment, make_project, timed  # noqa: E402
 
 SMOKE_MODEL = {"emb_dim": 32, "n_layers": 2, "n_heads": 2}
 DECISION = ["decision.threshold=precision", "decision.target=0.99"]
@@ -126,12 +126,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-recipes-") as tmp:
         tmp = Path(tmp)
-        if args.data:
-            data = args.data.resolve()
-        elif SHARED_ZIP.is_file() and not args.smoke:
-            data = SHARED_ZIP.resolve()
-        else:
-            data = made_up_zip(tmp, 350 if args.smoke else 5574)
+        data = data_zip(args.data, args.smoke, tmp)
         model = SMOKE_MODEL if args.smoke else {}  # {}: GPT-2 small's shape
         settings = argparse.Namespace(model="tiny", epochs=5, device=args.device, mlflow=False)
         base = [f"model.config={json.dumps(model)}", "model.weights=random"]

@@ -51,6 +51,15 @@ SEED = 123
 SMOKE_LINES = 350  # --smoke's made-up data: 50 spam, so 100 messages once balanced
 
 
+def data_zip(given: Path | None, smoke: bool, tmp: Path) -> Path:
+    """--data, else the real data where it is (not for --smoke), else made-up lines written into `tmp`."""
+    if given:
+        return given.resolve()
+    if SHARED_ZIP.is_file() and not smoke:
+        return SHARED_ZIP.resolve()
+    return made_up_zip(tmp, SMOKE_LINES if smoke else 5574)
+
+
 def made_up_zip(folder: Path, count: int = 5574) -> Path:
     import random
 
@@ -344,12 +353,7 @@ def main() -> None:
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
         tmp = Path(tmp)
-        if args.data:
-            data = args.data.resolve()
-        elif SHARED_ZIP.is_file() and not args.smoke:
-            data = SHARED_ZIP.resolve()
-        else:
-            data = made_up_zip(tmp, SMOKE_LINES if args.smoke else 5574)
+        data = data_zip(args.data, args.smoke, tmp)
         sys.path.insert(0, str(ROOT / "src"))
         args.checkpoint = None if args.model == "tiny" else published_checkpoint(tmp, args.model)
         results["import_torch"], _, _ = timed([sys.executable, "-c", "import torch"], tmp, dict(os.environ))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import PROJECT, reading
+from test_schedule import settings, split  # the same toy settings and data
 
 from gpt2_classifier.core.config import GPTConfig
 from gpt2_classifier.core.errors import ParamsError
@@ -25,18 +26,6 @@ from gpt2_classifier.train.loop import History, Trainer
 CFG = GPTConfig(emb_dim=32, n_layers=3, n_heads=2, context_length=32)
 # With this rate the toy's validation loss is best after epoch 2 and worse after epochs 3 and 4.
 UNEVEN = {"lr": 3e-2, "epochs": 6}
-
-
-def settings(**changes) -> FinetuneParams:
-    return FinetuneParams(**{"lr": 1e-2, "epochs": 3, "eval_freq": 3, "eval_iter": 2, **changes})
-
-
-def split(n: int, seed: int) -> EncodedSplit:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 2
-    ids = torch.randint(0, 1000, (n, 12), generator=g)
-    ids[:, -1] = torch.where(labels == 1, 900, 901)
-    return EncodedSplit(ids, labels, torch.full((n,), 12))
 
 
 def trainer(fast: bool = False, val: EncodedSplit | None = None, **changes) -> Trainer:
