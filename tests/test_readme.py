@@ -27,7 +27,7 @@ RUN_HERE = [
     "dvc plots show",
     "dvc exp run -S finetune.lr=1e-4",
     "dvc exp run -S finetune.trainable_blocks=2",
-    "dvc exp show --only-changed --drop 'Created|.*/|train|.*estimate|seconds|examples|mlflow_run_id"
+    "dvc exp show --only-changed --drop 'Created|.*/|train|validation|.*estimate|seconds|examples|mlflow_run_id"
     "|.*loss|.*epoch.*|stopped|.*\\.(precision|recall|brier|ece)$"
     "|.*\\.(macro|per_class|at_threshold|accuracy_ci|f1_ci)\\.' "
     "--keep '(validation|test)\\.accuracy$'",
