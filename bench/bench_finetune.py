@@ -187,7 +187,7 @@ def ours(folder: Path, epochs: int, pool: str, cache_dir: Path) -> dict:
         for name, inputs in iter_inputs(model, splits, config.reading, "cpu", cache_dir, release=True)
     }
     seconds = time.perf_counter() - start
-    losses = [(r["train_loss"], r["val_loss"]) for r in history.steps]
+    losses = [(r["train_loss_estimate"], r["validation_loss_estimate"]) for r in history.steps]
     return summary(seconds, train_seconds, history.examples_seen, accuracy, losses)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import os
 import random
 import re
@@ -168,15 +169,19 @@ def tiny_params(data_url: str, sha256: str | None, **overrides: dict) -> dict:
     return params
 
 
-def run(
-    cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, extra_env: dict | None = None
-) -> subprocess.CompletedProcess:
+def child_env(extra_env: dict | None = None) -> dict[str, str]:
+    """The environment of a command a test runs: this Python's tools first on PATH, no tracking URI."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("VIRTUAL_ENV", None)
     env.pop("PYTEST_CURRENT_TEST", None)  # MLflow checks its own sessions when it sees this
     env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(extra_env or {})
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env | (extra_env or {})
+
+
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=child_env(extra_env), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -214,6 +219,19 @@ def make_project(dest: Path, params: dict) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], dest)
     return dest
+
+
+def eval_details(project: Path) -> dict:
+    """reports/eval/details.json (every number evaluate measured, flat: test/at_threshold/precision) as
+    nested dicts: details["test"]["at_threshold"]["precision"]."""
+    nested: dict = {}
+    for key, value in json.loads((project / "reports/eval/details.json").read_text()).items():
+        *parents, last = key.split("/")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[last] = value
+    return nested
 
 
 def stages_run(output: str) -> list[str]:

@@ -106,8 +106,8 @@ def test_training_learns_and_follows_the_reference_schedule():
     model, history = fit(epochs=3)
     assert [r["step"] for r in history.steps][:3] == [0, 2, 4]  # first estimate after the first step
     assert len(history.epochs) == 3 and history.examples_seen == 3 * 48
-    assert history.steps[-1]["train_loss"] < history.steps[0]["train_loss"]
-    assert history.epochs[-1]["val_accuracy_estimate"] == 1.0
+    assert history.steps[-1]["train_loss_estimate"] < history.steps[0]["train_loss_estimate"]
+    assert history.epochs[-1]["validation_accuracy_estimate"] == 1.0
 
 
 def test_training_is_deterministic_and_seeded():

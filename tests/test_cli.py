@@ -55,12 +55,14 @@ def test_peak_gpu_memory_is_in_the_summary_on_cuda_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from gpt2_classifier.core.params import FinetuneParams
 
-    epoch = {"epoch": 1, "step": 0, "train_accuracy_estimate": 0.5, "val_accuracy_estimate": 0.4,
+    epoch = {"epoch": 1, "step": 0, "train_accuracy_estimate": 0.5, "validation_accuracy_estimate": 0.4,
              "validation_loss": 0.7, "validation_accuracy": 0.4}  # fmt: skip
-    history = History(steps=[{"step": 0, "train_loss": 0.5, "val_loss": 0.6}], epochs=[epoch], best_epoch=1)
-    assert write_reports(history, FinetuneParams(), 10, None, 3)["peak_gpu_memory_mib"] == 3
-    assert json.loads((tmp_path / "reports/train/summary.json").read_text())["peak_gpu_memory_mib"] == 3
-    assert "peak_gpu_memory_mib" not in write_reports(history, FinetuneParams(), 10, None, None)  # on the CPU: no 0
+    history = History(
+        steps=[{"step": 0, "train_loss_estimate": 0.5, "validation_loss_estimate": 0.6}], epochs=[epoch], best_epoch=1
+    )
+    assert write_reports(history, FinetuneParams(), None, 3)["system/peak_gpu_memory_mib"] == 3
+    assert json.loads((tmp_path / "reports/train/details.json").read_text())["system/peak_gpu_memory_mib"] == 3
+    assert "system/peak_gpu_memory_mib" not in write_reports(history, FinetuneParams(), None, None)  # CPU: no 0
 
 
 @pytest.mark.parametrize(

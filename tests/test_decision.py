@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import made_zip, make_project, run, tiny_params
+from conftest import eval_details, made_zip, make_project, run, tiny_params
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import f1_score, log_loss, precision_recall_curve, precision_score, recall_score
 
@@ -150,7 +150,7 @@ def test_finetune_stores_the_decision_and_evaluate_reports_it_beside_argmax(deci
     probs = decision.calibrate(validation[["prob_ham", "prob_spam"]].to_numpy(np.float32))
     assert stored["threshold"] == choose_threshold(labels, probs[:, 1], "precision", 0.9)[0]  # on validation
 
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+    metrics = eval_details(project)
     test = predictions["test"]
     actual = (test.actual == "spam").to_numpy().astype(int)
     raw = test[["prob_ham", "prob_spam"]].to_numpy(np.float32)
@@ -197,7 +197,7 @@ def test_the_model_card_says_what_the_pipeline_wrote_and_travels_with_the_mlflow
 
     project, _ = decided
     card = (project / "reports/model_card.md").read_text()
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+    metrics = eval_details(project)
     counts = json.loads((project / "data/balance.json").read_text())
     base = json.loads((project / "models/base/config.json").read_text())
     config = json.loads((project / "models/classifier/config.json").read_text())
@@ -219,8 +219,8 @@ def test_the_model_card_says_what_the_pipeline_wrote_and_travels_with_the_mlflow
     at = test["at_threshold"]
     assert f"test precision {at['precision']:.2%} and recall {at['recall']:.2%}" in card
     assert "- Random base weights: not a pretrained model." in card
-    summary = json.loads((project / "reports/train/summary.json").read_text())
-    assert f"- Weights of epoch {summary['kept_epoch']} (finetune.keep: last); the best validation_loss" in card
+    summary = json.loads((project / "reports/train/details.json").read_text())
+    assert f"- Weights of epoch {summary['epoch']} (finetune.keep: last); the best validation_loss" in card
     assert f"{summary['best_validation_loss']:.4f}, at epoch {summary['best_epoch']}; every epoch ran" in card
     assert f"- {len(rows)} test messages: one message moves test accuracy by {1 / len(rows):.2%}" in card
 
@@ -262,7 +262,7 @@ def test_the_card_of_a_pretrained_three_class_model_without_intervals():
                 "pool": "last",
                 "precision": "float32",
             },  # fmt: skip
-            summary={"examples_seen": 48, "seconds": 3.0},
+            training={"examples_seen": 48, "system/train_seconds": 3.0},
             split_counts={
                 "train": dict.fromkeys(labels, 7),
                 "validation": dict.fromkeys(labels, 1),

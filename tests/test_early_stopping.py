@@ -142,28 +142,31 @@ def test_keep_best_after_the_last_epoch_keeps_the_last_weights():
 
 
 def test_the_summary_describes_the_kept_weights(tmp_path, monkeypatch):
-    """keep: best, epoch 1 of 3 best: summary.json's losses and accuracies are epoch 1's (the last loss
-    estimate by its end), and it says which epoch was kept, which was best, how many ran and why it stopped."""
+    """keep: best, epoch 1 of 3 best: summary.json (the headline) is epoch 1's, and details.json's estimates
+    too (the last loss estimate by its end); details say which epoch was best, how many ran and why it stopped."""
     monkeypatch.chdir(tmp_path)
-    steps = [{"step": s, "train_loss": 1.0 / (s + 1), "val_loss": 2.0 / (s + 1)} for s in (0, 5, 10)]
+    steps = [{"step": s, "train_loss_estimate": 1.0 / (s + 1), "validation_loss_estimate": 2.0 / (s + 1)}
+             for s in (0, 5, 10)]  # fmt: skip
     epochs = [
-        {"epoch": e, "step": 4 * e - 1, "train_accuracy_estimate": 0.1 * e, "val_accuracy_estimate": 0.2 * e,
+        {"epoch": e, "step": 4 * e - 1, "train_accuracy_estimate": 0.1 * e, "validation_accuracy_estimate": 0.2 * e,
          "validation_loss": loss, "validation_accuracy": 0.25 * e}
         for e, loss in ((1, 0.3), (2, 0.5), (3, 0.4))
     ]  # fmt: skip
     history = History(steps=steps, epochs=epochs, best_epoch=1, stopped="patience", examples_seen=96, seconds=2.0)
     rule = {"patience": 2}
-    summary = write_reports(history, FinetuneParams(keep="best", early_stopping=rule), 10, None)
-    assert json.loads((tmp_path / "reports/train/summary.json").read_text()) == summary
-    assert summary["kept_epoch"] == 1 and summary["best_epoch"] == 1 and summary["best_validation_loss"] == 0.3
-    assert summary["epochs_run"] == 3 and summary["stopped"] == "patience"
-    assert (summary["validation_loss"], summary["validation_accuracy"]) == (0.3, 0.25)
-    assert (summary["train_accuracy_estimate"], summary["val_accuracy_estimate"]) == (0.1, 0.2)
-    assert (summary["train_loss"], summary["val_loss"]) == (1.0, 2.0)  # step 0's: step 5 is after epoch 1
-    last = write_reports(history, FinetuneParams(early_stopping=rule), 10, None)
-    assert last["kept_epoch"] == 3 and last["validation_loss"] == 0.4 and last["val_loss"] == 2.0 / 11
+    details = write_reports(history, FinetuneParams(keep="best", early_stopping=rule), None)
+    assert json.loads((tmp_path / "reports/train/details.json").read_text()) == details
+    summary = json.loads((tmp_path / "reports/train/summary.json").read_text())
+    assert summary == {"epoch": 1, "validation/accuracy": 0.25, "validation/loss": 0.3}
+    assert details["epoch"] == 1 and details["best_epoch"] == 1 and details["best_validation_loss"] == 0.3
+    assert details["epochs_run"] == 3 and details["stopped"] == "patience"
+    assert (details["train_accuracy_estimate"], details["validation_accuracy_estimate"]) == (0.1, 0.2)
+    step_0 = (details["train_loss_estimate"], details["validation_loss_estimate"])
+    assert step_0 == (1.0, 2.0)  # step 0's: step 5 is after epoch 1
+    last = write_reports(history, FinetuneParams(early_stopping=rule), None)
+    assert last["epoch"] == 3 and last["validation/loss"] == 0.4 and last["validation_loss_estimate"] == 2.0 / 11
     accuracy = FinetuneParams(early_stopping={"metric": "validation_accuracy"})
-    assert write_reports(history, accuracy, 10, None)["best_validation_accuracy"] == 0.25
+    assert write_reports(history, accuracy, None)["best_validation_accuracy"] == 0.25
     header = (tmp_path / "reports/train/accuracy.csv").read_text().splitlines()[0]
     assert "validation_loss" in header and "validation_accuracy" in header
 
@@ -176,7 +179,10 @@ def test_early_stopping_params_are_checked():
 
     at_least = "Input should be greater than or equal to"
     bad = {
-        "early_stopping.metric": ({"early_stopping": {"metric": "val_loss"}}, "Input should be 'validation_loss' or"),
+        "early_stopping.metric": (
+            {"early_stopping": {"metric": "validation_loss_estimate"}},
+            "Input should be 'validation_loss' or",
+        ),
         "early_stopping.patience": ({"early_stopping": {"patience": -1}}, f"{at_least} 1 .got -1."),
         "early_stopping.min_delta": ({"early_stopping": {"min_delta": -0.1}}, f"{at_least} 0 .got -0.1."),
         "keep": ({"keep": "first"}, "Input should be 'last' or 'best' .got 'first'."),

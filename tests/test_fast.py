@@ -78,9 +78,9 @@ def test_training_on_the_fast_path_matches_the_plain_path(pool):
         results.append((model, history))
     (fast_model, fast_history), (plain_model, plain_history) = results
     for a, b in zip(fast_history.steps, plain_history.steps, strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
-    estimates = [[e["val_accuracy_estimate"] for e in h.epochs] for h in (fast_history, plain_history)]
+        assert a["train_loss_estimate"] == pytest.approx(b["train_loss_estimate"], abs=1e-5)
+        assert a["validation_loss_estimate"] == pytest.approx(b["validation_loss_estimate"], abs=1e-5)
+    estimates = [[e["validation_accuracy_estimate"] for e in h.epochs] for h in (fast_history, plain_history)]
     assert estimates[0] == estimates[1]
     assert_same_parameters(fast_model, plain_model, atol=1e-5)
 

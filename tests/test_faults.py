@@ -298,7 +298,7 @@ def test_killed_finetune_keeps_the_last_result_and_the_rerun_resumes(tmp_path, s
     interrupted_id = resumed_runs[0].data.tags["resumed_from_run"]
     expected_status = "RUNNING" if sig == signal.SIGKILL else "KILLED"  # SIGKILL leaves no chance to record it
     assert client.get_run(interrupted_id).info.status == expected_status
-    assert len(client.get_metric_history(resumed_runs[0].info.run_id, "val_accuracy_estimate")) == 6
+    assert len(client.get_metric_history(resumed_runs[0].info.run_id, "validation_accuracy_estimate")) == 6
     assert json.loads((project / "reports/train/mlflow_run.json").read_text())["run_id"] != interrupted_id
 
 

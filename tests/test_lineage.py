@@ -78,7 +78,7 @@ def test_changed_params_name_each_change_in_order():
     new["finetune"]["lr"] = 1e-4
     new["model"]["config"] = {"emb_dim": 64}
     assert changed_params(base, base) == []
-    assert changed_params(new, base) == ["model.config.emb_dim: null -> 64", "finetune.lr: 5e-05 -> 0.0001"]
+    assert changed_params(new, base) == ["model.config.emb_dim: null -> 64", "finetune.lr: 5.0e-05 -> 0.0001"]
 
 
 @pytest.mark.parametrize(

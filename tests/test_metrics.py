@@ -233,7 +233,7 @@ def write_card_inputs(project, classes: list[str]) -> None:
             "trainable_blocks": 1, "lora": None, "gpt": GPTConfig().to_dict(),
             "base": {"name": "gpt2-small", "weights": "random", "sha256": "0" * 64},
         },
-        "reports/train/summary.json": {"examples_seen": 100, "seconds": 1.0},
+        "reports/train/details.json": {"examples_seen": 100, "system/train_seconds": 1.0},
     }  # fmt: skip
     for name, content in files.items():
         (project / name).parent.mkdir(parents=True, exist_ok=True)
@@ -251,6 +251,7 @@ def test_evaluate_writes_the_trust_metrics_and_their_plots(classes, tmp_path, mo
     from gpt2_classifier.core.params import parse_params
     from gpt2_classifier.evaluate import evaluate
     from gpt2_classifier.metrics.decision import Decision, scaled
+    from gpt2_classifier.metrics.names import flat_metrics
     from gpt2_classifier.metrics.predictions import Predictions, write_predictions
 
     monkeypatch.chdir(tmp_path)
@@ -264,7 +265,13 @@ def test_evaluate_writes_the_trust_metrics_and_their_plots(classes, tmp_path, mo
     raw["mlflow"]["enabled"] = False
     params = parse_params(raw)
     metrics = evaluate(params)
-    assert json.loads((tmp_path / "reports/metrics.json").read_text()) == metrics
+    details = json.loads((tmp_path / "reports/eval/details.json").read_text())
+    assert (
+        details == flat_metrics(metrics)
+        and details["test/per_class/ham/support"] == metrics["test"]["per_class"]["ham"]["support"]
+    )
+    headline = ["test/accuracy", "test/f1", "test/roc_auc"] if len(classes) == 2 else ["test/accuracy", "test/f1"]
+    assert json.loads((tmp_path / "reports/metrics.json").read_text()) == {k: details[k] for k in headline}
 
     test, positives = metrics["test"], [1] if len(classes) == 2 else range(len(classes))
     labels, probs = _scored(len(classes), seed=2)

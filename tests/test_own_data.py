@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import (
     PROJECT,
+    eval_details,
     make_messages,
     make_project,
     run,
@@ -103,7 +104,7 @@ def test_intents_csv_example_three_classes_end_to_end(tmp_path):
                       "balanced": {"account": 16, "billing": 50, "shipping": 30}, "labels": labels}  # fmt: skip
     config = json.loads((project / "models/classifier/config.json").read_text())
     assert config["labels"] == labels
-    metrics = json.loads((project / "reports/metrics.json").read_text())["test"]
+    metrics = eval_details(project)["test"]
     assert set(metrics["per_class"]) == set(labels)
     assert set(metrics["macro"]) == {"precision", "recall", "f1", "average_precision"}
     assert [metrics["per_class"][c]["support"] for c in labels] == [4, 10, 6]  # stratified test split: 20%

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from conftest import REAL_TSV_SHA256, make_project, run, run_seeing_imports, stages_run, tiny_params
+from conftest import REAL_TSV_SHA256, eval_details, make_project, run, run_seeing_imports, stages_run, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def repro(project, *args) -> list[str]:
 def test_full_pipeline_caches_and_reruns_only_what_changed(tmp_path, made_data):
     project = make_project(tmp_path / "project", tiny_params(*made_data))
     assert repro(project) == ALL_STAGES
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+    metrics = eval_details(project)
     assert {"train", "validation", "test"} <= set(metrics)
     assert all(0 <= metrics[s]["accuracy"] <= 1 for s in ("train", "validation", "test"))
     for out in ["models/classifier/model.safetensors", "models/classifier/config.json", "reports/train/loss.csv",
@@ -103,5 +103,5 @@ def test_real_data_stages_reproduce_the_reference_counts_byte_identically(tmp_pa
         assert digest(first / out) == digest(second / out), out
 
     assert repro(first) == ["fetch-weights", "finetune", "evaluate"]
-    metrics = json.loads((first / "reports/metrics.json").read_text())
+    metrics = eval_details(first)
     assert metrics["test"]["accuracy"] > 0.6  # a 2-block random model still learns something from 1045 messages

@@ -14,8 +14,9 @@ import yaml
 from conftest import PROJECT, make_project, run, tiny_params
 
 REPORTS = {
-    "reports/train/loss.csv": "step,train_loss,val_loss\n0,0.9,0.95\n5,0.6,0.7\n10,0.4,0.5\n",
-    "reports/train/accuracy.csv": "epoch,train_accuracy_estimate,val_accuracy_estimate\n1,0.7,0.65\n2,0.9,0.85\n",
+    "reports/train/loss.csv": "step,train_loss_estimate,validation_loss_estimate\n0,0.9,0.95\n5,0.6,0.7\n10,0.4,0.5\n",
+    "reports/train/accuracy.csv": "epoch,train_accuracy_estimate,validation_accuracy_estimate,validation_accuracy\n"
+    "1,0.7,0.65,0.66\n2,0.9,0.85,0.86\n",
     "reports/eval/confusion.csv": "actual,predicted\n" + "ham,ham\n" * 5 + "ham,spam\n" + "spam,spam\n" * 3,
     "reports/eval/roc.csv": "fpr,tpr\n0,0\n0.2,0.8\n1,1\n",
     "reports/eval/pr.csv": "recall,precision\n0,1\n0.8,0.9\n1,0.5\n",

@@ -172,7 +172,7 @@ def test_ssh_remote_and_a_tracking_server_share_results_and_experiments_between_
     found = run_by_exp_name(client, "lr-high")
     record = json.loads((c / "reports/train/mlflow_run.json").read_text())
     assert record["run_id"] == found.info.run_id and found.info.run_name == "lr-high"
-    assert rows["lr-high"]["reports/train/summary.json"]["data"]["mlflow_run_id"] == found.info.run_id
+    assert json.loads((c / "reports/train/details.json").read_text())["mlflow_run_id"] == found.info.run_id
     assert found.data.tags["mlflow.source.git.commit"] == git(a, "rev-parse", "HEAD").strip()  # its baseline
     assert found.data.tags["output.model"] in (c / "dvc.lock").read_text()
     from_b = run_by_exp_name(client, "from-b")
@@ -198,7 +198,7 @@ def test_a_sweep_lands_every_run_on_a_postgres_backed_server(tmp_path, made_data
     assert names == set(exp_rows(project)), names  # one run per DVC experiment, named after it
     for r in runs:
         assert r.info.status == "FINISHED" and "test/accuracy" in r.data.metrics
-        assert len(client.get_metric_history(r.info.run_id, "val_loss")) > 1
+        assert len(client.get_metric_history(r.info.run_id, "validation_loss_estimate")) > 1
         assert r.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: the server holds the files
 
     mlflow.set_tracking_uri(team_server)

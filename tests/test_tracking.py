@@ -1,15 +1,17 @@
 """MLflow: what a run records, the DVC experiment workflows, a real server, failures."""
 
+import csv
 import json
 import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import servers
 import yaml
-from conftest import make_project, run, stages_run, tiny_params
+from conftest import child_env, make_project, run, stages_run, tiny_params
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -32,44 +34,68 @@ def assert_complete_run(client: MlflowClient, run_id: str, project) -> None:
     assert params["resolved.architecture"] == "gpt2-custom-2L-32d-2h"  # what was trained, not the preset's name
     assert params["resolved.device"] == "cpu" and int(params["resolved.trainable_parameters"]) > 0
     assert "resolved.torch_version" in params and "resolved.max_length" in params
-    assert len(client.get_metric_history(run_id, "val_loss")) > 1
-    assert len(client.get_metric_history(run_id, "val_accuracy_estimate")) == 1  # one epoch
-    assert not {"val_accuracy", "train_accuracy"} & set(run.data.metrics)  # estimates never pose as full-set values
+    # As params.yaml writes them (YAML), not as Python prints the validated values (600.0, None, False)
+    assert params["data.deadline"] == "600" and params["model.source"] == "null" and params["split.stratify"] == "false"
+    assert params["balance.labels"] == "[ham, spam]"  # a list as params.yaml's flow style, not JSON
+
+    # The curves: every eval_freq steps (estimates), after each epoch (the full validation set's too)
+    assert len(client.get_metric_history(run_id, "validation_loss_estimate")) > 1
+    assert len(client.get_metric_history(run_id, "validation_accuracy_estimate")) == 1  # one epoch
+    (epoch,) = csv.DictReader((project / "reports/train/accuracy.csv").open())  # the CSV dvc plots draws
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "validation_loss")] == [
+        (int(epoch["step"]), pytest.approx(float(epoch["validation_loss"])))
+    ]
+    details = json.loads((project / "reports/train/details.json").read_text())
     summary = json.loads((project / "reports/train/summary.json").read_text())
-    assert run.data.metrics["examples_seen"] == summary["examples_seen"]  # one true value everywhere
-    assert len(client.get_metric_history(run_id, "validation_loss")) == 1  # the full set's, after the epoch
-    assert run.data.metrics["validation_accuracy"] == pytest.approx(summary["validation_accuracy"])
-    assert run.data.metrics["best_epoch"] == summary["best_epoch"] == 1 and run.data.metrics["epochs_run"] == 1
-    assert run.data.tags["stopped"] == summary["stopped"] == "epochs" and summary["kept_epoch"] == 1
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert summary == {k: details[k] for k in ("epoch", "validation/accuracy", "validation/loss")}
+    assert details["best_epoch"] == details["epoch"] == 1 and details["epochs_run"] == 1
+    assert run.data.tags["stopped"] == details["stopped"] == "epochs"
+    # The headline: each final value once, without a step (MLflow draws a bar per run, not a dot at the
+    # last step), the same name and value in MLflow and the JSON files DVC reads.
+    headline = summary | metrics
+    assert list(headline) == ["epoch", "validation/accuracy", "validation/loss", "test/accuracy", "test/f1",
+                              "test/roc_auc"]  # fmt: skip
+    for key, value in headline.items():
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, key)] == [(0, pytest.approx(value))], key
+    assert headline["validation/accuracy"] == pytest.approx(
+        json.loads((project / "reports/eval/details.json").read_text())["validation/accuracy"]
+    )  # finetune's kept epoch and evaluate's predictions agree
+    # Details are artifacts, not metrics: the run's metrics are the headline, the curves and system/*
+    curves = {"train_loss_estimate", "validation_loss_estimate", "train_accuracy_estimate",
+              "validation_accuracy_estimate", "validation_loss", "validation_accuracy", "lr"}  # fmt: skip
+    ours = {k for k in run.data.metrics if not k.startswith("system/")}
+    assert ours == set(headline) | curves
+    assert run.data.metrics["system/train_seconds"] == details["system/train_seconds"]
+    assert "system/examples_per_second" in run.data.metrics
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)  # MLflow's system metrics
     finetune = yaml.safe_load((project / "params.yaml").read_text())["finetune"]
     rates = client.get_metric_history(run_id, "lr")  # every optimizer step's, at its step
-    assert sorted(m.step for m in rates) == list(range(summary["examples_seen"] // finetune["batch_size"]))
+    assert sorted(m.step for m in rates) == list(range(details["examples_seen"] // finetune["batch_size"]))
     assert {m.value for m in rates} == {finetune["lr"]}  # the reference's constant rate
-    assert "peak_gpu_memory_mib" not in summary and "peak_gpu_memory_mib" not in run.data.metrics  # no GPU here
-    test_accuracy = json.loads((project / "reports/metrics.json").read_text())["test"]["accuracy"]
-    assert run.data.metrics["test/accuracy"] == pytest.approx(test_accuracy)
-    for key in ("validation/accuracy", "train/accuracy", "test/precision", "test/recall", "test/f1", "validation/ece",
-                "test/log_loss", "test/brier", "test/average_precision", "test/accuracy_ci/low"):  # fmt: skip
-        assert key in run.data.metrics
-    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)  # system metrics
+    assert "system/peak_gpu_memory_mib" not in details and "system/peak_gpu_memory_mib" not in run.data.metrics
+
     tags = run.data.tags
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git.dirty"] == "false"
-    assert tags["input.encoded"].endswith(".dir") and tags["input.base"].endswith(".dir")
+    hashes = {k: v for k, v in tags.items() if k.startswith(("input.", "output."))}
+    assert hashes and all(len(v) == 8 for v in hashes.values())  # short enough for the run's header
     assert not any(key.startswith("dvc.md5.") for key in tags)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"confusion.png", "pr.png", "reliability.png"} <= top  # the compare page shows top-level files
     folders = ("finetune", "evaluate", "lineage")
     artifacts = {a.path for folder in folders for a in client.list_artifacts(run_id, folder)}
-    for path in ("finetune/loss.csv", "finetune/accuracy.csv", "finetune/params.yaml", "evaluate/metrics.json",
-                 "evaluate/confusion.png", "evaluate/pr.csv", "evaluate/pr.png", "evaluate/reliability.csv",
-                 "evaluate/reliability.png", "evaluate/model_card.md",
+    for path in ("finetune/loss.csv", "finetune/accuracy.csv", "finetune/summary.json", "finetune/details.json",
+                 "finetune/params.yaml", "evaluate/metrics.json", "evaluate/details.json", "evaluate/pr.csv",
+                 "evaluate/reliability.csv", "evaluate/model_card.md",
                  "lineage/finetune.json", "lineage/evaluate.json"):  # fmt: skip
         assert path in artifacts, path
     inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "validation", "test"} and all(d.digest for d in inputs.values())
-    # The logged model carries the final metrics (those at the last step), not the first ones.
+    # The logged model carries the headline: the final values, losses among them
     (model,) = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
-    model_metrics = {m.key: m.value for m in model.metrics}
-    assert model_metrics["test/accuracy"] == pytest.approx(test_accuracy)
-    assert model_metrics["examples_seen"] == summary["examples_seen"]
+    assert {m.key: m.value for m in model.metrics} == pytest.approx(headline)
     assert model.tags["architecture"] == "gpt2-custom-2L-32d-2h" and model.name == "gpt2-custom-2L-32d-2h-classifier"
 
 
@@ -83,7 +109,15 @@ def lineage_matches_dvc_lock(run, project) -> None:
     recorded = {k: v for k, v in run.data.tags.items() if k.startswith(("input.", "output."))}
     assert set(recorded) == set(names)
     for name, path in names.items():
-        assert recorded[name] == locked[path], (name, path)
+        assert locked[path].startswith(recorded[name]), (name, path)  # the tag shortens it
+    for stage in ("finetune", "evaluate"):  # the lineage artifact holds the whole hashes
+        record = json.loads(
+            Path(client_for(project).download_artifacts(run.info.run_id, f"lineage/{stage}.json")).read_text()
+        )
+        for kind in ("inputs", "outputs"):
+            for path, entry in record[kind].items():
+                if path in locked:
+                    assert entry["md5"] == locked[path], path
 
 
 FAST_SAMPLES = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}  # a tiny run lasts seconds
@@ -109,7 +143,7 @@ def test_repro_records_one_complete_run_and_evaluate_reruns_continue_it(tmp_path
 
     assert stages_run(run(["dvc", "repro", "--force", "--single-item", "evaluate"], project).stdout) == ["evaluate"]
     assert len(all_runs(client)) == 1  # no orphan run
-    assert len(client.get_metric_history(run_id, "test/accuracy")) == 2
+    assert len(client.get_metric_history(run_id, "test/accuracy")) == 2  # each evaluate's, in that one run
 
 
 def test_two_experiments_in_a_row_each_record_their_own_lineage_and_changes(tmp_path, made_data):
@@ -145,12 +179,14 @@ def test_two_experiments_in_a_row_each_record_their_own_lineage_and_changes(tmp_
     run(["dvc", "exp", "run", "-n", "lr-high-again", "-S", "finetune.lr=0.002"], project)
     again = {r.info.run_name: r for r in all_runs(client)}["lr-high-again"]
     assert again.data.params["finetune.lr"] == "0.002" and again.info.run_id != runs["lr-high"].info.run_id
-    summaries = {
-        exp["name"]: exp["data"]["metrics"]["reports/train/summary.json"]["data"]
+    experiments = {
+        exp["name"]: exp["rev"]
         for rev in json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
         for exp in (e for group in (rev.get("experiments") or []) for e in group["revs"])
     }
-    assert {name: summary["mlflow_run_id"] for name, summary in summaries.items()} == {
+    details = {name: json.loads(run(["git", "show", f"{rev}:reports/train/details.json"], project).stdout)
+               for name, rev in experiments.items()}  # fmt: skip
+    assert {name: d["mlflow_run_id"] for name, d in details.items()} == {
         "lr-high": runs["lr-high"].info.run_id, "lr-low": runs["lr-low"].info.run_id,
         "lr-high-again": again.info.run_id,
     }  # fmt: skip
@@ -163,8 +199,8 @@ def test_two_experiments_in_a_row_each_record_their_own_lineage_and_changes(tmp_
         assert {v["rev"] for v in chart["content"]["data"]["values"]} == {"lr-high", "lr-low"}, name
     curves = {name: {v["field"] for v in plots[name][0]["content"]["data"]["values"]} for name in ("loss", "accuracy")}
     assert curves == {
-        "loss": {"train_loss", "val_loss"},
-        "accuracy": {"train_accuracy_estimate", "val_accuracy_estimate"},
+        "loss": {"train_loss_estimate", "validation_loss_estimate"},
+        "accuracy": {"train_accuracy_estimate", "validation_accuracy_estimate", "validation_accuracy"},
     }
     assert all({"actual", "predicted"} <= set(v) for v in plots["confusion"][0]["content"]["data"]["values"])
     for name, x_title in (("loss", "optimizer step"), ("roc", "false positive rate")):
@@ -304,3 +340,31 @@ def test_without_a_writable_cache_mlflow_makes_the_store_itself(tmp_path, monkey
     experiment = runs._use_experiment(uri, "spam")
     assert MlflowClient(uri).get_experiment(experiment).name == "spam"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_running_experiment_shows_its_latest_epoch_in_dvc_exp_show_and_mlflow(tmp_path, made_data):
+    """summary.json and the curves are rewritten (atomically) after each epoch and estimate, so `dvc exp show`
+    (and the VS Code extension) show a queued or --temp experiment's progress while it trains, as MLflow does."""
+    project = make_project(tmp_path / "p", tiny_params(*made_data, finetune={"epochs": 40}))
+    client = client_for(project)
+    trainer = subprocess.Popen(["dvc", "exp", "run", "--temp", "-n", "live"], cwd=project, env=child_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    seen, mlflow_seen = [], []
+    try:
+        deadline = time.monotonic() + 600
+        while trainer.poll() is None and time.monotonic() < deadline:
+            shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+            for exp in (e for rev in shown for group in (rev.get("experiments") or []) for e in group["revs"]):
+                summary = (exp.get("data") or {}).get("metrics", {}).get("reports/train/summary.json", {})
+                if exp.get("name") == "live" and "data" in summary and trainer.poll() is None:
+                    seen.append(summary["data"]["epoch"])
+            runs = all_runs(client) if (project / "mlflow.db").exists() else []
+            if runs and trainer.poll() is None:
+                mlflow_seen.append(len(client.get_metric_history(runs[0].info.run_id, "validation_loss")))
+            time.sleep(0.5)
+    finally:
+        trainer.kill() if trainer.poll() is None else None
+    assert trainer.wait(timeout=60) == 0, trainer.stdout.read()[-3000:]
+    assert any(0 < epoch < 40 for epoch in seen), seen  # mid-training, as it went
+    assert seen == sorted(seen) and len(set(seen)) > 1, seen
+    assert any(0 < n < 40 for n in mlflow_seen), mlflow_seen

@@ -113,7 +113,7 @@ def test_registered_version_carries_test_accuracy_and_serves_the_cli(trained):
 
     client = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
     version = client.get_model_version("spam-classifier", "1")
-    test_accuracy = json.loads((trained / "reports/metrics.json").read_text())["test"]["accuracy"]
+    test_accuracy = json.loads((trained / "reports/metrics.json").read_text())["test/accuracy"]
     assert float(version.tags["test_accuracy"]) == pytest.approx(test_accuracy)
     store = {"MLFLOW_TRACKING_URI": f"sqlite:///{trained / 'mlflow.db'}"}
     cli = [sys.executable, "-m", "gpt2_classifier.serve.cli"]

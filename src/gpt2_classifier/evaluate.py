@@ -1,11 +1,10 @@
 """The evaluate stage's work: from the classifier's predictions on the full splits (finetune writes
 them, with the model in memory), accuracy, precision, recall, F1, log loss, Brier score and ECE, and
 the test set's confusion matrix, ROC, precision-recall curve, reliability diagram and bootstrap
-intervals, written for DVC and logged to finetune's MLflow run and model. No torch here."""
+intervals, written for DVC and logged to finetune's MLflow run and model: the headline (names.py) as
+reports/metrics.json and MLflow metrics, every number in reports/eval/details.json. No torch here."""
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 
@@ -14,13 +13,14 @@ from gpt2_classifier.core.params import EvaluateParams, Params
 from gpt2_classifier.core.paths import (
     BALANCE_COUNTS,
     CLASSIFIER,
+    EVAL_DETAILS,
     EVAL_REPORTS,
     METRICS,
     MODEL_CARD,
     PREDICTIONS,
     RUN_FILE,
     SPLITS,
-    TRAIN_REPORTS,
+    TRAIN_DETAILS,
 )
 from gpt2_classifier.metrics.bootstrap import bootstrap_intervals
 from gpt2_classifier.metrics.calibration import calibration_report, reliability_bins
@@ -35,6 +35,7 @@ from gpt2_classifier.metrics.classification import (
     roc_curve,
 )
 from gpt2_classifier.metrics.decision import DECISION_FILE, Decision
+from gpt2_classifier.metrics.names import TEST_HEADLINE, flat_metrics, headline
 from gpt2_classifier.metrics.plots import plot_confusion, plot_precision_recall, plot_reliability
 from gpt2_classifier.metrics.predictions import Predictions, read_predictions
 from gpt2_classifier.tracking.runs import continue_run
@@ -61,13 +62,15 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
         if test_auc is not None:
             metrics["test"]["roc_auc"] = test_auc
         metrics["test"] = add_test_metrics(metrics["test"], served["test"], params.evaluate)
-        write_json(METRICS, metrics)
+        details = flat_metrics(metrics)
+        write_json(EVAL_DETAILS, details)
+        write_json(METRICS, headline(details, TEST_HEADLINE))
         write_card(params, predictions, decision, metrics, record.model_uri)
-        # At the training's last step, where the logged model reads its metrics.
-        flat = {metric_key(split, *keys): value for split, values in metrics.items() for keys, value in leaves(values)}
-        tracker.log_metrics(flat, step=record.step, model_id=record.model_id)
-        reports = [EVAL_REPORTS / name for name in EVAL_FILES]
-        tracker.log_artifacts([METRICS, MODEL_CARD, *reports], "evaluate")
+        # Once, without a step (a bar per run in MLflow), on the run and its logged model.
+        tracker.log_metrics(headline(details, TEST_HEADLINE), model_id=record.model_id)
+        tracker.log_artifacts([EVAL_REPORTS / name for name in PLOTS])  # at the top: the compare page shows those
+        tables = [EVAL_REPORTS / name for name in TABLES]
+        tracker.log_artifacts([METRICS, EVAL_DETAILS, MODEL_CARD, *tables], "evaluate")
         tracker.log_model_artifacts([MODEL_CARD])  # the card travels with the model
         tracker.log_lineage("evaluate", inputs=None, outputs={"metrics": METRICS})
         register_as = params.mlflow.register_as
@@ -84,7 +87,8 @@ def evaluate(params: Params) -> dict[str, dict[str, float]]:
 
 
 # reports/eval/, for MLflow
-EVAL_FILES = ("confusion.png", "confusion.csv", "roc.csv", "pr.csv", "pr.png", "reliability.csv", "reliability.png")
+PLOTS = ("confusion.png", "pr.png", "reliability.png")
+TABLES = ("confusion.csv", "roc.csv", "pr.csv", "reliability.csv")
 
 
 def add_test_metrics(test: dict, predictions: Predictions, settings: EvaluateParams) -> dict:
@@ -126,7 +130,7 @@ def write_card(
         params=params,
         balance=read_json(BALANCE_COUNTS),
         classifier=read_json(CLASSIFIER / "config.json"),
-        summary=read_json(TRAIN_REPORTS / "summary.json"),
+        training=read_json(TRAIN_DETAILS),
         split_counts=counts,
         decision=decision,
         metrics=metrics,
@@ -134,20 +138,6 @@ def write_card(
     )
     with atomic_path(MODEL_CARD) as tmp:
         tmp.write_text(model_card(inputs), encoding="utf-8")
-
-
-def leaves(tree: dict, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
-    """(path of keys, value) of every number in nested dicts."""
-    found = []
-    for key, value in tree.items():
-        found += leaves(value, (*keys, key)) if isinstance(value, dict) else [((*keys, key), value)]
-    return found
-
-
-def metric_key(*parts: str) -> str:
-    """An MLflow metric name: test/accuracy, test/per_class/<class>/f1 (a class name's characters that
-    MLflow refuses in names, '/' among them, become '_')."""
-    return "/".join(re.sub(r"[^\w.\- :]", "_", part) for part in parts)
 
 
 def report_at_threshold(p: Predictions, decision: Decision) -> dict[str, float]:

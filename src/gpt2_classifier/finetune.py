@@ -24,10 +24,13 @@ from gpt2_classifier.core.paths import (
     RUN_FILE,
     SPLIT_DIR,
     SPLITS,
+    TRAIN_DETAILS,
     TRAIN_REPORTS,
+    TRAIN_SUMMARY,
 )
 from gpt2_classifier.data.encode import EncodingInfo, load_splits
 from gpt2_classifier.metrics.decision import DECISION_FILE, Decision, decide
+from gpt2_classifier.metrics.names import VALIDATION_HEADLINE, headline, tidy
 from gpt2_classifier.metrics.predictions import Predictions, write_predictions
 from gpt2_classifier.model.classifier import (
     ClassifierConfig,
@@ -38,7 +41,7 @@ from gpt2_classifier.model.classifier import (
     save_classifier,
 )
 from gpt2_classifier.model.pretrained import WEIGHTS_FILE, BaseConfig
-from gpt2_classifier.tracking.lineage import flatten, hash_in_background
+from gpt2_classifier.tracking.lineage import as_written, flatten, hash_in_background
 from gpt2_classifier.tracking.runs import Tracker, finetune_run, run_tags
 from gpt2_classifier.train import checkpoint
 from gpt2_classifier.train.device import pick_device
@@ -46,17 +49,12 @@ from gpt2_classifier.train.fast import iter_inputs
 from gpt2_classifier.train.graphs import graphed_step
 from gpt2_classifier.train.loop import History, Trainer, predict_proba
 
-STEP_METRICS = ("train_loss", "val_loss", "examples_seen")  # every eval_freq steps
-EPOCH_METRICS = (
-    "train_accuracy_estimate",
-    "val_accuracy_estimate",
-    "validation_loss",  # on the full validation set
-    "validation_accuracy",
-    "examples_seen",
-    "epoch",
-)
+# The curves, MLflow's and the CSVs' (metrics/names.py): every eval_freq steps, estimates over eval_iter batches;
+STEP_CURVES = ("train_loss_estimate", "validation_loss_estimate")
+# after each epoch, estimates and the full validation set's loss and accuracy.
+EPOCH_CURVES = ("train_accuracy_estimate", "validation_accuracy_estimate", "validation_loss", "validation_accuracy")
 PREDICT_BATCH = 64  # rows per forward pass when predicting (the results do not depend on it)
-REPORT_FILES = ("loss.csv", "accuracy.csv", "summary.json")
+LOSS_CSV, ACCURACY_CSV = TRAIN_REPORTS / "loss.csv", TRAIN_REPORTS / "accuracy.csv"
 
 
 def run_name(name: str, weights: str) -> str:
@@ -112,7 +110,7 @@ def finetune(params: Params) -> History:
             "resolved.pool": pool,
             "resolved.padding": meta.padding,
         }
-        tracker.log_params(flatten(recipe) | resolved)
+        tracker.log_params(as_written(flatten(recipe)) | resolved)  # as params.yaml has them
         tracker.log_datasets({s: SPLIT_DIR / f"{s}.csv" for s in SPLITS})
         print(
             f"finetune: {trained} on {device}, {trainable:,} trainable parameters, "
@@ -157,19 +155,20 @@ def finetune(params: Params) -> History:
         )
         save_classifier(model, CLASSIFIER, config)
         write_all_predictions(probs, labels, meta.labels, decision)
-        summary = write_reports(history, f, trainable, tracker.run_id, peak_gpu_memory_mib(device))
-        final_step = trainer.step
-        tracker.log_metrics({k: summary[k] for k in ("best_epoch", "kept_epoch", "epochs_run")}, step=final_step)
+        details = write_reports(history, f, tracker.run_id, peak_gpu_memory_mib(device))
+        steps_taken = trainer.step + 1  # (steps count from 0)
         tracker.set_tags({"stopped": history.stopped})
-        speed = {"train_seconds": summary["seconds"], "examples_per_second": summary["examples_per_second"]}
-        if "peak_gpu_memory_mib" in summary:
-            speed["peak_gpu_memory_mib"] = summary["peak_gpu_memory_mib"]
-        tracker.log_metrics(speed, step=final_step)
-        tracker.log_artifacts([TRAIN_REPORTS / name for name in REPORT_FILES] + [Path("params.yaml")], "finetune")
+        tracker.log_metrics({k: v for k, v in details.items() if k.startswith("system/")})  # once: bars
+        reports = [LOSS_CSV, ACCURACY_CSV, TRAIN_SUMMARY, TRAIN_DETAILS, Path("params.yaml")]
+        tracker.log_artifacts(reports, "finetune")
         tracker.log_lineage("finetune", inputs_hashed, outputs={"model": CLASSIFIER, "predictions": PREDICTIONS})
         del trainer, inputs, model  # logging the model loads it again: free the training copy first
         gc.collect()
-        tracker.log_model(lambda step: log_model(CLASSIFIER, f"{trained}-classifier", step, trained), final_step)
+        # At the number of steps taken, where no curve has a value: MLflow gives a logged model the run's metrics
+        # at its step, and this one carries the headline alone.
+        tracker.log_model(lambda step: log_model(CLASSIFIER, f"{trained}-classifier", step, trained), steps_taken)
+        # Once, without a step (a bar per run in MLflow), on the run and its logged model; evaluate adds the test's.
+        tracker.log_metrics(headline(details, VALIDATION_HEADLINE), model_id=tracker.model_id)
     done = f"{history.examples_seen} examples in {history.seconds:.0f} s"
     print(f"finetune: {done}; model in {CLASSIFIER}; {tracker.where}")
     return history
@@ -191,16 +190,21 @@ def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: 
     saved = f.checkpoint_dir() / f"{fingerprint}.safetensors"
 
     def on_step(record: dict) -> None:
-        tracker.log_metrics({k: record[k] for k in STEP_METRICS}, step=record["step"])
+        tracker.log_metrics({k: record[k] for k in STEP_CURVES}, step=record["step"])
+        write_rows(LOSS_CSV, trainer.history.steps)  # as it goes, for dvc exp show and plots of a running experiment
 
     logged = 0  # learning rates logged so far
 
     def on_epoch(record: dict) -> None:
         nonlocal logged
-        tracker.log_metrics({k: record[k] for k in EPOCH_METRICS}, step=record["step"])
+        tracker.log_metrics({k: record[k] for k in EPOCH_CURVES}, step=record["step"])
         rates = [r for r in trainer.history.learning_rates[logged:] if r["step"] <= record["step"]]
         tracker.log_series("lr", [(r["step"], r["lr"]) for r in rates])  # every optimizer step's, once an epoch
         logged += len(rates)
+        write_rows(ACCURACY_CSV, trainer.history.epochs)
+        write_json(TRAIN_SUMMARY, epoch_headline(record))  # the latest epoch's, until training ends
+
+    write_json(TRAIN_SUMMARY, {"epoch": 0})  # a running experiment shows in dvc exp show from the start
 
     interrupted = checkpoint.resume(saved, trainer, fingerprint) if f.resume else None
     if interrupted is not None:
@@ -247,38 +251,42 @@ def peak_gpu_memory_mib(device: torch.device) -> int | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None
 
 
-def write_reports(
-    history: History, f: FinetuneParams, trainable: int, run_id: str | None, peak_gpu_mib: int | None = None
-) -> dict:
-    """The curves as CSV, which dvc plots draws (MLflow charts the same values, logged as metrics), and
-    summary.json (for dvc metrics, with the MLflow run, so `dvc exp show` names each experiment's run;
-    on CUDA, with the peak GPU memory); returns the summary. Its losses and accuracies are those of the
-    weights kept (finetune.keep): the kept epoch's, and the last loss estimate made by its end."""
-    TRAIN_REPORTS.mkdir(parents=True, exist_ok=True)
-    write_rows(TRAIN_REPORTS / "loss.csv", history.steps)
-    write_rows(TRAIN_REPORTS / "accuracy.csv", history.epochs)
+def epoch_headline(record: dict) -> dict:
+    """An epoch's headline values (metrics/names.py): its number, and the full validation set's accuracy
+    and loss after it."""
+    named = {"validation/accuracy": record["validation_accuracy"], "validation/loss": record["validation_loss"]}
+    return {"epoch": record["epoch"]} | {k: tidy(v) for k, v in named.items()}
+
+
+def write_reports(history: History, f: FinetuneParams, run_id: str | None, peak_gpu_mib: int | None = None) -> dict:
+    """The curves as CSV, which dvc plots draws (MLflow charts the same values, logged as metrics);
+    summary.json, the headline for dvc metrics: the kept epoch's (finetune.keep) validation accuracy
+    and loss; details.json, everything else of the training (with the MLflow run, the time taken and,
+    on CUDA, the peak GPU memory). Returns the details. The estimates in them are of the weights kept:
+    the kept epoch's, and the last loss estimate made by its end."""
+    write_rows(LOSS_CSV, history.steps)
+    write_rows(ACCURACY_CSV, history.epochs)
     kept = history.epoch_record(history.best_epoch if f.keep == "best" else history.epochs_run)
     best = history.epoch_record(history.best_epoch)
     loss = [record for record in history.steps if record["step"] <= kept["step"]][-1]
-    summary = {
-        "train_loss": loss["train_loss"],
-        "val_loss": loss["val_loss"],
-        "train_accuracy_estimate": kept["train_accuracy_estimate"],
-        "val_accuracy_estimate": kept["val_accuracy_estimate"],
-        "validation_loss": kept["validation_loss"],  # on the full validation set
-        "validation_accuracy": kept["validation_accuracy"],
-        "kept_epoch": kept["epoch"],  # whose weights were saved (finetune.keep)
+    metric = f.early_stopping.metric
+    summary = epoch_headline(kept)
+    details = summary | {
         "best_epoch": best["epoch"],
-        f"best_{f.early_stopping.metric}": best[f.early_stopping.metric],
+        f"best_{metric}": tidy(best[metric]),
         "epochs_run": history.epochs_run,
         "stopped": history.stopped,  # epochs: every epoch ran; patience: finetune.early_stopping stopped it
+        "train_loss_estimate": tidy(loss["train_loss_estimate"]),
+        "validation_loss_estimate": tidy(loss["validation_loss_estimate"]),
+        "train_accuracy_estimate": tidy(kept["train_accuracy_estimate"]),
+        "validation_accuracy_estimate": tidy(kept["validation_accuracy_estimate"]),
         "examples_seen": history.examples_seen,
-        "seconds": round(history.seconds, 1),
-        "examples_per_second": round(history.examples_seen / max(history.seconds, 1e-9), 2),
-        "trainable_parameters": trainable,
+        "system/train_seconds": round(history.seconds, 1),
+        "system/examples_per_second": round(history.examples_seen / max(history.seconds, 1e-9), 2),
         "mlflow_run_id": run_id,
     }
     if peak_gpu_mib is not None:
-        summary["peak_gpu_memory_mib"] = peak_gpu_mib
-    write_json(TRAIN_REPORTS / "summary.json", summary)
-    return summary
+        details["system/peak_gpu_memory_mib"] = peak_gpu_mib
+    write_json(TRAIN_DETAILS, details)
+    write_json(TRAIN_SUMMARY, summary)
+    return details

@@ -13,11 +13,14 @@ SPLIT_DIR = Path("data/split")  # split: {train,validation,test}.csv
 ENCODED = Path("data/encoded")  # pad-encode: {split}.safetensors, meta.json
 BASE = Path("models/base")  # fetch-weights: model.safetensors, config.json
 CLASSIFIER = Path("models/classifier")  # finetune: model.safetensors, config.json
-TRAIN_REPORTS = Path("reports/train")  # finetune: curves, summary.json
+TRAIN_REPORTS = Path("reports/train")  # finetune: curves loss.csv, accuracy.csv
+TRAIN_SUMMARY = TRAIN_REPORTS / "summary.json"  # finetune's headline, for DVC (metrics/names.py)
+TRAIN_DETAILS = TRAIN_REPORTS / "details.json"  # ... and every other number of the training
 RUN_FILE = TRAIN_REPORTS / "mlflow_run.json"  # finetune -> evaluate: the MLflow run to continue
 PREDICTIONS = Path("reports/predictions")  # finetune: {split}.csv, the classifier's probabilities
-METRICS = Path("reports/metrics.json")  # evaluate
+METRICS = Path("reports/metrics.json")  # evaluate's headline, for DVC (metrics/names.py)
 EVAL_REPORTS = Path("reports/eval")  # evaluate: confusion matrix, ROC
+EVAL_DETAILS = EVAL_REPORTS / "details.json"  # ... and every number evaluate measured
 MODEL_CARD = Path("reports/model_card.md")  # evaluate: for whoever deploys the classifier
 
 # Outside DVC's outputs, under the project folder (see files.project_root): kept between runs.

@@ -20,10 +20,10 @@ class CardInputs:
     params: Params
     balance: dict  # data/balance.json: messages, parsed and balanced counts per label, labels
     classifier: dict  # models/classifier/config.json
-    summary: dict  # reports/train/summary.json
+    training: dict  # reports/train/details.json
     split_counts: dict[str, dict[str, int]]  # messages per class in each split
     decision: Decision
-    metrics: dict  # reports/metrics.json
+    metrics: dict  # per split, as nested dicts (reports/eval/details.json holds them flat)
     model_uri: str | None = None  # the MLflow model, when tracked
 
 
@@ -97,19 +97,19 @@ def _training(c: CardInputs, p: Params) -> list[str]:
         + (f" x {f.accumulation_steps} accumulated" if f.accumulation_steps > 1 else "")
         + (f", gradients clipped to norm {f.grad_clip:g}" if f.grad_clip else "")
         + f", seed {f.seed}",
-        f"- {c.summary.get('epochs_run', f.epochs)} of at most {f.epochs} epochs, {c.summary['examples_seen']:,} "
-        f"examples seen in {c.summary['seconds']:g} s",
+        f"- {c.training.get('epochs_run', f.epochs)} of at most {f.epochs} epochs, {c.training['examples_seen']:,} "
+        f"examples seen in {c.training['system/train_seconds']:g} s",
     ]
-    if "kept_epoch" in c.summary:
+    if "best_epoch" in c.training:
         rule, metric = f.early_stopping, f.early_stopping.metric
         why = (
             "every epoch ran"
-            if c.summary["stopped"] == "epochs"
+            if c.training["stopped"] == "epochs"
             else (f"stopped early: {metric} improved by no more than {rule.min_delta:g} in {rule.patience} epoch(s)")
         )
         lines.append(
-            f"- Weights of epoch {c.summary['kept_epoch']} (finetune.keep: {f.keep}); the best {metric} on the full "
-            f"validation set, {c.summary[f'best_{metric}']:.4f}, at epoch {c.summary['best_epoch']}; {why}"
+            f"- Weights of epoch {c.training['epoch']} (finetune.keep: {f.keep}); the best {metric} on the full "
+            f"validation set, {c.training[f'best_{metric}']:.4f}, at epoch {c.training['best_epoch']}; {why}"
         )  # fmt: skip
     return ["## Training", "\n".join(lines)]
 

@@ -9,7 +9,6 @@ describe another run.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import threading
@@ -151,6 +150,21 @@ def changed_params(current: dict, baseline: dict) -> list[str]:
 
 
 def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    return json.dumps(value) if isinstance(value, bool | list | dict) else str(value)
+    return yaml_value(value)
+
+
+def yaml_value(value: Any) -> str:
+    """A param's value as YAML (and params.yaml) writes it: 600, 5.0e-05, true, null, [ham, spam]."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=2**31).removesuffix("\n").removesuffix("\n...")
+
+
+def as_written(flat: dict[str, Any], path: str = PARAMS_FILE) -> dict[str, Any]:
+    """Each flattened param's value as `path` has it (deadline: 600, which validates to 600.0), or as
+    given where the file lacks the key (a default)."""
+    try:
+        written = flatten(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError):
+        written = {}
+    return {key: written.get(key, value) for key, value in flat.items()}

@@ -8,7 +8,6 @@ also for queued experiments that run in a temporary copy), with artifacts beside
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -24,7 +23,14 @@ from gpt2_classifier.core.errors import PipelineError
 from gpt2_classifier.core.files import project_root, read_validated, write_json
 from gpt2_classifier.core.params import MlflowParams
 from gpt2_classifier.core.redact import redact, redact_text
-from gpt2_classifier.tracking.lineage import Hashed, baseline_params, changed_params, code_differs, git_head
+from gpt2_classifier.tracking.lineage import (
+    Hashed,
+    baseline_params,
+    changed_params,
+    code_differs,
+    git_head,
+    yaml_value,
+)
 from gpt2_classifier.tracking.store import create_store
 
 log = logging.getLogger(__name__)
@@ -170,6 +176,9 @@ def _use_experiment(uri: str, name: str) -> str:
             experiment = mlflow.get_experiment_by_name(name)
             deleted = experiment is not None and experiment.lifecycle_stage == "deleted"
             experiment_id = experiment.experiment_id if experiment else _create_experiment(uri, name)
+            if not deleted and (experiment.tags if experiment else {}).get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                # mlflow ui opens the experiment on its training runs, not on GenAI traces
+                mlflow.MlflowClient().set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
         except Exception as exc:  # MLflow raises many types for an unreachable or broken store
             raise store_failure(uri, exc) from None
     if deleted:
@@ -181,6 +190,9 @@ def _use_experiment(uri: str, name: str) -> str:
     return experiment_id
 
 
+# The tag by which MLflow's UI knows what an experiment holds (here: model training, not GenAI traces).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+SHORT_HASH = 8  # hex digits of a hash in a tag: the run's header shows them whole
 SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples of CPU, memory and GPU use (MLflow's default: 10)
 
 
@@ -264,7 +276,7 @@ class Tracker:
         if self.run_id:
             import mlflow
 
-            mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in params.items()})
+            mlflow.log_params({k: yaml_value(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None) -> None:
         if self.run_id:
@@ -316,8 +328,9 @@ class Tracker:
 
     def log_lineage(self, stage: str, inputs: Future[Hashed] | None, outputs: dict[str, Path]) -> None:
         """A tag `input.<name>` or `output.<name>` per path (short keys: MLflow's UI cuts long ones), holding
-        DVC's hash of it as this run found (`inputs`, hashed since the run began: see `hash_in_background`)
-        or wrote it, and the hash of every file in `lineage/<stage>.json`."""
+        the first SHORT_HASH digits of DVC's hash of it as this run found (`inputs`, hashed since the run
+        began: see `hash_in_background`) or wrote it, as git shortens a commit; the whole hashes, and that
+        of every file, are in `lineage/<stage>.json`."""
         if not self.run_id:
             return
         import mlflow
@@ -327,7 +340,7 @@ class Tracker:
         tags, record = {}, {"inputs": {}, "outputs": {}}
         for kind, hashed in (("inputs", inputs.result() if inputs else {}), ("outputs", path_hashes(outputs))):
             for name, (path, md5, files) in hashed.items():
-                tags[f"{kind.removesuffix('s')}.{name}"] = md5
+                tags[f"{kind.removesuffix('s')}.{name}"] = md5[:SHORT_HASH]
                 record[kind][path.as_posix()] = {"md5": md5, "files": files}
         mlflow.set_tags(tags)
         mlflow.log_dict(record, f"lineage/{stage}.json")

@@ -27,9 +27,9 @@ from gpt2_classifier.train.schedule import learning_rate
 @dataclass
 class History:
     # Estimates over `eval_iter` batches, as the reference makes them (evaluate measures the full sets):
-    steps: list[dict] = field(default_factory=list)  # step, examples_seen, train_loss, val_loss
+    steps: list[dict] = field(default_factory=list)  # step, examples_seen, {train,validation}_loss_estimate
     learning_rates: list[dict] = field(default_factory=list)  # step, lr: every optimizer step's
-    # epoch, step, examples_seen, {train,val}_accuracy_estimate; validation_{loss,accuracy}: on the full set
+    # epoch, step, examples_seen, {train,validation}_accuracy_estimate; validation_{loss,accuracy}: the full set
     epochs: list[dict] = field(default_factory=list)
     examples_seen: int = 0
     seconds: float = 0.0
@@ -222,16 +222,17 @@ class Trainer:
                     record = {
                         "step": self.step,
                         "examples_seen": history.examples_seen,
-                        "train_loss": self.estimate(self.train_inputs, self._train_batches(), "loss"),
-                        "val_loss": self.estimate(self.val_inputs, self._val_batches(), "loss"),
+                        "train_loss_estimate": self.estimate(self.train_inputs, self._train_batches(), "loss"),
+                        "validation_loss_estimate": self.estimate(self.val_inputs, self._val_batches(), "loss"),
                     }
-                    if not math.isfinite(record["train_loss"] + record["val_loss"]):
+                    train_loss, validation_loss = record["train_loss_estimate"], record["validation_loss_estimate"]
+                    if not math.isfinite(train_loss + validation_loss):
                         raise PipelineError(
-                            f"finetune: the loss is {record['train_loss']} (validation {record['val_loss']}) at step "
+                            f"finetune: the loss is {train_loss} (validation {validation_loss}) at step "
                             f"{self.step}: training diverged; lower finetune.lr (now {self.s.lr:g})"
                         )
                     history.steps.append(record)
-                    progress.set_postfix(train_loss=f"{record['train_loss']:.3f}", val_loss=f"{record['val_loss']:.3f}")
+                    progress.set_postfix(train_loss=f"{train_loss:.3f}", validation_loss=f"{validation_loss:.3f}")
                     if on_step:
                         on_step(record)
             record = {
@@ -239,7 +240,7 @@ class Trainer:
                 "step": self.step,
                 "examples_seen": history.examples_seen,
                 "train_accuracy_estimate": self.estimate(self.train_inputs, self._train_batches(), "accuracy"),
-                "val_accuracy_estimate": self.estimate(self.val_inputs, self._val_batches(), "accuracy"),
+                "validation_accuracy_estimate": self.estimate(self.val_inputs, self._val_batches(), "accuracy"),
             }
             record["validation_loss"], record["validation_accuracy"] = self.validate()
             history.epochs.append(record)
