@@ -69,6 +69,7 @@ def run(project: Path, stages: tuple[str, ...]) -> dict:
     """The stages, each in its own process; their wall times, and what the row reads."""
     from gpt2_classifier.core.params import load_params
     from gpt2_classifier.metrics.bootstrap import bootstrap_intervals
+    from gpt2_classifier.metrics.names import nested_metrics
     from gpt2_classifier.metrics.predictions import read_predictions
 
     env, seconds = environment(project), {}
@@ -78,8 +79,8 @@ def run(project: Path, stages: tuple[str, ...]) -> dict:
     validation = read_predictions(project / "reports/predictions/validation.csv")
     return {
         "seconds": seconds,
-        "summary": json.loads((project / "reports/train/summary.json").read_text()),
-        "metrics": json.loads((project / "reports/metrics.json").read_text()),
+        "summary": json.loads((project / "reports/train/details.json").read_text()),
+        "metrics": nested_metrics(json.loads((project / "reports/eval/details.json").read_text())),
         "decision": json.loads((project / "reports/predictions/decision.json").read_text()),
         "validation_ci": bootstrap_intervals(
             validation.labels, validation.probs, params.evaluate.bootstrap, params.evaluate.seed
@@ -97,14 +98,14 @@ def row(name: str, r: dict) -> str:
     test, at = m["test"], m["test"]["at_threshold"]
     epochs = f"{s.get('epochs_run', r['epochs'])} of {r['epochs']}"
     best = str(s.get("best_epoch", "-"))
-    if s.get("kept_epoch", s.get("best_epoch")) != s.get("best_epoch"):  # keep: last, a later epoch's weights
-        best += f" (kept {s['kept_epoch']})"
+    if s.get("epoch", s.get("best_epoch")) != s.get("best_epoch"):  # keep: last, a later epoch's weights
+        best += f" (kept {s['epoch']})"
     reached = "target reached" if d["reached"] else "target not reached, so the most precise one"
     cells = [
         name,
         epochs,
         best,
-        f"{s['seconds']:.1f} s",
+        f"{s['system/train_seconds']:.1f} s",
         f"{r['seconds']['finetune']:.1f} s",
         interval(m["validation"]["accuracy"], r["validation_ci"]),
         interval(test["accuracy"], test.get("accuracy_ci")),
@@ -158,7 +159,7 @@ def main() -> None:
         print(row(name, result))
     print()
     print(f"finetune: the stage's wall time ({next(iter(RECIPES))} computes the frozen prefix, the others "
-          f"read it from its cache); training: summary.json's seconds. "
+          f"read it from its cache); training: details.json's system/train_seconds. "
           f"Load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
           f"bench wall time {time.perf_counter() - start:.0f} s")  # fmt: skip
     if args.json:

@@ -149,16 +149,18 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str, f
 
 def run_stages(project: Path, profile: Path | None = None) -> dict:
     """Each stage in its own process; with `profile`, under cProfile, its stats written there."""
+    from gpt2_classifier.metrics.names import nested_metrics
+
     env, times, peaks = environment(project), {}, {}
     for stage in STAGES:
         cmd = [sys.executable, f"stages/{stage}.py"]
         if profile:
             cmd[1:1] = ["-m", "cProfile", "-o", str(profile / f"{stage}.prof")]
         times[stage], _, peaks[stage] = timed(cmd, project, env)
-    summary = json.loads((project / "reports/train/summary.json").read_text())
-    metrics = json.loads((project / "reports/metrics.json").read_text())
-    peak_gpu = summary.get("peak_gpu_memory_mib")  # finetune writes it on CUDA only
-    return {"stages": times, "peak_mib": peaks, "train_seconds": summary["seconds"], "metrics": metrics,
+    details = json.loads((project / "reports/train/details.json").read_text())
+    metrics = nested_metrics(json.loads((project / "reports/eval/details.json").read_text()))
+    peak_gpu = details.get("system/peak_gpu_memory_mib")  # finetune writes it on CUDA only
+    return {"stages": times, "peak_mib": peaks, "train_seconds": details["system/train_seconds"], "metrics": metrics,
             "peak_gpu_mib": peak_gpu}  # fmt: skip
 
 
@@ -424,7 +426,7 @@ def report(results: dict) -> None:
         print(f"{stage:<16}" + "".join(f"{v['peak_mib'][stage]:>{w}.0f}" for v in variants))
     if any(v["peak_gpu_mib"] is not None for v in variants):
         print(f"{'finetune GPU':<16}" + "".join(f"{v['peak_gpu_mib'] or '-':>{w}}" for v in variants)
-              + "  (peak MiB of PyTorch's tensors, reports/train/summary.json)")  # fmt: skip
+              + "  (peak MiB of PyTorch's tensors, reports/train/details.json)")  # fmt: skip
     if "plain" in results:
         p = results["plain"]
         print(f"plain (book-style script): {p['seconds']:.2f} s end to end: {p['prepare_seconds']:.2f} s imports, "
@@ -433,7 +435,7 @@ def report(results: dict) -> None:
               + (f"; peak GPU memory {p['peak_gpu_mib']} MiB" if p["peak_gpu_mib"] is not None else ""))  # fmt: skip
         for n in names:
             total = sum(results["variants"][n]["stages"].values())
-            train = results["variants"][n]["train_seconds"]  # summary.json's, to 0.1 s: 0 for a tiny run
+            train = results["variants"][n]["train_seconds"]  # details.json's, to 0.1 s: 0 for a tiny run
             training = f"{p['train_seconds'] / train:.1f}x" if train else "- (under 0.05 s)"
             print(f"  {n}: end to end {p['seconds'] / total:.2f}x the plain script's speed, training {training}")
     if "dvc_repro" in results:

@@ -156,13 +156,17 @@ def screenshots(args: argparse.Namespace, work: Path, missing: str | None, wait:
         driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
         ids = json.dumps(list(runs.values()))
         training = "workflowType=machine_learning"  # the "Model training" side of the UI
+        curve = "validation_loss_estimate"
         pages = {
+            "0-experiment": f"{base}/#/experiments/{experiment}",  # where a click on the experiment lands
             "1-run-list": f"{base}/#/experiments/{experiment}/runs?{training}",
             "2-compare": f"{base}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments=%5B%22{experiment}%22%5D",
-            "3-metric-val_loss": f"{base}/#/metric?runs={urllib.parse.quote(ids)}&metric=%22val_loss%22"
-            f"&experiments=%5B%22{experiment}%22%5D&plot_metric_keys=%5B%22val_loss%22%5D",
+            f"3-metric-{curve}": f"{base}/#/metric?runs={urllib.parse.quote(ids)}&metric=%22{curve}%22"
+            f"&experiments=%5B%22{experiment}%22%5D&plot_metric_keys=%5B%22{curve}%22%5D",
             "4-models": f"{base}/#/experiments/{experiment}/models?{training}",
             "5-run-page": f"{base}/#/experiments/{experiment}/runs/{runs['lr-high']}",
+            "5b-run-model-metrics": f"{base}/#/experiments/{experiment}/runs/{runs['lr-high']}/model-metrics",
+            "5c-run-system-metrics": f"{base}/#/experiments/{experiment}/runs/{runs['lr-high']}/system-metrics",
             "6-dvc-plots-diff": (project / "dvc_plots" / "index.html").as_uri(),
         }
         for name, url in pages.items():
@@ -179,12 +183,15 @@ def screenshots(args: argparse.Namespace, work: Path, missing: str | None, wait:
                 heading = driver.find_elements(By.XPATH, "//*[normalize-space(text())='Parameters']")
                 if heading:
                     driver.execute_script("arguments[0].scrollIntoView();", heading[-1])
+            if name == "2-compare":  # down to the artifacts: both runs' plots side by side
+                driver.set_window_size(1600, 4000)
             if name == "6-dvc-plots-diff":
                 height = driver.execute_script("return document.body.scrollHeight")
                 driver.set_window_size(1600, min(max(height, 1100), 4000))
             time.sleep(wait / 3)
             path = args.out / f"{name}.png"
             driver.save_screenshot(str(path))
+            driver.set_window_size(1600, 1100)
             print(path)
     finally:
         if driver is not None:

@@ -224,14 +224,9 @@ def make_project(dest: Path, params: dict) -> Path:
 def eval_details(project: Path) -> dict:
     """reports/eval/details.json (every number evaluate measured, flat: test/at_threshold/precision) as
     nested dicts: details["test"]["at_threshold"]["precision"]."""
-    nested: dict = {}
-    for key, value in json.loads((project / "reports/eval/details.json").read_text()).items():
-        *parents, last = key.split("/")
-        node = nested
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[last] = value
-    return nested
+    from gpt2_classifier.metrics.names import nested_metrics
+
+    return nested_metrics(json.loads((project / "reports/eval/details.json").read_text()))
 
 
 def stages_run(output: str) -> list[str]:

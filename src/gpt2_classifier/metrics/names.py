@@ -57,3 +57,15 @@ def flat_metrics(tree: dict, keys: tuple[str, ...] = ()) -> dict[str, float]:
 def headline(flat: dict, names: tuple[str, ...]) -> dict:
     """Those of `names` that `flat` holds, in that order."""
     return {name: flat[name] for name in names if name in flat}
+
+
+def nested_metrics(flat: dict) -> dict:
+    """flat_metrics' inverse: {'test/per_class/spam/f1': 0.8} -> {'test': {'per_class': {'spam': {'f1': 0.8}}}}."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, last = key.split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[last] = value
+    return tree

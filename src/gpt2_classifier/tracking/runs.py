@@ -204,7 +204,6 @@ class RunRecord(BaseModel):
     experiment_id: str | None = None
     model_id: str | None = None  # the logged model (MLflow 3), which carries the final metrics
     model_uri: str | None = None
-    step: int = 0  # the last training step: the model's metrics are logged at it
 
     @classmethod
     def read(cls, path: Path) -> RunRecord:
@@ -250,12 +249,10 @@ class Tracker:
         self.where = where  # for the stage's last line
         self.model_id: str | None = None
         self.model_uri: str | None = None
-        self.step = 0  # the logged model's step
 
     def log_model(self, log: Callable[[int], Any], step: int) -> None:
         """The run's model, logged by `log(step)` (which returns MLflow's ModelInfo); it carries the metrics
         logged at `step`. Tracking knows no model: the stage says how its model is logged."""
-        self.step = step
         if self.run_id:
             info = log(step)
             self.model_id, self.model_uri = info.model_id, info.model_uri
@@ -390,7 +387,6 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
             experiment_id=experiment_id,
             model_id=tracker.model_id,
             model_uri=tracker.model_uri,
-            step=tracker.step,
         )
         write_json(run_file, record.model_dump())
         status = "FINISHED"
