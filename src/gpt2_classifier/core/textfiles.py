@@ -62,16 +62,13 @@ def _valid_utf8_beyond_ascii(raw: bytes) -> bool:
 
 # First bytes of files that are no text, and what they are
 _MAGIC = (
-    (
-        b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
-        "an Excel 97-2003 workbook (.xls) or another old Office file; save it as CSV",
-    ),
-    (b"\x1f\x8b", "gzip-compressed; give the .gz itself as data.url (download decompresses it), or gunzip it"),
-    (b"BZh", "bzip2-compressed; give the .bz2 itself as data.url (download decompresses it), or bunzip2 it"),
-    (b"\xfd7zXZ\x00", "xz-compressed; give the .xz itself as data.url (download decompresses it), or unxz it"),
-    (b"PAR1", "a parquet file; set data.format: parquet"),
-    (b"%PDF", "a PDF document; export its table as CSV"),
-)
+    (rb"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an old Excel workbook (.xls) or another Office file; save it as CSV"),
+    (rb"\x1f\x8b\x08", "gzip-compressed; give the .gz itself as data.url (download decompresses it), or gunzip it"),
+    (rb"BZh[1-9]", "bzip2-compressed; give the .bz2 itself as data.url (download decompresses it), or bunzip2 it"),
+    (rb"\xfd7zXZ\x00", "xz-compressed; give the .xz itself as data.url (download decompresses it), or unxz it"),
+    (rb"PAR1.*PAR1\Z", "a parquet file; set data.format: parquet"),  # PAR1 at its start and its end
+    (rb"%PDF-", "a PDF document; export its table as CSV"),
+)  # fmt: skip
 
 
 def not_text(raw: bytes) -> str | None:
@@ -79,7 +76,7 @@ def not_text(raw: bytes) -> str | None:
     (a workbook, a zip, a compressed file); None for anything else."""
     if raw.startswith(b"PK\x03\x04"):
         return office_file(_zip_names(raw)) or "a zip archive; give the zip as data.url and its file as data.member"
-    return next((what for magic, what in _MAGIC if raw.startswith(magic)), None)
+    return next((what for magic, what in _MAGIC if re.match(magic, raw, re.S)), None)
 
 
 def office_file(names: Iterable[str]) -> str | None:

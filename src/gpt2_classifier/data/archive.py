@@ -10,9 +10,10 @@ import bz2
 import contextlib
 import gzip
 import lzma
+import re
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -21,8 +22,17 @@ from gpt2_classifier.core.errors import DownloadError
 from gpt2_classifier.core.textfiles import office_file
 
 ZIP_MAGIC = b"PK\x03\x04"
-# a compressed tar, or one compressed file: gzip, bzip2, xz, by the first bytes
-COMPRESSED = {b"\x1f\x8b": ("gzip", gzip.open), b"BZh": ("bzip2", bz2.open), b"\xfd7zXZ": ("xz", lzma.open)}
+# a compressed tar, or one compressed file: gzip, bzip2, xz, by their first bytes
+COMPRESSED = {
+    rb"\x1f\x8b\x08": ("gzip", gzip.open),
+    rb"BZh[1-9]": ("bzip2", bz2.open),
+    rb"\xfd7zXZ\x00": ("xz", lzma.open),
+}
+
+
+def compression(head: bytes) -> tuple[str, Callable] | None:
+    """The compression whose magic bytes `head` starts with, and its opener; None for any other file."""
+    return next((kind for magic, kind in COMPRESSED.items() if re.match(magic, head)), None)
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,7 @@ def archive_kind(path: Path) -> str | None:
         is_tar = False
     if is_tar:
         return "tar"
-    if head.startswith(tuple(COMPRESSED)):
+    if compression(head):
         return "compressed"
     return None
 
@@ -60,7 +70,7 @@ def decompress(path: Path, out: Path, max_bytes: int, label: str) -> None:
     """Write the one compressed file at `path` (gzip, bzip2 or xz) to `out`, at most `max_bytes`."""
     with open(path, "rb") as f:
         head = f.read(6)
-    what, opener = next(kind for magic, kind in COMPRESSED.items() if head.startswith(magic))
+    what, opener = compression(head)
     written = 0
     try:
         with opener(path, "rb") as src, open(out, "wb") as dst:

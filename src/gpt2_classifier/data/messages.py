@@ -114,7 +114,7 @@ def forced_undersampling(counts: dict[str, int], strategy: str) -> str | None:
         f"class '{tiny}' has {n} example{'s' * (n != 1)} beside {next_n} or more of every other class, so "
         f"balance.strategy undersample cuts every class to {n} ({n * len(counts)} of {sum(counts.values())} "
         f"kept); add examples of '{tiny}' or remove its rows, or set balance.strategy: none "
-        "(with finetune.class_weights: balanced)"
+        "and finetune.class_weights: balanced"
     )
 
 
@@ -127,7 +127,7 @@ def repeated_across_splits(parts: dict[str, Messages]) -> str | None:
         repeats = sum(text in seen for text in texts)
         if repeats:
             earlier = " or ".join(SPLITS[: SPLITS.index(name)])
-            found.append(f"{repeats} of {len(texts)} {name} texts are also in {earlier}")
+            found.append(f"{repeats} of {len(texts)} {name} texts {'is' if repeats == 1 else 'are'} also in {earlier}")
         seen.update(texts)
     if not found:
         return None
@@ -181,7 +181,7 @@ def split(
             f"balance cut every class to {n} example{'s' * (n != 1)}, the size of class '{undersampled_to}' "
             f"(balance.strategy undersample): {len(messages)} are too few to split into {', '.join(SPLITS)}; add "
             f"examples of '{undersampled_to}' or remove its rows, or set balance.strategy: none "
-            "(with finetune.class_weights: balanced)"
+            "and finetune.class_weights: balanced"
         ) from None
 
 
