@@ -181,9 +181,9 @@ def test_one_tiny_class_that_cuts_every_class_is_named_and_so_is_it_when_split_f
     ]
     (error,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert error == (
-        "error: balance cut every class to 3 examples, the size of class 'refund' (balance.strategy undersample): "
-        "9 are too few to split into train, validation, test; add examples of 'refund' or remove its rows, or set "
-        "balance.strategy: none and finetune.class_weights: balanced"
+        "error: class 'refund' has 3 examples in inputs/tickets.csv (data.url), and balance.strategy undersample cut "
+        "every class to 3: 9 are too few to split into train, validation, test; add examples of 'refund' or remove "
+        "its rows, or set balance.strategy: none and finetune.class_weights: balanced"
     )
     assert "split.validation" not in err
     data_stages(tmp_path, monkeypatch, table(rows), balance={"strategy": "none"})  # the fix works

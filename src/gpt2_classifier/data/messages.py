@@ -178,10 +178,10 @@ def split(
             raise
         n = len(messages) // len(labels or [0])
         raise DataError(
-            f"balance cut every class to {n} example{'s' * (n != 1)}, the size of class '{undersampled_to}' "
-            f"(balance.strategy undersample): {len(messages)} are too few to split into {', '.join(SPLITS)}; add "
-            f"examples of '{undersampled_to}' or remove its rows, or set balance.strategy: none "
-            "and finetune.class_weights: balanced"
+            f"class '{undersampled_to}' has {n} example{'s' * (n != 1)} in {source}, and balance.strategy undersample "
+            f"cut every class to {n}: {len(messages)} are too few to split into {', '.join(SPLITS)}; add examples of "
+            f"'{undersampled_to}' or remove its rows, or set balance.strategy: none and "
+            "finetune.class_weights: balanced"
         ) from None
 
 
