@@ -1,6 +1,7 @@
 """Bad input gets one line naming it: `classify`'s options and files (before any model loads), a
 device that is not there, an empty data URL."""
 
+import csv
 import json
 import socket
 
@@ -236,3 +237,22 @@ def test_base_weights_that_cannot_be_downloaded_point_at_the_cli_ways(tmp_path, 
     err = error_of(["classify", "--model", str(tmp_path / "classifier"), "hello"], capsys)
     assert err.startswith("http://127.0.0.1:9/openai-community/gpt2: could not download model.safetensors"), err
     assert err.endswith(predict.OFFLINE) and "model.source" not in err
+
+
+def test_a_windows_1252_file_is_advised_to_be_converted_from_cp1252(tmp_path, capsys):
+    """Excel's CSV on Windows: curly quotes and the euro sign are bytes 0x80-0x9F, control characters in Latin-1."""
+    inbox = tmp_path / "inbox.csv"
+    inbox.write_bytes("text\nWin \u20ac100 \u2013 \u201cfree\u201d\n".encode("cp1252"))
+    assert main(["classify", "--file", str(inbox), "--model", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"iconv -f cp1252 -t utf-8 {inbox} > {tmp_path / 'inbox-utf8.csv'}" in err and "\n" not in err
+
+
+def test_a_csv_text_longer_than_the_csv_modules_default_field_is_read(tmp_path):
+    from gpt2_classifier.serve.cli import _read_messages
+
+    thread = ('a long e-mail thread, "quoted",\nover lines ' * 5_000)[:200_000]  # over 131,072 characters
+    inbox = tmp_path / "inbox.csv"
+    with open(inbox, "w", newline="") as f:
+        csv.writer(f).writerows([["text", "sender"], [thread, "x"], ["short", "y"]])
+    assert _read_messages(inbox, None) == [thread, "short"]

@@ -183,9 +183,10 @@ def test_a_class_too_small_to_split_names_the_users_data_and_the_fix(tmp_path):
     result = run(["dvc", "repro", "split"], project, check=False)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and errors == [
-        f"error: class 'ham' has 2 examples in {data} (data.url), too few to split into train, validation, test; "
-        "add examples of it, or list only the classes to keep in balance.labels"
-    ]
+        f"error: class 'spam' has 2 examples in {data} (data.url), and balance.strategy undersample cut every class "
+        "to 2: 4 are too few to split into train, validation, test; add examples of 'spam' or remove its rows, or set "
+        "balance.strategy: none and finetune.class_weights: balanced"
+    ]  # the class that was cut to 2 (ham) is not the one to name
     assert not (project / "data/split").exists() and (project / "data/balanced.csv").is_file()
 
 

@@ -105,6 +105,10 @@ class BalanceParams(Section):
     labels: list[str] | None = Field(["ham", "spam"], min_length=2)
     # undersample: every class to the size of the smallest (the reference); none: keep every row
     strategy: Literal["undersample", "none"] = "undersample"
+    # true: keep the first of texts that are the same but for case and surrounding spaces (else a text
+    # can land in train and in test); false: keep every row, as the reference does
+    dedupe: bool = False
+    quiet: list[Literal["similar_labels", "numeric_texts", "undersampling"]] = []  # warnings not to print
 
     @model_validator(mode="after")
     def _unique_labels(self) -> BalanceParams:
@@ -119,6 +123,7 @@ class SplitParams(Section):
     validation: Fraction = 0.1
     test: Fraction = 0.2
     stratify: bool = False  # true: each class split by the fractions; false: the reference's one shuffle
+    quiet: list[Literal["duplicates"]] = []  # warnings not to print
 
     @model_validator(mode="after")
     def _sum_at_most_one(self) -> SplitParams:

@@ -1,11 +1,11 @@
-"""What every stage script shares: params validation, logging and one-line errors."""
+"""What every stage script shares: params validation, logging, one-line errors and one-line warnings."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from gpt2_classifier.core.errors import PipelineError
 from gpt2_classifier.core.files import INTERRUPTED
@@ -15,6 +15,23 @@ from gpt2_classifier.core.params import Params, load_params
 # ends the stage as an interruption (nothing committed, the MLflow run marked KILLED, exit 128 + signal).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _stopped_by: list[int] = []  # the signal that stopped this run, if one did
+_warned: list[dict[str, str]] = []  # this run's warnings
+
+
+def warn(stage: str, kind: str, message: str, quiet: Collection[str] = ()) -> None:
+    """A warning about data that is suspicious but usable: one line on stderr, `warning: <message>`,
+    naming the setting that silences it (`<stage>.quiet: [<kind>]`), unless `kind` is in `quiet`.
+    Each is kept for the stage to record with its outputs (see `warned`)."""
+    if kind in quiet:
+        return
+    message = f"{message} ({stage}.quiet: [{kind}] silences this)"
+    print(f"warning: {message}", file=sys.stderr)
+    _warned.append({"stage": stage, "kind": kind, "message": message})
+
+
+def warned() -> list[dict[str, str]]:
+    """The warnings of this stage run so far: {stage, kind, message} each."""
+    return list(_warned)
 
 
 def _on_interrupt(signum: int, frame: object) -> None:
@@ -31,6 +48,7 @@ def run_stage(main: Callable[[Params], None], params_path: str = "params.yaml") 
     for sig, handler in previous.items():
         if handler in (signal.default_int_handler, signal.SIG_DFL):  # not where the parent had it ignored
             signal.signal(sig, _on_interrupt)
+    _warned.clear()
     try:
         main(load_params(params_path))
         if INTERRUPTED.is_set():
@@ -48,3 +66,4 @@ def run_stage(main: Callable[[Params], None], params_path: str = "params.yaml") 
             signal.signal(sig, handler)
         INTERRUPTED.clear()  # the guard belongs to this run (tests call run_stage in-process)
         _stopped_by.clear()
+        _warned.clear()

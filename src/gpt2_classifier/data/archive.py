@@ -1,21 +1,38 @@
 """Read a zip or tar archive (.tar, .tar.gz, .tgz) in place: nothing is extracted to disk, every read
 is bounded, and a member whose path would leave the archive's folder (absolute, `..`, a backslash)
-is refused. Errors name the archive as the user gave it (`label`), never where it was downloaded to."""
+is refused. What macOS adds to the archives it makes (`__MACOSX/`, `._*`, `.DS_Store`) is no member.
+A compressed file that holds no tar (`tickets.csv.gz`) is the data file, decompressed with a bound.
+Errors name the archive as the user gave it (`label`), never where it was downloaded to."""
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
+import lzma
+import re
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from gpt2_classifier.core.errors import DownloadError
+from gpt2_classifier.core.textfiles import office_file
 
 ZIP_MAGIC = b"PK\x03\x04"
-COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: a compressed tar (or no archive)
+# a compressed tar, or one compressed file: gzip, bzip2, xz, by their first bytes
+COMPRESSED = {
+    rb"\x1f\x8b\x08": ("gzip", gzip.open),
+    rb"BZh[1-9]": ("bzip2", bz2.open),
+    rb"\xfd7zXZ\x00": ("xz", lzma.open),
+}
+
+
+def compression(head: bytes) -> tuple[str, Callable] | None:
+    """The compression whose magic bytes `head` starts with, and its opener; None for any other file."""
+    return next((kind for magic, kind in COMPRESSED.items() if re.match(magic, head)), None)
 
 
 @dataclass(frozen=True)
@@ -25,14 +42,45 @@ class Member:
 
 
 def archive_kind(path: Path) -> str | None:
-    """'zip', 'tar', or None for a file that is no archive (the data file itself)."""
+    """'zip', 'tar', 'compressed' (one compressed file, no tar), or None for a file that is no archive
+    (the data file itself)."""
     with open(path, "rb") as f:
         head = f.read(6)
     if head.startswith(ZIP_MAGIC):
         return "zip"
-    if head.startswith(COMPRESSED_MAGIC) or tarfile.is_tarfile(path):
+    try:
+        is_tar = tarfile.is_tarfile(path)
+    except (OSError, EOFError, lzma.LZMAError):  # a compressed file cut short: see decompress
+        is_tar = False
+    if is_tar:
         return "tar"
+    if compression(head):
+        return "compressed"
     return None
+
+
+def made_by_macos(name: str) -> bool:
+    """Whether a member is what macOS's Finder adds to an archive: resource forks (`__MACOSX/`,
+    AppleDouble `._<name>`) and folder settings (`.DS_Store`)."""
+    path = PurePosixPath(name)
+    return path.parts[:1] == ("__MACOSX",) or path.name.startswith("._") or path.name == ".DS_Store"
+
+
+def decompress(path: Path, out: Path, max_bytes: int, label: str) -> None:
+    """Write the one compressed file at `path` (gzip, bzip2 or xz) to `out`, at most `max_bytes`."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    what, opener = compression(head)
+    written = 0
+    try:
+        with opener(path, "rb") as src, open(out, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > max_bytes:
+                    raise DownloadError(f"{label}: decompresses beyond data.max_unzipped_mb")
+                dst.write(chunk)
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise DownloadError(f"{label}: corrupt or truncated {what} file ({exc})") from None
 
 
 def check_name(name: str, label: str) -> PurePosixPath:
@@ -51,16 +99,19 @@ class Archive:
             self._zip = zipfile.ZipFile(path) if kind == "zip" else None
             self._tar = tarfile.open(path, "r:*") if kind == "tar" else None  # noqa: SIM115 (closed in close())
             if self._zip is not None:
-                infos = [i for i in self._zip.infolist() if not i.is_dir()]
+                infos = [i for i in self._zip.infolist() if not i.is_dir() and not made_by_macos(i.filename)]
                 self._infos = {i.filename: i for i in infos}
                 self.members = [Member(i.filename, i.file_size) for i in infos]
-            else:
-                infos = [i for i in self._tar.getmembers() if i.isreg()]  # no links, devices or folders
+            else:  # no links, devices or folders
+                infos = [i for i in self._tar.getmembers() if i.isreg() and not made_by_macos(i.name)]
                 self._infos = {i.name: i for i in infos}
                 self.members = [Member(i.name, i.size) for i in infos]
         except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
             self.close()
             raise DownloadError(f"{label}: corrupt or truncated {self._what} ({exc})") from None
+        if self._zip is not None and (office := office_file(self._zip.namelist())):
+            self.close()
+            raise DownloadError(f"{label}: this is {office}")
 
     @property
     def _what(self) -> str:
@@ -140,9 +191,9 @@ class Archive:
 
 @contextlib.contextmanager
 def open_archive(path: Path, label: str | None = None) -> Iterator[Archive | None]:
-    """The archive at `path`, or None when the file is no archive."""
+    """The archive at `path`, or None when the file is no archive (one compressed file is none)."""
     kind = archive_kind(path)
-    if kind is None:
+    if kind in (None, "compressed"):
         yield None
         return
     archive = Archive(path, kind, label or str(path))

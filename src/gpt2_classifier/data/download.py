@@ -28,7 +28,7 @@ from gpt2_classifier.core.errors import DownloadError, PipelineError
 from gpt2_classifier.core.files import atomic_path, sha256_mismatch
 from gpt2_classifier.core.params import DataParams
 from gpt2_classifier.core.redact import redact
-from gpt2_classifier.data.archive import label_folders, open_archive, pack_folder
+from gpt2_classifier.data.archive import archive_kind, decompress, label_folders, open_archive, pack_folder
 
 T = TypeVar("T")
 
@@ -166,9 +166,12 @@ def extract_member(archive: Path, member: str | None, out: Path, max_bytes: int,
     """Copy `member` out of a zip or tar (or the file itself when it is no archive), at most `max_bytes`.
 
     `member` is a member's full path, or a file name that exactly one member has (None: the archive's
-    only file). Errors name the archive as `label` (the user's URL or file) rather than where it was
-    downloaded to."""
+    only file). One compressed file (`tickets.csv.gz`) is decompressed. Errors name the archive as
+    `label` (the user's URL or file) rather than where it was downloaded to."""
     label = label or str(archive)
+    if archive_kind(archive) == "compressed":
+        decompress(archive, out, max_bytes, label)
+        return
     with open_archive(archive, label) as opened:
         if opened is None:
             if archive.stat().st_size > max_bytes:

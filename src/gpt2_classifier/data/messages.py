@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from gpt2_classifier.core.errors import DataError
 from gpt2_classifier.core.files import read_validated
 from gpt2_classifier.core.paths import SPLITS
+from gpt2_classifier.core.textfiles import csv_reader
 
 COLUMNS = ("text", "label", "line")
 
@@ -47,6 +48,16 @@ def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
     return np.random.RandomState(seed).choice(n, size=size, replace=False)
 
 
+class DataWarning(BaseModel):
+    """A data stage's one-line warning, as it printed it (core/stage.py warn)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    kind: str
+    message: str
+
+
 class BalanceRecord(BaseModel):
     """data/balance.json: what balance read and kept, and the class names in class order (split,
     pad-encode and the classifier take them from here, so `balance.labels: null` names the classes)."""
@@ -58,6 +69,13 @@ class BalanceRecord(BaseModel):
     balanced: dict[str, int]
     labels: list[str]
     left_out: dict[str, int] = {}  # data.format folders: texts of folders that balance.labels does not name
+    repeats_dropped: int = 0  # balance.dedupe: texts left out as repeats of an earlier one (not in `parsed`)
+    warnings: list[DataWarning] = []  # what balance found suspicious but usable
+
+    @property
+    def undersampled_to(self) -> str | None:
+        """The class whose size every class was cut to (None: no class was cut)."""
+        return min(self.parsed, key=self.parsed.get) if self.balanced != self.parsed else None
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> BalanceRecord:
@@ -67,6 +85,56 @@ class BalanceRecord(BaseModel):
 def class_counts(messages: Messages, labels: list[str]) -> dict[str, int]:
     counts = np.bincount(messages.labels, minlength=len(labels))
     return {label: int(counts[i]) for i, label in enumerate(labels)}
+
+
+def same_text(text: str) -> str:
+    """What counts as the same text twice: equal but for case and the spaces around it."""
+    return text.strip().casefold()
+
+
+def drop_repeats(messages: Messages) -> Messages:
+    """The messages without repeats of an earlier one's text (same_text), in their order."""
+    seen: set[str] = set()
+    keep = [i for i, text in enumerate(messages.texts) if not (same_text(text) in seen or seen.add(same_text(text)))]
+    return messages.take(np.array(keep, dtype=np.int64))
+
+
+UNDERSAMPLING_RATIO = 10  # a class this many times smaller than the next smallest is named before it cuts all
+
+
+def forced_undersampling(counts: dict[str, int], strategy: str) -> str | None:
+    """One line when one class, much smaller than every other, makes strategy undersample cut every
+    class to its size (the cut the reference makes of ham to spam's size is not named: 747 of 4,827)."""
+    if strategy != "undersample" or len(counts) < 2:
+        return None
+    (tiny, n), (_, next_n) = sorted(counts.items(), key=lambda item: item[1])[:2]
+    if n == 0 or n * UNDERSAMPLING_RATIO > next_n:
+        return None
+    return (
+        f"class '{tiny}' has {n} example{'s' * (n != 1)} beside {next_n} or more of every other class, so "
+        f"balance.strategy undersample cuts every class to {n} ({n * len(counts)} of {sum(counts.values())} "
+        f"kept); add examples of '{tiny}' or remove its rows, or set balance.strategy: none "
+        "and finetune.class_weights: balanced"
+    )
+
+
+def repeated_across_splits(parts: dict[str, Messages]) -> str | None:
+    """One line when a split holds texts (same_text) that an earlier split holds too."""
+    seen: set[str] = set()
+    found = []
+    for name in SPLITS:
+        texts = [same_text(text) for text in parts[name].texts]
+        repeats = sum(text in seen for text in texts)
+        if repeats:
+            earlier = " or ".join(SPLITS[: SPLITS.index(name)])
+            found.append(f"{repeats} of {len(texts)} {name} texts {'is' if repeats == 1 else 'are'} also in {earlier}")
+        seen.update(texts)
+    if not found:
+        return None
+    return (
+        f"{', '.join(found)} (the same text but for case and surrounding spaces): their scores overstate how the "
+        "classifier does on new texts; set balance.dedupe: true to keep one copy of each text"
+    )
 
 
 def balance(messages: Messages, labels: list[str], seed: int, strategy: str = "undersample") -> Messages:
@@ -97,10 +165,36 @@ def split(
     stratify: bool = False,
     labels: list[str] | None = None,
     source: str = "the data",
+    undersampled_to: str | None = None,
 ) -> dict[str, Messages]:
     """Shuffle, then cut by fractions; when they sum to 1, test takes the remainder. With `stratify`,
     each class is shuffled and cut by the fractions, and each split shuffled again. Every class needs
-    an example in every split (errors name the class by `labels`, and the user's data by `source`)."""
+    an example in every split (errors name the class by `labels`, and the user's data by `source`; when
+    balance cut every class to the size of class `undersampled_to`, that class and balance.strategy)."""
+    try:
+        return _split(messages, train, validation, test, seed, stratify, labels, source)
+    except DataError:
+        if undersampled_to is None:
+            raise
+        n = len(messages) // len(labels or [0])
+        raise DataError(
+            f"class '{undersampled_to}' has {n} example{'s' * (n != 1)} in {source}, and balance.strategy undersample "
+            f"cut every class to {n}: {len(messages)} are too few to split into {', '.join(SPLITS)}; add examples of "
+            f"'{undersampled_to}' or remove its rows, or set balance.strategy: none and "
+            "finetune.class_weights: balanced"
+        ) from None
+
+
+def _split(
+    messages: Messages,
+    train: float,
+    validation: float,
+    test: float,
+    seed: int,
+    stratify: bool,
+    labels: list[str] | None,
+    source: str,
+) -> dict[str, Messages]:
     names = labels or [str(c) for c in range(int(messages.labels.max(initial=0)) + 1)]
     counts = np.bincount(messages.labels, minlength=len(names))
     small = [(names[c], int(n)) for c, n in enumerate(counts) if 0 < n < len(SPLITS)]
@@ -152,7 +246,7 @@ def write_csv(messages: Messages, path: str | os.PathLike) -> None:
 
 def read_csv(path: str | os.PathLike) -> Messages:
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
+        reader = csv_reader(f)
         header = next(reader, None)
         if header is None or tuple(header) != COLUMNS:
             raise DataError(f"{path}: expected the columns {list(COLUMNS)}, got {header}; run the stages again")

@@ -10,7 +10,9 @@ import csv
 import functools
 import io
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from gpt2_classifier.core.errors import DataError, PipelineError
-from gpt2_classifier.core.params import DataParams
+from gpt2_classifier.core.params import TABULAR, DataParams
+from gpt2_classifier.core.textfiles import csv_reader, encoding_advice, not_text
 from gpt2_classifier.data.archive import label_folders, open_archive
 from gpt2_classifier.data.messages import Messages
 
@@ -79,11 +82,14 @@ def _text_file(rows: Callable[[str, str, DataParams], Rows], expected: str | Non
         raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # editors save UTF-8 with a byte-order mark
         if not raw.strip():
             raise DataError(f"{name}: the file is empty; expected {what}")
+        if kind := not_text(raw):
+            raise DataError(f"{name}: this is {kind}")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             line = raw[: exc.start].count(b"\n") + 1
-            raise DataError(f"{name}:{line}: not valid UTF-8 at byte {exc.start}; convert the file to UTF-8") from None
+            advice = encoding_advice(raw, name)
+            raise DataError(f"{name}:{line}: not valid UTF-8 at byte {exc.start}; {advice}") from None
         texts, labels_read, lines = [], [], []
         for line, text_, label in rows(text, name, data):
             texts.append(text_)
@@ -101,16 +107,25 @@ def _expected(data: DataParams) -> str:
 
 
 def _checked(place: str, text: object, label: object, data: DataParams) -> tuple[str, str]:
-    """A row's text and label as strings, or a one-line error for a missing or empty one."""
+    """A row's text and label as strings, or a one-line error for a missing or empty one. Numbers are
+    read as they are written (a label 1.0 of a float column as 1), booleans as JSON writes them."""
+    values = []
     for value, what, column in ((text, "text", data.text_column), (label, "label", data.label_column)):
+        if isinstance(value, bool):
+            value = ("true" if value else "false") if what == "label" else value  # a text is no boolean
+        elif isinstance(value, float):
+            value = None if math.isnan(value) else str(int(value)) if value.is_integer() else str(value)
+        elif isinstance(value, int):
+            value = str(value)
         if value is None or (isinstance(value, str) and not value.strip()):
-            problem = "empty"
-        elif isinstance(value, bool) or not isinstance(value, str | int):
-            problem = f"not text ({type(value).__name__}):"
-        else:
-            continue
-        raise DataError(f"{place}: {problem} {what} (data.{what}_column '{column}'); fill it in or remove the row")
-    return str(text), str(label)
+            raise DataError(f"{place}: empty {what} (data.{what}_column '{column}'); fill it in or remove the row")
+        if not isinstance(value, str):
+            raise DataError(
+                f"{place}: {what} is not text but a {type(value).__name__} (data.{what}_column '{column}'); "
+                f"set data.{what}_column to the column of {what}s"
+            )
+        values.append(value)
+    return values[0], values[1]
 
 
 def _sms_rows(text: str, name: str, data: DataParams) -> Rows:
@@ -133,7 +148,7 @@ def _sms_rows(text: str, name: str, data: DataParams) -> Rows:
 
 def _table_rows(text: str, name: str, data: DataParams, delimiter: str) -> Rows:
     """(line, text, label) of each row of a CSV or TSV file with a header row."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv_reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader, None) or []
         columns = _columns(header, name, data, "header")
@@ -155,9 +170,26 @@ def _columns(names: list[str], name: str, data: DataParams, what: str) -> tuple[
     for column, setting in ((data.text_column, "text_column"), (data.label_column, "label_column")):
         if column not in names:
             raise DataError(
-                f"{name}: no column '{column}' in its {what} {names[:10]}; set data.{setting} to the column to use"
+                f"{name}: no column '{column}' in its {what} {names[:10]}; "
+                + (_separated_otherwise(names, data) or f"set data.{setting} to the column to use")
             )
     return names.index(data.text_column), names.index(data.label_column)
+
+
+def _separated_otherwise(header: list[str], data: DataParams) -> str | None:
+    """The fix for a header read as one field that another separator splits into the named columns (a
+    tab-separated file given as csv, a comma-separated one as tsv, Excel's ';' CSV of some languages)."""
+    if len(header) != 1 or data.format not in ("csv", "tsv"):
+        return None
+    for separator, what, fix in (
+        ("\t", "tab-separated", "set data.format: tsv"),
+        (",", "comma-separated", "set data.format: csv"),
+        (";", "separated by ';' (as Excel saves CSV in some languages)", "save it as 'CSV UTF-8' (commas)"),
+    ):
+        columns = [column.strip().strip('"') for column in header[0].split(separator)]
+        if len(columns) > 1 and {data.text_column, data.label_column} <= set(columns):
+            return f"the file is {what}: {fix}"
+    return None
 
 
 def _jsonl_rows(text: str, name: str, data: DataParams) -> Rows:
@@ -228,7 +260,8 @@ def _read_folders(path: Path, name: str, data: DataParams, labels: list[str] | N
                 try:
                     read[member.name] = raw.decode("utf-8-sig")
                 except UnicodeDecodeError as exc:
-                    raise DataError(f"{name}: {member.name}: not valid UTF-8 at byte {exc.start}; convert it") from None
+                    advice = encoding_advice(raw, PurePosixPath(member.name).name)
+                    raise DataError(f"{name}: {member.name}: not valid UTF-8 at byte {exc.start}; {advice}") from None
     except PipelineError as exc:
         raise DataError(str(exc).replace("data.max_unzipped_mb", "data.max_unzipped_mb (all texts together)")) from None
     texts, labels_read, places = [], [], []
@@ -255,10 +288,51 @@ READERS: dict[str, Reader] = {
 }
 
 
-def number_labels(data: LabelledTexts, labels: list[str] | None) -> tuple[Messages, list[str]]:
-    """The texts with class indices into `labels` (None: the labels found, sorted), and those labels."""
+INTEGER = re.compile(r"[-+]?\d+")
+NUMBER = re.compile(r"[-+]?(\d+([.,]\d*)?|[.,]\d+)([eE][-+]?\d+)?")
+
+
+def class_order(labels: set[str]) -> list[str]:
+    """Labels sorted as text, or as numbers where every one is a whole number (0, 1, 2, ..., 10)."""
+    if all(INTEGER.fullmatch(label.strip()) for label in labels):
+        return sorted(labels, key=lambda label: (int(label), label))
+    return sorted(labels)
+
+
+def _spelling(label: str) -> str:
+    return " ".join(label.split()).casefold()
+
+
+def data_warnings(data: LabelledTexts, labels: list[str] | None, params: DataParams) -> list[tuple[str, str]]:
+    """(kind, one line) for what is usable but suspicious in the texts read: labels that differ only in
+    case or spaces, taken from the data as two classes (balance.labels: null); texts that are numbers."""
+    found = []
     if labels is None:
-        labels = sorted(set(data.labels))
+        spellings: dict[str, set[str]] = {}
+        for label in set(data.labels):
+            spellings.setdefault(_spelling(label), set()).add(label)
+        alike = [sorted(group) for group in spellings.values() if len(group) > 1]
+        if alike:
+            shown = "; ".join(" and ".join(repr(label) for label in group) for group in sorted(alike))
+            found.append((
+                "similar_labels",
+                f"{data.name}: labels {shown} differ only in case or spaces and become separate classes; fix them in "
+                "the data to merge them, or list the classes in balance.labels to keep them apart",
+            ))  # fmt: skip
+    numbers = sum(1 for text in data.texts if NUMBER.fullmatch(text.strip()))
+    if params.format in TABULAR and numbers >= 0.9 * len(data):
+        found.append((
+            "numeric_texts",
+            f"{data.name}: {numbers} of {len(data)} texts in column '{params.text_column}' (data.text_column) are "
+            "numbers, not text; set data.text_column to the column of texts",
+        ))  # fmt: skip
+    return found
+
+
+def number_labels(data: LabelledTexts, labels: list[str] | None) -> tuple[Messages, list[str]]:
+    """The texts with class indices into `labels` (None: the labels found, in class_order), and those labels."""
+    if labels is None:
+        labels = class_order(set(data.labels))
         if len(labels) < 2:
             raise DataError(f"{data.name}: every row is labelled {labels}; a classifier needs two classes or more")
         print(f"balance: labels from the data, in class order: {labels}", file=sys.stderr)
@@ -267,8 +341,10 @@ def number_labels(data: LabelledTexts, labels: list[str] | None) -> tuple[Messag
     unknown = np.flatnonzero(targets < 0)
     if len(unknown):
         first = int(unknown[0])
+        label = data.labels[first]
+        alike = [known for known in labels if _spelling(known) == _spelling(label)]
+        fix = f"fix its case or spaces to {alike[0]!r}" if alike else "add it there, or remove the row"
         raise DataError(
-            f"{data.places[first]}: unknown label {data.labels[first]!r}; expected one of {labels} (balance.labels): "
-            "add it there, or remove the row"
+            f"{data.places[first]}: unknown label {label!r}; expected one of {labels} (balance.labels): {fix}"
         )
     return Messages(data.texts, targets, np.asarray(data.lines, dtype=np.int64)), labels

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_classifier.core.errors import PipelineError
+from gpt2_classifier.core.textfiles import csv_reader
 
 PREFIX = "prob_"
 
@@ -39,7 +40,7 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+            rows = list(csv_reader(f))
         header = rows[0]
         classes = [name.removeprefix(PREFIX) for name in header[2:]]
         index = {name: i for i, name in enumerate(classes)}

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from gpt2_classifier.core.errors import PipelineError
+from gpt2_classifier.core.textfiles import csv_dict_reader, encoding_advice
 
 
 def _load(args: argparse.Namespace):
@@ -42,7 +43,7 @@ def _read_messages(path: Path, column: str | None) -> list[str]:
         texts = _read_utf8_messages(path, column)
     except UnicodeDecodeError as exc:
         raise PipelineError(
-            f"{path}: not UTF-8 text (byte {exc.start}); convert it, e.g. iconv -f latin1 -t utf-8 {path}"
+            f"{path}: not UTF-8 text (byte {exc.start}); {encoding_advice(path.read_bytes(), str(path))}"
         ) from None
     if not texts:
         raise PipelineError(f"{path}: holds no messages; nothing to classify")
@@ -52,7 +53,7 @@ def _read_messages(path: Path, column: str | None) -> list[str]:
 def _read_utf8_messages(path: Path, column: str | None) -> list[str]:
     if path.suffix.lower() == ".csv" or column:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            reader = csv_dict_reader(f)
             column = column or "text"
             if column not in (reader.fieldnames or []):
                 raise PipelineError(
