@@ -34,9 +34,11 @@ else
 	  2> >(sed -u '/No file hash info found/d' >&2)
 endif
 
-# mlflow ui on the project's store (UI="--port 5001" adds options). MLflow's server imports starlette's
-# deprecated WSGI middleware, which warns once per worker: MLflow's to change, not yours, so that one is hidden.
+# mlflow ui on the project's store (UI="--port 5001" adds options), after a link to the experiment's training
+# runs. MLflow's server imports starlette's deprecated WSGI middleware, which warns once per worker: MLflow's
+# to change, not yours, so that one is hidden.
 ui: $(VENV)/.installed
+	@$(BIN)/python tools/ui_link.py $(UI)
 	PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated" $(BIN)/mlflow ui \
 	  --backend-store-uri sqlite:///mlflow.db $(UI)
 

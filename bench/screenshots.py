@@ -158,7 +158,6 @@ def screenshots(args: argparse.Namespace, work: Path, missing: str | None, wait:
         training = "workflowType=machine_learning"  # the "Model training" side of the UI
         curve = "validation_loss_estimate"
         pages = {
-            "0-experiment": f"{base}/#/experiments/{experiment}",  # where a click on the experiment lands
             "1-run-list": f"{base}/#/experiments/{experiment}/runs?{training}",
             "2-compare": f"{base}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments=%5B%22{experiment}%22%5D",
             f"3-metric-{curve}": f"{base}/#/metric?runs={urllib.parse.quote(ids)}&metric=%22{curve}%22"

@@ -129,7 +129,7 @@ def decided(tmp_path_factory):
     """A tiny project trained with temperature scaling and a threshold at a target precision."""
     tmp = tmp_path_factory.mktemp("decided")
     decision = {"calibration": "temperature", "threshold": "precision", "target": 0.9}
-    params = tiny_params(*made_zip(tmp, 90, 30, seed=5), decision=decision, mlflow={"system_metrics": False})
+    params = tiny_params(*made_zip(tmp, 90, 30, seed=5), decision=decision)
     project = make_project(tmp / "p", params)
     result = run(["dvc", "repro"], project)
     return project, result.stdout

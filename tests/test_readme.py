@@ -107,7 +107,8 @@ def project_with_make(tmp_path, made_data):
     for name in MAKE_INPUTS:
         shutil.copy2(PROJECT / name, project / name)  # mtimes kept: make sees the venv as up to date
     (project / ".venv").symlink_to(PROJECT / ".venv")
-    run(["git", "add", "Makefile", "pyproject.toml", "constraints.txt"], project)
+    shutil.copytree(PROJECT / "tools", project / "tools", dirs_exist_ok=True)  # make ui's link, make plots-offline
+    run(["git", "add", "Makefile", "pyproject.toml", "constraints.txt", "tools"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "make"], project)
     return project
 
@@ -133,6 +134,7 @@ def made_venv_or_skip() -> None:
 def test_make_ui_serves_mlflow_with_no_warnings(tmp_path, made_data):
     made_venv_or_skip()
     project = project_with_make(tmp_path, made_data)
+    experiment = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").create_experiment("gpt2-classifier")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -157,6 +159,9 @@ def test_make_ui_serves_mlflow_with_no_warnings(tmp_path, made_data):
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
     assert "Warning" not in log.read_text(), log.read_text()  # StarletteDeprecationWarning: MLflow's, hidden
+    # First the link that opens the experiment on its training runs (MLflow 3.17 opens it on GenAI otherwise)
+    link = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    assert log.read_text().splitlines()[0] == f"Training runs of gpt2-classifier: {link}", log.read_text()
 
 
 def test_readme_dvc_commands_work_as_written(tmp_path, made_data):

@@ -158,7 +158,6 @@ def finetune(params: Params) -> History:
         details = write_reports(history, f, tracker.run_id, peak_gpu_memory_mib(device))
         steps_taken = trainer.step + 1  # (steps count from 0)
         tracker.set_tags({"stopped": history.stopped})
-        tracker.log_metrics({k: v for k, v in details.items() if k.startswith("system/")})  # once: bars
         reports = [LOSS_CSV, ACCURACY_CSV, TRAIN_SUMMARY, TRAIN_DETAILS, Path("params.yaml")]
         tracker.log_artifacts(reports, "finetune")
         tracker.log_lineage("finetune", inputs_hashed, outputs={"model": CLASSIFIER, "predictions": PREDICTIONS})

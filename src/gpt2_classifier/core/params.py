@@ -269,7 +269,9 @@ class MlflowParams(Section):
     enabled: bool = True
     experiment_name: str = Field("gpt2-classifier", max_length=500)  # MLflow's longest
     register_as: str | None = None  # a Model Registry name: each evaluated run becomes a new version
-    system_metrics: bool = True  # CPU, memory (and GPU) use sampled during finetune and evaluate
+    # CPU, memory (and GPU) use sampled during finetune and evaluate; off: they reflect the machine's load, not the
+    # model, and a dozen system/ keys would come first in MLflow's compare page
+    system_metrics: bool = False
 
     @field_validator("experiment_name")
     @classmethod

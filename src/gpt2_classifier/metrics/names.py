@@ -7,8 +7,10 @@
   (validation_loss and validation_accuracy after each epoch on the full validation set, the values
   finetune.early_stopping judges; train_loss_estimate every finetune.eval_freq steps, over
   finetune.eval_iter batches);
-- `system/<metric>`: what depends on the machine and its load (training time, speed, memory), under the
-  prefix MLflow shows apart, in the run's "System metrics" tab.
+- `system/<metric>`: what depends on the machine and its load (training time, speed, GPU memory), as
+  MLflow names its system metrics (mlflow.system_metrics); ours stay in details.json and out of MLflow's
+  metrics, whose tables and compare page sort them before test/ and validation/ (the run's duration is
+  MLflow's own column).
 
 The headline is the handful a reader compares runs by; `dvc metrics show` prints it on one line of a
 120-column terminal. Everything else is in the details files (reports/train/details.json,
