@@ -5,11 +5,13 @@ file (or server), what was not recorded and how to record it, without a tracebac
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -254,3 +256,62 @@ def test_a_wait_that_is_no_number_of_seconds_is_named(value, monkeypatch):
     monkeypatch.setenv(runs.STORE_WAIT_VARIABLE, value)
     with pytest.raises(runs.TrackingError, match=rf"^GPT2_CLASSIFIER_STORE_WAIT='{value}' is no number of seconds"):
         runs.store_wait()
+
+
+def running_run(db) -> bool:
+    """Whether `db` holds a run that started and has not ended (read without waiting for locks)."""
+    if not db.exists():
+        return False
+    with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(db, timeout=0.1)) as store:
+        return store.execute("SELECT count(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0] > 0
+    return False
+
+
+@pytest.mark.slow
+def test_finetune_outlasts_a_store_locked_until_it_ends_and_the_rerun_records_all_without_training(tmp_path, made_data):
+    from conftest import make_project, run, stages_run, tiny_params
+
+    project = make_project(tmp_path / "p", tiny_params(*made_data))
+    run(["dvc", "repro", "pad-encode", "fetch-weights"], project)
+    db = project / "mlflow.db"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "MLFLOW_TRACKING_URI")}
+    env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", runs.STORE_WAIT_VARIABLE: "1"}
+    stage = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not running_run(db) and stage.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as lock:  # as another program would
+        lock.execute("BEGIN IMMEDIATE")
+        out, err = stage.communicate(timeout=600)
+        lock.execute("ROLLBACK")
+    assert stage.returncode != 0 and "Traceback" not in out + err, err
+    warning, error, dvc = err.splitlines()  # nothing else: no traceback, no MLflow logs
+    assert warning.startswith(f"gpt2_classifier.tracking.runs: MLflow tracking store sqlite:///{db} did not take")
+    assert dvc.startswith("ERROR: failed to reproduce 'finetune'")
+    kept = next((project / ".cache" / "checkpoints").glob("*.safetensors"))
+    assert error.startswith(
+        f"error: MLflow tracking store sqlite:///{db} was unusable during the run (database is locked: another "
+        f"program holds a write lock on {db}); not recorded: "
+    )
+    assert error.endswith(
+        "then rerun finetune (dvc repro), which resumes from the training kept in "
+        f".cache/checkpoints/{kept.name} instead of training again"
+    )
+    assert "the model" in error and (project / "reports/train/summary.json").is_file()  # the results were written
+
+    rerun = run(["dvc", "repro"], project)
+    assert stages_run(rerun.stdout) == ["finetune", "evaluate"]
+    assert "finetune: resuming after epoch 1" in rerun.stdout  # of 1: nothing left to train
+    assert not kept.exists()
+    client = MlflowClient(f"sqlite:///{db}")
+    run_id = json.loads((project / "reports/train/mlflow_run.json").read_text())["run_id"]
+    recorded = client.get_run(run_id)
+    summary = json.loads((project / "reports/train/summary.json").read_text())
+    assert recorded.info.status == "FINISHED" and recorded.data.tags["resumed_after_epoch"] == "1"
+    curve = (project / "reports/train/loss.csv").read_text().splitlines()[1:]
+    assert len(client.get_metric_history(run_id, "val_loss")) == len(curve) > 1  # every value, replayed
+    assert client.get_metric_history(run_id, "lr")
+    assert recorded.data.metrics["validation_accuracy"] == pytest.approx(summary["validation_accuracy"])
+    assert "test/accuracy" in recorded.data.metrics and recorded.data.params["finetune.lr"] == "0.001"
+    assert client.search_logged_models([recorded.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
