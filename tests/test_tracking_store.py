@@ -240,6 +240,30 @@ def test_errors_of_a_server_keep_the_servers_advice():
     )
 
 
+def test_a_server_that_is_down_during_the_run_is_tried_again_quietly(monkeypatch, caplog):
+    """MLflow's own HTTP retries log a line each (urllib3's); the stage's warning and last line say it all."""
+    import mlflow
+    from conftest import LoopbackServer
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    server = LoopbackServer()
+    uri = server.url
+    server.close()  # nothing listens there now
+    runs.set_up_mlflow()
+    mlflow.set_tracking_uri(uri)  # as the run's first call sets it
+    writes = runs.StoreWrites(uri, wait=60)
+    with caplog.at_level(logging.INFO):
+        runs._Buffered(writes).MlflowClient().log_model_artifact("m-0123", "/p/model_card.md")
+    assert writes.pending and not writes.gave_up and writes.retry_at > time.monotonic()  # tried again later
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        f"MLflow tracking store {uri} did not take a write (cannot connect)"
+    ]
+    assert writes.failure("evaluate").args[0] == (
+        f"MLflow tracking store {uri} was unusable during the run (cannot connect); not recorded: artifacts "
+        "(model_card.md); start the server or fix MLFLOW_TRACKING_URI, then rerun evaluate (dvc repro)"
+    )
+
+
 def test_which_failures_are_tried_again():
     assert runs.transient(sqlite_error("database is locked"))
     assert runs.transient(sqlite_error("database or disk is full"))

@@ -225,9 +225,11 @@ def _quiet_mlflow() -> None:
 
 
 # What MLflow logs about a store error that reaches our code, which says it in one line: the traceback of
-# each failed SQL statement, and its system metrics thread's failures (they stop its sampling).
+# each failed SQL statement, its system metrics thread's failures (they stop its sampling), and a line
+# for each of its HTTP retries (HTTP_WAITS).
 REPORTED_HERE = {
     "mlflow.store.db.utils": ("SQLAlchemy database error",),
+    "urllib3.connectionpool": ("Retrying (",),
     "mlflow.system_metrics.system_metrics_monitor": ("Failed to get mlflow run", "Failed to log system metrics",
                                                      "Error terminating system metrics"),
 }  # fmt: skip
