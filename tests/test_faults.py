@@ -87,6 +87,25 @@ def test_resumed_run_ends_with_the_same_weights_and_history(tmp_path, blocks, ch
         assert torch.equal(param, expected_state[name]), name
 
 
+@pytest.mark.parametrize("changes", [{}, EARLY], ids=["reference", "early-stopping"])
+def test_the_state_of_a_finished_training_resumes_with_nothing_left_to_train(tmp_path, changes):
+    """finetune keeps it where the tracking store missed what the run logged: the rerun records that
+    without training again, also after early stopping (which ended before the last epoch)."""
+    torch.manual_seed(5)
+    whole = trainer(**changes)
+    expected = whole.fit()
+    checkpoint.save(tmp_path / "ckpt.safetensors", whole, "fp", {"run_id": "r1"})
+    resumed = trainer(**changes)
+    assert checkpoint.resume(tmp_path / "ckpt.safetensors", resumed, "fp") == {"run_id": "r1"}
+    steps = []
+    history = resumed.fit(on_step=steps.append)
+    assert steps == [] and resumed.step == whole.step  # no step trained
+    assert history.epochs == expected.epochs
+    assert (history.best_epoch, history.stopped) == (expected.best_epoch, expected.stopped)
+    for (name, param), kept in zip(resumed.model.named_parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(param, kept), name
+
+
 def held_writes(monkeypatch) -> tuple[threading.Event, threading.Event, list[dict]]:
     """Checkpoint writes that wait for `release` (`writing` is set once one waits); `written` gets a
     copy of the tensors each one wrote, as they were when it wrote them."""

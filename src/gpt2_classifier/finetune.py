@@ -161,6 +161,7 @@ def finetune(params: Params) -> History:
         reports = [LOSS_CSV, ACCURACY_CSV, TRAIN_SUMMARY, TRAIN_DETAILS, Path("params.yaml")]
         tracker.log_artifacts(reports, "finetune")
         tracker.log_lineage("finetune", inputs_hashed, outputs={"model": CLASSIFIER, "predictions": PREDICTIONS})
+        keep_for_rerun(trainer, recipe, f, tracker)
         del trainer, inputs, model  # logging the model loads it again: free the training copy first
         gc.collect()
         # At the number of steps taken, where no curve has a value: MLflow gives a logged model the run's metrics
@@ -183,10 +184,8 @@ def log_model(folder: Path, name: str, step: int, architecture: str):
 def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: Tracker) -> History:
     """Train, saving a checkpoint after each epoch; an interrupted run of the same `recipe` (params
     but mlflow's) and data resumes from its last one (and says so in MLflow). The checkpoint is
-    deleted once training ends."""
-    run_inputs = [*ENCODED.glob("*"), BASE / "config.json"]  # the base config holds the weights' SHA-256
-    fingerprint = checkpoint.fingerprint(recipe, run_inputs)
-    saved = f.checkpoint_dir() / f"{fingerprint}.safetensors"
+    deleted once the run is recorded (`keep_for_rerun`)."""
+    saved, fingerprint = checkpoint_file(recipe, f)
 
     def on_step(record: dict) -> None:
         tracker.log_metrics({k: record[k] for k in STEP_CURVES}, step=record["step"])
@@ -215,8 +214,26 @@ def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: 
             on_epoch(record)
     with checkpoint.Writer(saved, fingerprint, {"run_id": tracker.run_id}) as writer:
         history = trainer.fit(on_step, on_epoch, writer.save)
-    saved.unlink(missing_ok=True)
     return history
+
+
+def checkpoint_file(recipe: dict, f: FinetuneParams) -> tuple[Path, str]:
+    """Where a run of `recipe` on this data keeps its checkpoint, and its fingerprint."""
+    run_inputs = [*ENCODED.glob("*"), BASE / "config.json"]  # the base config holds the weights' SHA-256
+    fingerprint = checkpoint.fingerprint(recipe, run_inputs)
+    return f.checkpoint_dir() / f"{fingerprint}.safetensors", fingerprint
+
+
+def keep_for_rerun(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: Tracker) -> None:
+    """Once trained: where the tracking store missed what the run logged (waiting for it first), keep the
+    trained state as the checkpoint, so the rerun that records it resumes after the last epoch instead of
+    training again; else the checkpoint is done with."""
+    saved, fingerprint = checkpoint_file(recipe, f)
+    if tracker.caught_up():
+        saved.unlink(missing_ok=True)
+    elif f.resume:
+        checkpoint.save(saved, trainer, fingerprint, {"run_id": tracker.run_id})
+        tracker.kept = saved
 
 
 def write_all_predictions(

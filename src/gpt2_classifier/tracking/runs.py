@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import platform
+import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -56,6 +59,11 @@ HTTP_WAITS = {
 }
 PROBE_TIMEOUT = 10  # seconds the check before a run waits for the server: once, no retries
 WHAT_TO_DO = "start the server or fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false"
+# A run waits for a store that does not take its writes at most this long in all (seconds; the variable
+# sets it); training goes on meanwhile, and what it logs waits in memory.
+STORE_WAIT_VARIABLE = "GPT2_CLASSIFIER_STORE_WAIT"
+STORE_WAIT = 300.0
+RETRY_PAUSE = 30.0  # the longest pause between two tries of a write the store did not take
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -69,15 +77,22 @@ def bound_http_waits() -> None:
         os.environ.setdefault(key, value)
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it was raised from: MLflow wraps requests' error, which wraps urllib3's, and
+    SQLAlchemy's error, which wraps sqlite3's."""
+    causes, cause = [], exc
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return causes
+
+
 def unreachable(exc: BaseException) -> str | None:
     """Why the store could not be reached ('no answer within N s', 'cannot connect'); None for other errors."""
     import requests
     import urllib3
 
-    causes, cause = [], exc
-    while cause is not None and len(causes) < 10:  # MLflow wraps requests' error, which wraps urllib3's
-        causes.append(cause)
-        cause = cause.__cause__ or cause.__context__
+    causes = _causes(exc)
     if any(isinstance(c, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for c in causes):
         return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"
     if any(isinstance(c, requests.exceptions.SSLError) for c in causes):
@@ -93,12 +108,92 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line[:200]}"
 
 
-def store_failure(uri: str, exc: BaseException, what: str = "cannot be used", fix: str | None = None) -> TrackingError:
-    """One line for a store that failed: the URI without credentials, why, and what to do."""
+def sqlite_message(exc: BaseException) -> str | None:
+    """What SQLite said, where `exc` comes from an error of SQLite's (through SQLAlchemy and MLflow)."""
+    import sqlite3
+
+    for cause in _causes(exc):
+        for error in (cause, getattr(cause, "orig", None)):  # SQLAlchemy keeps the driver's error as .orig
+            if isinstance(error, sqlite3.Error):
+                return str(error)
+    return None
+
+
+# What SQLite's message means for the store's file, and what to do: {db} the file, {folder} its folder.
+SQLITE_ADVICE = {
+    "database is locked": (
+        "another program holds a write lock on {db}",
+        "close that program, or save or discard its changes (an SQLite browser with an unsaved edit holds one)",
+    ),
+    "attempt to write a readonly database": (
+        "{db} is read-only",
+        "make it and its folder writable (chmod u+w {db} {folder})",
+    ),
+    "unable to open database file": (
+        "SQLite cannot open {db} or write its journal beside it",
+        "make {folder} writable, or fix the path in MLFLOW_TRACKING_URI",
+    ),
+    "database or disk is full": ("the disk that holds {db} is full", "free space on it"),
+    "disk i/o error": ("SQLite could not read or write {db}", "check that its disk has space and works"),
+    "file is not a database": (
+        "{db} is no SQLite database",
+        "move it aside (a new store is made) or fix MLFLOW_TRACKING_URI",
+    ),
+    "database disk image is malformed": (
+        "{db} is damaged",
+        "restore it from a backup, or move it aside (a new store is made)",
+    ),
+}
+SQLITE_TRANSIENT = ("database is locked", "database table is locked", "database or disk is full", "disk i/o error")
+SERVER_FIX = "start the server or fix MLFLOW_TRACKING_URI"
+
+
+def diagnosis(uri: str, exc: BaseException) -> tuple[str, str | None]:
+    """Why the store failed, in words that fit it (its SQLite file's, or its server's), and what to do
+    about it where that is known."""
+    db = sqlite_file(uri)
+    said = sqlite_message(exc) if db is not None else None
+    if said is not None:
+        names = {"db": db, "folder": db.parent}
+        for start, (meaning, fix) in SQLITE_ADVICE.items():
+            if said.lower().startswith(start):
+                return f"{said}: {meaning.format(**names)}", fix.format(**names)
+        return said, None
     reason = unreachable(exc)
+    return (reason, SERVER_FIX) if reason else (first_line(exc), None)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether the store may take the same write later: it is locked or full, cannot be reached, does
+    not answer in time, or answered 'try later' (429, 5xx) until MLflow's own retries ran out."""
+    import requests
+
+    said = sqlite_message(exc)
+    if said is not None:
+        return said.lower().startswith(SQLITE_TRANSIENT)
+    if unreachable(exc) is not None:
+        return True
+    causes = _causes(exc)
+    return any(isinstance(c, requests.exceptions.RetryError) for c in causes) or any(
+        getattr(c, "error_code", None) in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") for c in causes
+    )
+
+
+def store_failure(uri: str, exc: BaseException, what: str = "cannot be used", fix: str | None = None) -> TrackingError:
+    """One line for a store that failed: the URI without credentials, why, and what to do (for a SQLite
+    file, what fits its file; for a server, the server's fix)."""
+    reason, advice = diagnosis(uri, exc)
     if fix is None:
-        fix = WHAT_TO_DO if reason or what == "cannot be used" else "set mlflow.enabled: false to run without tracking"
-    return TrackingError(f"MLflow tracking store {redact(uri)} {what} ({reason or first_line(exc)}); {fix}")
+        db = sqlite_file(uri)
+        if advice:
+            fix = f"{advice}, or set mlflow.enabled: false"
+        elif what == "cannot be used" and db is None:
+            fix = WHAT_TO_DO
+        elif what == "cannot be used":
+            fix = f"check {db}, or set MLFLOW_TRACKING_URI to another store or mlflow.enabled: false"
+        else:
+            fix = "set mlflow.enabled: false to run without tracking"
+    return TrackingError(f"MLflow tracking store {redact(uri)} {what} ({reason}); {fix}")
 
 
 @contextlib.contextmanager
@@ -129,6 +224,30 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in REPORTED_HERE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ReportedHere) for f in logger.filters):
+            logger.addFilter(_ReportedHere(REPORTED_HERE[name]))
+
+
+# What MLflow logs about a store error that reaches our code, which says it in one line: the traceback of
+# each failed SQL statement, its system metrics thread's failures (they stop its sampling), and a line
+# for each of its HTTP retries (HTTP_WAITS).
+REPORTED_HERE = {
+    "mlflow.store.db.utils": ("SQLAlchemy database error",),
+    "urllib3.connectionpool": ("Retrying (",),
+    "mlflow.system_metrics.system_metrics_monitor": ("Failed to get mlflow run", "Failed to log system metrics",
+                                                     "Error terminating system metrics"),
+}  # fmt: skip
+
+
+class _ReportedHere(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
 
 
 @contextlib.contextmanager
@@ -241,21 +360,206 @@ def run_tags(params: dict, validate: Callable[[dict], dict] | None = None) -> di
     return tags
 
 
+def store_wait() -> float:
+    """Seconds a run may wait for its store in all: GPT2_CLASSIFIER_STORE_WAIT, else STORE_WAIT."""
+    value = os.environ.get(STORE_WAIT_VARIABLE)
+    if value is None or not value.strip():
+        return STORE_WAIT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise TrackingError(
+            f"{STORE_WAIT_VARIABLE}={value!r} is no number of seconds; set it to one, such as 300, or unset it"
+        )
+    return seconds
+
+
+def _written(call: str, args: tuple, kwargs: dict) -> tuple[str, list[str]]:
+    """What a write records, for the line that says what was not recorded: ('metrics', their names), ..."""
+    if call == "log_metrics":
+        return "metrics", list(args[0])
+    if call == "log_batch":
+        return "metrics", list(dict.fromkeys(m.key for m in kwargs.get("metrics", ())))
+    if call in ("log_artifact", "log_model_artifact"):
+        return "artifacts", [Path(args[-1] if call == "log_model_artifact" else args[0]).name]
+    if call == "log_dict":
+        return "artifacts", [args[1]]
+    if call == "log_input":
+        return "datasets", [kwargs.get("context") or "?"]
+    return {"log_params": "params", "set_tags": "tags", "set_model_version_tag": "model version tags"}[call], []
+
+
+class StoreWrites:
+    """A run's writes to its tracking store, so that a store that is briefly locked, unreachable or slow
+    never stops the training: a write the store does not take waits in memory, in order with those after
+    it, and is tried again on a later write (after a pause that doubles up to RETRY_PAUSE, training going
+    on meanwhile) and at the run's end (`finish`). Time spent waiting on a failing store counts against
+    `wait` seconds in all; once they are spent, nothing more is tried and the run ends with one line
+    naming what was not recorded. A write the store refuses for good (an invalid value) is dropped and
+    named there too."""
+
+    def __init__(self, uri: str, wait: float):
+        self.uri, self.wait = uri, wait
+        self.pending: deque[tuple[tuple[str, list[str]], Callable[[], Any]]] = deque()
+        self.refused: list[tuple[str, list[str]]] = []
+        self.error: BaseException | None = None  # why the store failed last
+        self.refusal: BaseException | None = None  # why it refused the first write it refused
+        self.waited = 0.0
+        self.tries = 0  # failed in a row
+        self.retry_at = 0.0
+        self.gave_up = False
+
+    @property
+    def behind(self) -> bool:
+        """Something logged is not in the store (yet, or for good)."""
+        return bool(self.pending or self.refused)
+
+    def write(self, what: tuple[str, list[str]], call: Callable[[], Any], wait: bool = False) -> None:
+        self.pending.append((what, call))
+        self.flush(wait)
+
+    def call(self, what: str, call: Callable[[], Any]) -> Any:
+        """`call()`'s result, once every write before it is in; tried as writes are, waiting for the store.
+        None where the store stays unusable or refuses it (then it is named at the end)."""
+        result: list[Any] = []
+        self.write((what, []), lambda: result.append(call()), wait=True)
+        return result[0] if result else None
+
+    def flush(self, wait: bool = False) -> bool:
+        """Try the writes that wait, oldest first, until one fails; with `wait`, pause and try again until all
+        are in or the wait is spent. True when none is left waiting."""
+        while self.pending and not self.gave_up:
+            pause = self.retry_at - time.monotonic()
+            if pause > 0:
+                if not wait:
+                    return False
+                pause = min(pause, self.wait - self.waited)
+                time.sleep(max(pause, 0))
+                self.waited += max(pause, 0)
+            what, call = self.pending[0]
+            start = time.monotonic()
+            try:
+                call()
+            except Exception as exc:  # MLflow raises many types for a store that fails
+                self._failed(what, exc, time.monotonic() - start)
+                continue
+            self.pending.popleft()
+            if self.tries:
+                log.info("MLflow tracking store %s takes writes again", redact(self.uri))
+            self.tries = 0
+        return not self.pending
+
+    def _failed(self, what: tuple[str, list[str]], exc: Exception, seconds: float) -> None:
+        if not transient(exc):
+            self.pending.popleft()
+            self.refused.append(what)
+            self.refusal = self.refusal or exc
+            log.debug("MLflow tracking store %s refused a write: %s", redact(self.uri), first_line(exc))
+            return
+        self.error, self.waited, self.tries = exc, self.waited + seconds, self.tries + 1
+        if self.tries == 1:  # once an outage: the stage's last line says what came of it
+            log.warning(
+                "MLflow tracking store %s did not take a write (%s); the stage goes on and tries again later, "
+                "waiting for the store %.0f s at most in all (%s)",
+                redact(self.uri), diagnosis(self.uri, exc)[0], self.wait, STORE_WAIT_VARIABLE,
+            )  # fmt: skip
+        if self.waited >= self.wait:
+            self.gave_up = True
+            return
+        self.retry_at = time.monotonic() + min(2.0 ** (self.tries - 1), RETRY_PAUSE)
+
+    def finish(self) -> bool:
+        """All writes in, waiting for the store as long as `wait` allows; True when nothing is missing."""
+        self.flush(wait=True)
+        return not self.behind
+
+    def missing(self) -> str:
+        """What was not recorded, in short: 'metrics (train_loss, val_loss), params, the model'."""
+        kinds: dict[str, dict[str, None]] = {}
+        for kind, names in [what for what, _ in self.pending] + self.refused:
+            kinds.setdefault(kind, {}).update(dict.fromkeys(names))
+        parts = []
+        for kind, names in kinds.items():
+            listed = list(names)[:6] + ([f"{len(names) - 6} more"] if len(names) > 6 else [])
+            parts.append(f"{kind} ({', '.join(listed)})" if names else kind)
+        return ", ".join(parts)
+
+    def failure(self, stage: str, kept: Path | None = None) -> TrackingError:
+        """The one line that ends a run whose store missed writes: which store and why, what is missing,
+        and how to record it (the rerun; with the training `kept`, it does not train again)."""
+        exc = self.error if self.pending else self.refusal
+        reason, advice = diagnosis(self.uri, exc) if exc else ("?", None)
+        state = "was unusable during the run" if self.pending else "refused writes during the run"
+        first = advice or ("once it works again" if self.pending else "set mlflow.enabled: false to track nothing")
+        again = f", which resumes from the training kept in {_shown(kept)} instead of training again" if kept else ""
+        return TrackingError(
+            f"MLflow tracking store {redact(self.uri)} {state} ({reason}); not recorded: {self.missing()}; "
+            f"{first}, then rerun {stage} (dvc repro){again}"
+        )
+
+
+def _shown(path: Path) -> str:
+    """`path` as the user knows it: relative to the project where it is inside."""
+    with contextlib.suppress(ValueError):
+        return str(Path(path).relative_to(project_root()))
+    return str(path)
+
+
+class _Buffered:
+    """Stands in for the `mlflow` module (or an MlflowClient) in the Tracker's logging calls: each call that
+    writes to the run goes through StoreWrites, retried and buffered."""
+
+    CALLS = frozenset({"log_params", "log_metrics", "set_tags", "log_dict", "log_artifact", "log_input",
+                       "log_batch", "log_model_artifact", "set_model_version_tag"})  # fmt: skip
+
+    def __init__(self, writes: StoreWrites, client: bool = False):
+        self._writes, self._client = writes, client
+
+    def MlflowClient(self) -> _Buffered:  # noqa: N802 (MLflow's name)
+        return _Buffered(self._writes, client=True)
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name not in self.CALLS:
+            raise AttributeError(f"{name} is no write to the tracking store")
+
+        def write(*args: Any, **kwargs: Any) -> None:
+            import mlflow
+
+            if name == "log_metrics":  # when it was measured, also if it is written later
+                kwargs.setdefault("timestamp", int(time.time() * 1000))
+            client = self._client
+            self._writes.write(
+                _written(name, args, kwargs),
+                lambda: getattr(mlflow.MlflowClient() if client else mlflow, name)(*args, **kwargs),
+            )
+
+        return write
+
+
 class Tracker:
     """Logs to one MLflow run, or does nothing when tracking is off."""
 
-    def __init__(self, run_id: str | None, where: str = "MLflow off"):
+    def __init__(self, run_id: str | None, where: str = "MLflow off", writes: StoreWrites | None = None):
         self.run_id = run_id
         self.where = where  # for the stage's last line
         self.model_id: str | None = None
         self.model_uri: str | None = None
+        self.writes = writes or StoreWrites("", 0.0)  # each write retried and buffered (tracking off: unused)
+        self.kept: Path | None = None  # the training, kept while the store misses what it logged
+
+    def caught_up(self) -> bool:
+        """Whether everything logged so far is in the store, waiting for it (within its wait) if need be."""
+        return not self.run_id or self.writes.finish()
 
     def log_model(self, log: Callable[[int], Any], step: int) -> None:
         """The run's model, logged by `log(step)` (which returns MLflow's ModelInfo); it carries the metrics
         logged at `step`. Tracking knows no model: the stage says how its model is logged."""
         if self.run_id:
-            info = log(step)
-            self.model_id, self.model_uri = info.model_id, info.model_uri
+            info = self.writes.call("the model", lambda: log(step))
+            if info is not None:
+                self.model_id, self.model_uri = info.model_id, info.model_uri
 
     def register(self, model_uri: str, name: str, test_accuracy: float) -> str | None:
         """A new version of `name` in the Model Registry, tagged with its test accuracy."""
@@ -263,31 +567,32 @@ class Tracker:
             return None
         import mlflow
 
-        version = mlflow.register_model(model_uri, name).version
-        client = mlflow.MlflowClient()
+        version = self.writes.call("the registered version", lambda: mlflow.register_model(model_uri, name).version)
+        if version is None:
+            return None
+        client = _Buffered(self.writes).MlflowClient()
         client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
         client.set_model_version_tag(name, version, "run_id", self.run_id)
         return version
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.run_id:
-            import mlflow
+            mlflow = _Buffered(self.writes)
 
             mlflow.log_params({k: yaml_value(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None) -> None:
         if self.run_id:
-            import mlflow
+            mlflow = _Buffered(self.writes)
 
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, model_id=model_id)
 
     def log_series(self, key: str, points: list[tuple[int, float]]) -> None:
         """Many values of one metric at once, each at its step (MLflow's batch call, 1000 values a request)."""
         if self.run_id and points:
-            import time
-
-            import mlflow
             from mlflow.entities import Metric
+
+            mlflow = _Buffered(self.writes)
 
             now = int(time.time() * 1000)
             metrics = [Metric(key, float(value), now, step) for step, value in points]
@@ -296,7 +601,7 @@ class Tracker:
 
     def log_artifacts(self, paths: list[Path], folder: str | None = None) -> None:
         if self.run_id:
-            import mlflow
+            mlflow = _Buffered(self.writes)
 
             for path in paths:
                 if Path(path).exists():
@@ -305,7 +610,7 @@ class Tracker:
     def log_model_artifacts(self, paths: list[Path]) -> None:
         """Files stored with the run's logged model (MLflow 3), beside its own."""
         if self.run_id and self.model_id:
-            import mlflow
+            mlflow = _Buffered(self.writes)
 
             for path in paths:
                 mlflow.MlflowClient().log_model_artifact(self.model_id, str(path))
@@ -321,7 +626,7 @@ class Tracker:
                 for name, file in files.items():
                     frame = pd.read_csv(file, dtype={"text": str}, keep_default_na=False)
                     dataset = mlflow.data.from_pandas(frame, source=str(file), name=name, targets="label")
-                    mlflow.log_input(dataset, context=name)
+                    _Buffered(self.writes).log_input(dataset, context=name)
 
     def log_lineage(self, stage: str, inputs: Future[Hashed] | None, outputs: dict[str, Path]) -> None:
         """A tag `input.<name>` or `output.<name>` per path (short keys: MLflow's UI cuts long ones), holding
@@ -330,9 +635,9 @@ class Tracker:
         of every file, are in `lineage/<stage>.json`."""
         if not self.run_id:
             return
-        import mlflow
-
         from gpt2_classifier.tracking.lineage import path_hashes
+
+        mlflow = _Buffered(self.writes)
 
         tags, record = {}, {"inputs": {}, "outputs": {}}
         for kind, hashed in (("inputs", inputs.result() if inputs else {}), ("outputs", path_hashes(outputs))):
@@ -344,7 +649,7 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id:
-            import mlflow
+            mlflow = _Buffered(self.writes)
 
             mlflow.set_tags(tags)
 
@@ -360,7 +665,9 @@ def _start_system_metrics(enabled: bool) -> bool:
 def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: dict[str, str]) -> Iterator[Tracker]:
     """A new run for this training; its record is written to `run_file` when training succeeds.
 
-    A failure inside marks the run FAILED; Ctrl-C marks it KILLED.
+    A failure inside marks the run FAILED; Ctrl-C marks it KILLED. A store that stops taking writes
+    during the run does not stop it (StoreWrites); if it missed some at the end, the run fails with
+    one line that names them.
     """
     if not settings.enabled:
         yield Tracker(None)
@@ -370,6 +677,7 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
+    writes = StoreWrites(uri, store_wait())
     experiment_id = _use_experiment(uri, settings.experiment_name)
     try:
         run = mlflow.start_run(
@@ -379,8 +687,10 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
         raise store_failure(uri, exc, "could not start a run") from None
     status = "FAILED"
     try:
-        tracker = Tracker(run.info.run_id, f"MLflow run {run_name} ({run.info.run_id}) in {redact(uri)}")
+        tracker = Tracker(run.info.run_id, f"MLflow run {run_name} ({run.info.run_id}) in {redact(uri)}", writes)
         yield tracker
+        if not writes.finish():
+            raise writes.failure("finetune", tracker.kept)
         record = RunRecord(
             run_id=run.info.run_id,
             tracking_uri=redact(uri),
@@ -393,15 +703,25 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except MlflowException as exc:  # the store stopped answering, or refused what was logged
-        raise store_failure(uri, exc, "failed during the run") from None
     finally:
-        try:
-            mlflow.end_run(status=status)
-        except MlflowException as exc:
-            if status == "FINISHED":  # else the error that ended the run is the one to report
-                raise store_failure(uri, exc, "could not end the run") from None
+        _end_run(uri, writes, status)
         log.debug("MLflow run %s %s in %s", run.info.run_id, status.lower(), redact(uri))
+
+
+def _end_run(uri: str, writes: StoreWrites, status: str) -> None:
+    """End the active run with `status`; after a failure, with what the run logged before it, where the
+    store takes that at once. A store given up on is asked once, without MLflow's HTTP retries."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if status == "FAILED":
+        writes.flush()
+    try:
+        with quick_http_failures() if writes.gave_up else contextlib.nullcontext():
+            mlflow.end_run(status=status)
+    except MlflowException as exc:
+        if status == "FINISHED":  # else the error that ended the run is the one to report
+            raise store_failure(uri, exc, "could not end the run") from None
 
 
 @contextlib.contextmanager
@@ -415,6 +735,7 @@ def continue_run(settings: MlflowParams, run_file: Path) -> Iterator[tuple[Track
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
+    writes = StoreWrites(uri, store_wait())
     with _first_call(uri):
         try:
             run = mlflow.get_run(record.run_id)
@@ -431,9 +752,19 @@ def continue_run(settings: MlflowParams, run_file: Path) -> Iterator[tuple[Track
         raise store_failure(uri, exc, f"cannot continue run {record.run_id}") from None
 
     try:
-        with mlflow.start_run(run_id=record.run_id, log_system_metrics=_start_system_metrics(settings.system_metrics)):
-            tracker = Tracker(record.run_id)
-            tracker.model_id, tracker.model_uri = record.model_id, record.model_uri
-            yield tracker, record
-    except MlflowException as exc:  # the store stopped answering, or refused what was logged
-        raise store_failure(uri, exc, "failed during the run") from None
+        mlflow.start_run(run_id=record.run_id, log_system_metrics=_start_system_metrics(settings.system_metrics))
+    except MlflowException as exc:
+        raise store_failure(uri, exc, f"cannot continue run {record.run_id}") from None
+    status = "FAILED"
+    try:
+        tracker = Tracker(record.run_id, writes=writes)
+        tracker.model_id, tracker.model_uri = record.model_id, record.model_uri
+        yield tracker, record
+        if not writes.finish():
+            raise writes.failure("evaluate")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        _end_run(uri, writes, status)

@@ -196,6 +196,8 @@ class Trainer:
         finetune.early_stopping stops it); after each epoch that another follows, `on_checkpoint(self)`
         may save `state()`. With finetune.keep: best, the model ends with the best epoch's weights."""
         history = self.history
+        if history.stopped is not None:  # restored from a run whose training had ended: nothing is left
+            return history
         steps_per_epoch = len(self.train_inputs) // self.s.batch_size
         start = time.perf_counter() - history.seconds
         self.model.train()
