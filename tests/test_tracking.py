@@ -80,6 +80,8 @@ def assert_complete_run(client: MlflowClient, run_id: str, project, system_metri
     hashes = {k: v for k, v in tags.items() if k.startswith(("input.", "output."))}
     assert hashes and all(len(v) == 8 for v in hashes.values())  # short enough for the run's header
     assert not any(key.startswith("dvc.md5.") for key in tags)
+    warned = json.loads((project / "data/split/warnings.json").read_text())  # the data stages' warnings
+    assert tags.get("data.warnings") == (", ".join(dict.fromkeys(w["kind"] for w in warned)) or None)
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
     top = {a.path for a in client.list_artifacts(run_id)}
@@ -95,7 +97,8 @@ def assert_complete_run(client: MlflowClient, run_id: str, project, system_metri
     assert set(inputs) == {"train", "validation", "test"} and all(d.digest for d in inputs.values())
     # The logged model carries the headline: the final values, losses among them
     (model,) = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
-    assert {m.key: m.value for m in model.metrics} == pytest.approx(headline)
+    carried = {m.key: m.value for m in model.metrics if not m.key.startswith("system/")}  # (MLflow's samples at its
+    assert carried == pytest.approx(headline)  # step join them, with mlflow.system_metrics: true)
     assert model.tags["architecture"] == "gpt2-custom-2L-32d-2h" and model.name == "gpt2-custom-2L-32d-2h-classifier"
 
 
@@ -368,3 +371,23 @@ def test_a_running_experiment_shows_its_latest_epoch_in_dvc_exp_show_and_mlflow(
     assert any(0 < epoch < 40 for epoch in seen), seen  # mid-training, as it went
     assert seen == sorted(seen) and len(set(seen)) > 1, seen
     assert any(0 < n < 40 for n in mlflow_seen), mlflow_seen
+
+
+def test_the_data_stages_warnings_reach_the_run(tmp_path, monkeypatch):
+    from gpt2_classifier.core.params import MlflowParams
+    from gpt2_classifier.finetune import log_data_warnings
+    from gpt2_classifier.tracking.runs import finetune_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    warned = [{"stage": "split", "kind": "duplicates", "message": "43 of 300 test texts are also in train"},
+              {"stage": "balance", "kind": "similar_labels", "message": "'Spam' and 'spam'"}]  # fmt: skip
+    (tmp_path / "data/split").mkdir(parents=True)
+    (tmp_path / "data/split/warnings.json").write_text(json.dumps(warned))
+    with finetune_run(MlflowParams(), tmp_path / "run.json", "warned", {}) as tracker:
+        log_data_warnings(tracker)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'store.db'}")
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags["data.warnings"] == "duplicates, similar_labels"
+    saved = client.download_artifacts(tracker.run_id, "data/warnings.json", str(tmp_path / "got"))
+    assert json.loads(Path(saved).read_text()) == warned

@@ -14,7 +14,7 @@ import torch
 
 from gpt2_classifier.core.config import architecture_name
 from gpt2_classifier.core.errors import PipelineError
-from gpt2_classifier.core.files import atomic_dir, write_json, write_rows
+from gpt2_classifier.core.files import atomic_dir, read_json, write_json, write_rows
 from gpt2_classifier.core.params import DecisionParams, FinetuneParams, Params, parse_params
 from gpt2_classifier.core.paths import (
     BASE,
@@ -27,6 +27,7 @@ from gpt2_classifier.core.paths import (
     TRAIN_DETAILS,
     TRAIN_REPORTS,
     TRAIN_SUMMARY,
+    WARNINGS_FILE,
 )
 from gpt2_classifier.data.encode import EncodingInfo, load_splits
 from gpt2_classifier.metrics.decision import DECISION_FILE, Decision, decide
@@ -112,6 +113,7 @@ def finetune(params: Params) -> History:
         }
         tracker.log_params(as_written(flatten(recipe)) | resolved)  # as params.yaml has them
         tracker.log_datasets({s: SPLIT_DIR / f"{s}.csv" for s in SPLITS})
+        log_data_warnings(tracker)
         print(
             f"finetune: {trained} on {device}, {trainable:,} trainable parameters, "
             f"{meta.splits['train'].messages} examples, {f.epochs} epochs"
@@ -172,6 +174,17 @@ def finetune(params: Params) -> History:
     done = f"{history.examples_seen} examples in {history.seconds:.0f} s"
     print(f"finetune: {done}; model in {CLASSIFIER}; {tracker.where}")
     return history
+
+
+def log_data_warnings(tracker: Tracker) -> None:
+    """The data stages' warnings about the data these splits hold (duplicates across splits, labels alike,
+    numeric texts, forced under-sampling): the tag `data.warnings` names their kinds, the artifact
+    data/warnings.json holds each message."""
+    found = SPLIT_DIR / WARNINGS_FILE
+    warnings = read_json(found) if found.is_file() else []
+    if warnings:
+        tracker.set_tags({"data.warnings": ", ".join(dict.fromkeys(w["kind"] for w in warnings))})
+        tracker.log_artifacts([found], "data")
 
 
 def log_model(folder: Path, name: str, step: int, architecture: str):
