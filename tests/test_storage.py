@@ -157,6 +157,26 @@ def test_permission_denied_on_an_input_is_not_called_a_full_or_read_only_output(
     with pytest.raises(PermissionError), atomic_path(project / "data" / "balanced.csv"):
         raise PermissionError(errno.EACCES, "Permission denied", str(project / "inputs" / "secret.csv"))
 
+    def main(params):
+        raise PermissionError(errno.EACCES, "Permission denied", str(project / "inputs" / "secret.csv"))
+
+    with pytest.raises(PermissionError):  # nor by the stage, which cannot tell a read from a write
+        run_stage(main)
+
+
+def test_a_full_disk_outside_the_atomic_writes_is_still_one_line(project, capsys):
+    """A stage's own write (a cache, a log) on a full disk: run_stage names the file the error gives."""
+
+    def main(params):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(project / ".cache" / "prefix" / "a.bin"))
+
+    error = stage_error(main, capsys)
+    assert re.fullmatch(
+        r"\.cache/prefix/a\.bin: the disk is full \(No space left on device\): [\d,]+ MB free; free space in the "
+        r"project folder and rerun",
+        error,
+    )
+
 
 KILLED_WRITER = """import sys, time
 from gpt2_classifier.core.files import atomic_dir, atomic_path

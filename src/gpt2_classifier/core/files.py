@@ -61,6 +61,8 @@ def _temp_prefix(path: Path) -> str:
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end the process there: take every writer for alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -94,12 +96,12 @@ def glob_escape(name: str) -> str:
 
 def _final(path: Path) -> Path:
     """The absolute path `path` will have: inside a temporary file or folder, the output it becomes."""
-    final = Path(os.path.abspath(path))
-    for _ in range(len(_LIVE_TEMPS) + 1):
-        temp = next((t for t in _LIVE_TEMPS if final == t or t in final.parents), None)
+    final, live = Path(os.path.abspath(path)), dict(_LIVE_TEMPS)  # a copy: other threads write too
+    for _ in range(len(live) + 1):
+        temp = next((t for t in live if final == t or t in final.parents), None)
         if temp is None:
             break
-        final = _LIVE_TEMPS[temp] / final.relative_to(temp)
+        final = live[temp] / final.relative_to(temp)
     return final
 
 
@@ -134,7 +136,8 @@ def _existing_folder(path: Path) -> Path:
 
 def storage_error(exc: BaseException, path: str | os.PathLike | None, needed: int | None = None) -> StorageError | None:
     """`exc` as one line when it is a full disk or a folder that cannot be written while writing `path`
-    (the output, its temporary or a file beneath it; None: the file the error names), else None.
+    (the output, its temporary or a file beneath it), else None. Without `path`, the file the error
+    names, and only for a full disk or a read-only file system (a denied permission may be a read's).
     `needed`: the bytes the output takes, where known, for "free N MB"."""
     error = os_error_of(exc)
     if error is None or error.errno not in NO_SPACE + NOT_WRITABLE:
@@ -146,13 +149,13 @@ def storage_error(exc: BaseException, path: str | os.PathLike | None, needed: in
         folder = _existing_folder((output or Path.cwd() / "x").parent)
         free = shutil.disk_usage(folder).free
         needed = needed or getattr(exc, "needed", None)
-        where = shown_path(folder)
+        where = "the project folder" if shown_path(folder) == "." else shown_path(folder)
         space = f"needs {_mb(needed)}, {_mb(free)} free" if needed else f"{_mb(free)} free"
         fix = f"free {_mb(needed - free)} in {where}" if needed and needed > free else f"free space in {where}"
         name = shown_path(output) if output else where
         return StorageError(f"{name}: the disk is full ({error.strerror}): {space}; {fix} and rerun")
-    if error.errno != errno.EROFS and (failed is None or target is None or not _ours(failed, target)):
-        return None  # permission denied on some other file (an input, say): not about writing this output
+    if error.errno != errno.EROFS and (path is None or failed is None or not _ours(failed, Path(target or "."))):
+        return None  # permission denied on some other file (an input, say), or on a file read or written we know not
     folder = shown_path(_existing_folder((failed or target or Path.cwd() / "x").parent))
     output = shown_path(target) if target else folder
     written = "" if output == folder else f", so {output} cannot be written"
@@ -167,7 +170,7 @@ def _ours(failed: Path, target: Path) -> bool:
     a temporary file or folder of its (or a file inside one)."""
     if failed == target or failed in target.parents:
         return True
-    if any(temp == failed or temp in failed.parents for temp in _LIVE_TEMPS):
+    if any(temp == failed or temp in failed.parents for temp in list(_LIVE_TEMPS)):
         return True
     temp = _TEMP_NAME.format(name=re.escape(target.name))
     return failed.parent == target.parent and re.fullmatch(temp, failed.name) is not None
