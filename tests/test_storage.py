@@ -3,6 +3,7 @@ a temporary path) and what to free, nothing half-written left behind, and the re
 works. And the temporary files of a stage killed at the wrong moment are removed by its next run."""
 
 import errno
+import hashlib
 import os
 import re
 import runpy
@@ -213,3 +214,27 @@ def test_temporaries_of_a_killed_stage_are_removed_by_its_next_run(project):
     time.sleep(0.1)
     assert len(remove_stale_temps(out)) == 1 and len(remove_stale_temps(folder)) == 1
     assert leftovers(project) == []
+
+
+def test_weights_larger_than_the_free_disk_are_refused_before_the_download(project, small_disk, server):
+    """The Hub says the file's size (and a URL its Content-Length): a disk that cannot hold it is named
+    before a byte is fetched, not after minutes of downloading."""
+    from gpt2_classifier.model.pretrained import fetch_pretrained
+
+    body = b"\0" * (2 << 20)
+    commit = "a" * 40
+    headers = {"X-Repo-Commit": commit, "ETag": '"' + hashlib.sha256(body).hexdigest() + '"'}
+    server.serve("/openai-community/gpt2/resolve/main/model.safetensors", body, headers=headers)
+    server.serve(f"/openai-community/gpt2/resolve/{commit}/model.safetensors", body, headers=headers)
+    dest = project / "models" / "model.safetensors"
+    expected = (
+        r"models/model\.safetensors: the disk is full \(No space left on device\): needs 2 MB, 1 MB free; "
+        r"free 1 MB in models and rerun"
+    )
+    with pytest.raises(StorageError, match=f"^{expected}$"):
+        fetch_pretrained("gpt2-small", dest, "main", endpoint=server.url, deadline=60)
+    assert [method for method, _, _ in server.requests] == ["HEAD"]  # the metadata only
+    with pytest.raises(StorageError, match=f"^{expected}$"):  # model.source, a URL: its Content-Length
+        fetch_pretrained("gpt2-small", dest, "main", source=server.url + f"/openai-community/gpt2/resolve/{commit}/"
+                         "model.safetensors", deadline=60)  # fmt: skip
+    assert list((project / "models").iterdir()) == []
