@@ -256,3 +256,100 @@ def test_a_csv_text_longer_than_the_csv_modules_default_field_is_read(tmp_path):
     with open(inbox, "w", newline="") as f:
         csv.writer(f).writerows([["text", "sender"], [thread, "x"], ["short", "y"]])
     assert _read_messages(inbox, None) == [thread, "short"]
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    """A classifier folder of a 2-block random model (untrained: these tests read files, not labels), its base
+    weights in base/ beside it, as the pipeline leaves them."""
+    from gpt2_classifier.core.config import GPTConfig
+    from gpt2_classifier.core.files import sha256_file
+    from gpt2_classifier.model.classifier import ClassifierConfig, replace_head, save_classifier, set_trainable
+    from gpt2_classifier.model.pretrained import BaseIdentity
+    from gpt2_classifier.model.weights import random_model, save_hf
+
+    folder = tmp_path_factory.mktemp("models")
+    cfg = GPTConfig(emb_dim=32, n_layers=2, n_heads=2, context_length=32)
+    save_hf(random_model(cfg, 0), folder / "base" / "model.safetensors")
+    model = replace_head(random_model(cfg, 0), num_classes=2, seed=1)
+    set_trainable(model, 1)
+    base = BaseIdentity(name="gpt2-small", weights="random", sha256=sha256_file(folder / "base" / "model.safetensors"),
+                        revision="main", seed=0)  # fmt: skip
+    config = ClassifierConfig(labels=["ham", "spam"], pool="last", max_length=16, pad_id=50256, padding="fixed",
+                              causal_mask=True, trainable_blocks=1, base=base, gpt=cfg, lora=None)  # fmt: skip
+    save_classifier(model, folder / "classifier", config)
+    return folder / "classifier"
+
+
+INBOX = 'id,body,sender\r\n1,WIN a prize now,x@y\r\n2,see you at home,mum\r\n3,"call me, later",bob\r\n'
+
+
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tiny_classifier, tmp_path, capsys):
+    inbox = tmp_path / "inbox.csv"
+    inbox.write_bytes(INBOX.encode())
+    for same in (str(inbox), str(tmp_path / "." / "inbox.csv")):
+        err = error_of(["classify", "--file", str(inbox), "--column", "body", "--output", same,
+                        "--model", str(tiny_classifier)], capsys)  # fmt: skip
+        assert err == (
+            f"--output {same} is the --file itself: the scores would replace your messages; choose another path, "
+            f"e.g. --output {tmp_path / 'inbox.scores.csv'}"
+        )
+    assert inbox.read_bytes() == INBOX.encode()
+
+
+def test_a_csv_keeps_all_its_columns_with_the_scores_after_them(tiny_classifier, tmp_path, capsys):
+    import csv
+
+    inbox = tmp_path / "inbox.csv"
+    inbox.write_text("label," + INBOX.replace("\r\n", "\r\nspam,", 3).removesuffix("spam,"))  # its own label
+    out = tmp_path / "scored.csv"
+    assert main(["classify", "--file", str(inbox), "--column", "body", "--output", str(out),
+                 "--model", str(tiny_classifier)]) == 0  # fmt: skip
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["label", "id", "body", "sender", "predicted_label", "p_ham", "p_spam"]
+    assert [row[:4] for row in rows[1:]] == [["spam", "1", "WIN a prize now", "x@y"], ["spam", "2", "see you at home",
+                                             "mum"], ["spam", "3", "call me, later", "bob"]]  # fmt: skip
+    assert all(row[4] in ("ham", "spam") and abs(float(row[5]) + float(row[6]) - 1) < 1e-5 for row in rows[1:])
+    assert capsys.readouterr().err.strip().endswith(f"classify: 3 messages scored -> {out}")
+
+
+def test_standard_input_is_read_as_a_file_is_and_scores_go_to_standard_output(tiny_classifier, tmp_path, monkeypatch,
+                                                                             capsys):  # fmt: skip
+    import io
+
+    def stdin(text: str) -> None:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+
+    stdin(INBOX)
+    assert main(["classify", "--file", "-", "--column", "body", "--model", str(tiny_classifier)]) == 0
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
+    assert lines[0] == "id,body,sender,label,p_ham,p_spam" and len(lines) == 4 and lines[3].startswith('3,"call me')
+    assert printed.err.strip().endswith("classify: 3 messages scored -> standard output")
+
+    stdin("WIN a prize\nsee you\n")
+    out = tmp_path / "scores.csv"
+    assert main(["classify", "--file", "-", "--format", "text", "--output", str(out), "--model",
+                 str(tiny_classifier)]) == 0  # fmt: skip
+    assert [line.split(",")[0] for line in out.read_text().splitlines()] == ["text", "WIN a prize", "see you"]
+
+    capsys.readouterr()
+    stdin("WIN a prize\n")  # nothing tells text from CSV: the error says how to
+    err = error_of(["classify", "--file", "-", "--model", str(tiny_classifier)], capsys)
+    assert err == (
+        "standard input: no file name to tell text from CSV; give --format text (one message per line) or "
+        "--format csv (with --column, default text)"
+    )
+
+
+def test_standard_input_through_a_real_pipe_and_dev_stdin(tiny_classifier, tmp_path):
+    import subprocess
+    import sys
+
+    for name in ("-", "/dev/stdin"):
+        result = subprocess.run([sys.executable, "-m", "gpt2_classifier.serve.cli", "classify", "--file", name,
+                                 "--format", "text", "--model", str(tiny_classifier)], input="WIN cash\nok see you\n",
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert [line.split(",")[0] for line in result.stdout.splitlines()] == ["text", "WIN cash", "ok see you"]

@@ -16,6 +16,7 @@ import yaml
 from conftest import made_zip, make_project, reading, run, stages_run, tiny_params
 
 from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.core.errors import StorageError
 from gpt2_classifier.core.files import INTERRUPTED, atomic_path
 from gpt2_classifier.core.params import FinetuneParams
 from gpt2_classifier.core.stage import run_stage
@@ -186,7 +187,9 @@ def test_a_failed_checkpoint_write_fails_training(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    with pytest.raises(OSError, match="No space"), checkpoint.Writer(tmp_path / "c.safetensors", "fp", {}) as writer:
+    # one line naming the checkpoint (core.files.atomic_path), not the OSError's traceback
+    full = pytest.raises(StorageError, match=r"c\.safetensors: the disk is full \(No space left on device\)")
+    with full, checkpoint.Writer(tmp_path / "c.safetensors", "fp", {}) as writer:
         trainer().fit(on_checkpoint=writer.save)
     assert not list(tmp_path.iterdir())
 
@@ -299,7 +302,7 @@ def test_killed_finetune_keeps_the_last_result_and_the_rerun_resumes(tmp_path, s
         assert "error: interrupted" in result.stderr
 
     resumed = run(["dvc", "repro"], project)
-    assert stages_run(resumed.stdout) == ["finetune", "evaluate"]
+    assert stages_run(resumed.stdout) == ["download", "finetune", "evaluate"]  # download: always
     assert "finetune: resuming after epoch" in resumed.stdout
     assert not any((project / ".cache" / "checkpoints").glob("*.safetensors"))
     resumed_digest = digest(project / "models/classifier/model.safetensors")

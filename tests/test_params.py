@@ -91,6 +91,32 @@ def test_invalid_values_name_the_key(section, key, value, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(("section", "key"), [("data", "timeout"), ("data", "deadline"), ("model", "deadline"),
+                                             ("finetune", "lr"), ("finetune", "grad_clip")])  # fmt: skip
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_infinite_and_undefined_numbers_are_refused_by_name(section, key, value):
+    """YAML's .inf and .nan: no deadline (every network wait has one) and no learning rate."""
+    with pytest.raises(ParamsError) as info:
+        parse_params(with_change(section, key, value))
+    assert str(info.value) == f"params.yaml: {section}.{key}: must be a finite number (got {value!r}); give a number"
+
+
+def test_no_limit_on_unzipped_data_is_dot_inf_and_reads_the_data(tmp_path):
+    """data.max_unzipped_mb: .inf (as YAML writes infinity) means no limit, in download and balance alike."""
+    from conftest import made_zip
+
+    from gpt2_classifier.data.download import fetch_data_file
+    from gpt2_classifier.data.readers import read_labelled
+
+    url, sha256 = made_zip(tmp_path, 20, 10)
+    params = yaml.safe_load("data: {max_unzipped_mb: .inf}")
+    params["data"].update(url=url, sha256=sha256)
+    data = parse_params(params).data
+    assert data.max_unzipped_mb == float("inf") and data.max_unzipped_bytes == sys.maxsize
+    fetch_data_file(data, tmp_path / "raw")
+    assert len(read_labelled(tmp_path / "raw", data, ["ham", "spam"], data.max_unzipped_bytes).texts) == 30
+
+
 def test_a_missing_key_is_named_without_its_whole_section():
     params = project_params()
     del params["data"]["url"]

@@ -56,8 +56,9 @@ def test_full_pipeline_caches_and_reruns_only_what_changed(tmp_path, made_data):
     shown = run(["dvc", "metrics", "show", "--json"], project).stdout
     assert '"accuracy"' in shown
 
-    assert repro(project) == []  # nothing changed: nothing runs
-    assert "Data and pipelines are up to date" in run(["dvc", "repro"], project).stdout
+    # nothing changed: only download runs (always: it checks the data's source), and finds it unchanged
+    assert repro(project) == ["download"]
+    assert "data/raw/source is up to date" in run(["dvc", "repro"], project).stdout
 
     model_digest = digest(project / "models/classifier/model.safetensors")
     assert repro(project, "--force", "--single-item", "finetune") == ["finetune"]  # same params, same weights
@@ -65,9 +66,9 @@ def test_full_pipeline_caches_and_reruns_only_what_changed(tmp_path, made_data):
 
     metrics_code = project / "src/gpt2_classifier/metrics/classification.py"
     metrics_code.write_text(metrics_code.read_text() + "\n# an edit\n")
-    assert repro(project) == ["evaluate"]
+    assert repro(project) == ["download", "evaluate"]
     set_param(project, "split", "seed", 5)
-    assert repro(project) == ["split", "pad-encode", "finetune", "evaluate"]
+    assert repro(project) == ["download", "split", "pad-encode", "finetune", "evaluate"]
     # Last, as they rewrite outputs outside DVC. Lean stages: only fetch-weights (random weights) and finetune
     # import torch; the data stages not pandas either (evaluate's MLflow does).
     for script in ("download", "balance", "split", "pad_encode"):
@@ -102,6 +103,6 @@ def test_real_data_stages_reproduce_the_reference_counts_byte_identically(tmp_pa
     for out in DATA_OUTS:
         assert digest(first / out) == digest(second / out), out
 
-    assert repro(first) == ["fetch-weights", "finetune", "evaluate"]
+    assert repro(first) == ["download", "fetch-weights", "finetune", "evaluate"]
     metrics = eval_details(first)
     assert metrics["test"]["accuracy"] > 0.6  # a 2-block random model still learns something from 1045 messages

@@ -19,3 +19,7 @@ class ParamsError(PipelineError):
 
 class WeightsError(PipelineError):
     """A checkpoint does not match the chosen model."""
+
+
+class StorageError(PipelineError):
+    """An output cannot be written: the disk is full, or its folder is read-only or not ours to write."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,7 +21,8 @@ Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what NumPy (pandas' sampling) ac
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf and .nan are no number of seconds, rate or size (data.max_unzipped_mb: .inf alone means no limit)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 DataFormat = Literal["sms", "csv", "tsv", "jsonl", "parquet", "folders"]
@@ -43,7 +45,7 @@ class DataParams(Section):
     timeout: float = Field(30.0, gt=0)
     deadline: float = Field(600.0, gt=0)
     retries: int = Field(3, ge=0)
-    max_unzipped_mb: float = Field(100.0, gt=0)
+    max_unzipped_mb: float = Field(100.0, gt=0, allow_inf_nan=True)  # .inf: no limit
 
     @field_validator("text_column", "label_column")
     @classmethod
@@ -74,7 +76,8 @@ class DataParams(Section):
 
     @property
     def max_unzipped_bytes(self) -> int:
-        return int(self.max_unzipped_mb * 2**20)
+        """data.max_unzipped_mb in bytes (.inf, or more than any file can hold: the largest size there is)."""
+        return int(min(self.max_unzipped_mb * 2**20, sys.maxsize))
 
     @model_validator(mode="after")
     def _fits_format(self) -> DataParams:
@@ -333,6 +336,8 @@ def _describe(where: str, error: dict) -> str:
         return f"{where}: unknown key; remove it or fix its spelling"
     if error["type"] == "missing":
         return f"{where}: missing; add it"
+    if error["type"] == "finite_number":
+        return f"{where}: must be a finite number (got {error.get('input')!r}); give a number"
     if error["type"] == "value_error":
         return f"{where}: {message}"
     return f"{where}: {message} (got {error.get('input')!r})"

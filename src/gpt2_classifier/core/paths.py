@@ -27,6 +27,7 @@ MODEL_CARD = Path("reports/model_card.md")  # evaluate: for whoever deploys the 
 # Outside DVC's outputs, under the project folder (see files.project_root): kept between runs.
 PREFIX_CACHE = Path(".cache/prefix")
 CHECKPOINTS = Path(".cache/checkpoints")
+DOWNLOAD_STATE = Path(".cache/download.json")  # download: where RAW came from, to tell whether it changed
 
 # Outside the project: what any project on this machine can reuse (rebuilt base weights, an empty
 # MLflow store).

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Collection
 
 from gpt2_classifier.core.errors import PipelineError
-from gpt2_classifier.core.files import INTERRUPTED
+from gpt2_classifier.core.files import INTERRUPTED, storage_error
 from gpt2_classifier.core.params import Params, load_params
 
 # Ctrl-C, and the signal that `kill`, `timeout`, `docker stop` and CI runners send to stop a job: either
@@ -41,8 +41,9 @@ def _on_interrupt(signum: int, frame: object) -> None:
 
 
 def run_stage(main: Callable[[Params], None], params_path: str = "params.yaml") -> None:
-    """Run a stage's `main`: a PipelineError, Ctrl-C or SIGTERM ends it with a one-line error and a
-    failing exit status, and after an interruption no output is committed (see `files.atomic_path`)."""
+    """Run a stage's `main`: a PipelineError, a full disk, a folder it cannot write, Ctrl-C or SIGTERM
+    ends it with a one-line error and a failing exit status, and after an interruption no output is
+    committed (see `files.atomic_path`)."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig, handler in previous.items():
@@ -55,6 +56,14 @@ def run_stage(main: Callable[[Params], None], params_path: str = "params.yaml") 
             raise KeyboardInterrupt  # the Ctrl-C's exception was lost on the way (see files.py)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:
+        # A full disk or a read-only folder wherever the stage wrote (outputs name themselves through
+        # files.atomic_path; this names the file the error gives)
+        error = storage_error(exc, None)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sig = _stopped_by[0] if _stopped_by else signal.SIGINT

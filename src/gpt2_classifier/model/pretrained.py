@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +19,14 @@ from pydantic import BaseModel, ConfigDict
 
 from gpt2_classifier.core.config import PRESETS, GPTConfig
 from gpt2_classifier.core.errors import DownloadError, WeightsError
-from gpt2_classifier.core.files import atomic_path, read_validated, sha256_mismatch
+from gpt2_classifier.core.files import (
+    atomic_path,
+    read_validated,
+    require_space,
+    scratch_dir,
+    sha256_mismatch,
+    storage_errors,
+)
 from gpt2_classifier.model.tensorfile import TensorFileError, open_tensors
 
 HF_REPOS = {
@@ -160,9 +166,9 @@ def fetch_pretrained(
             source = str(local / WEIGHTS_FILE)
         elif local is not None and not local.is_file():
             raise WeightsError(f"{source}: no such file (model.source); {SOURCE_FIX}")
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch.") as tmp:
-            file = retrieve(source, Path(tmp), HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline")
-            with atomic_path(dest) as out:
+        with storage_errors(dest), scratch_dir(dest) as tmp:  # a full disk: one line naming dest
+            file = retrieve(source, tmp, HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline")
+            with atomic_path(dest, needed=file.stat().st_size) as out:
                 shutil.copyfile(file, out)
         return redact(source)
     return _hub_download(HF_REPOS[name], revision, dest, endpoint, deadline, offline)
@@ -196,10 +202,14 @@ def _hub_download(repo_id: str, revision: str, dest: Path, endpoint: str | None,
         raise WeightsError(f"{where}: could not download {WEIGHTS_FILE} ({reason}). {offline}") from None
     commit = metadata.commit_hash or revision  # the file as of that commit, even if the branch moves meanwhile
     url = hf_hub_url(repo_id, WEIGHTS_FILE, revision=commit, endpoint=endpoint)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch.") as tmp:
+    # The file's size is known: a disk that cannot hold it is named before the download starts, and a full
+    # disk during it as one line naming dest, never the temporary folder
+    with storage_errors(dest, metadata.size), scratch_dir(dest) as tmp:
+        if metadata.size:
+            require_space(dest, metadata.size)
         try:
             headers = build_hf_headers()  # HF_TOKEN's, where set: a private mirror may ask for it
-            path = retrieve(url, Path(tmp), HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline", headers, start)
+            path = retrieve(url, tmp, HTTP_TIMEOUT, HTTP_RETRIES, deadline, "model.deadline", headers, start)
         except DownloadError as exc:
             raise WeightsError(f"{where}: could not download {WEIGHTS_FILE} ({exc}). {offline}") from None
         expected = (metadata.etag or "").strip('"')

@@ -98,8 +98,11 @@ class _NoInit(TorchFunctionMode):
 
 
 def save_hf(model: GPTModel, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        save_file(to_hf_tensors(model), str(tmp), metadata={"format": "pt"})
+    """The model in Hugging Face's layout; a disk too small for it is refused before writing, by name."""
+    tensors = to_hf_tensors(model)
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_path(path, needed=needed) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def load_model(cfg: GPTConfig, path: str | os.PathLike, device: torch.device | str | None = None) -> GPTModel:

@@ -2,7 +2,8 @@
 
 gpt2-classifier classify "You won a prize! Reply now"
 gpt2-classifier classify --file messages.txt              # one message per line
-gpt2-classifier classify --file inbox.csv --column body   # a CSV column
+gpt2-classifier classify --file inbox.csv --column body   # a CSV column (its other columns kept)
+cat inbox.txt | gpt2-classifier classify --file - --format text > scores.csv   # standard input/output
 gpt2-classifier classify --run-id 3f2a... "text"          # the model of an MLflow run
 gpt2-classifier classify --registered spam-classifier/2 "text"   # from the Model Registry
 """
@@ -11,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2_classifier.core.errors import PipelineError
-from gpt2_classifier.core.textfiles import csv_dict_reader, encoding_advice
+from gpt2_classifier.core.textfiles import csv_reader, encoding_advice
+
+STREAMS = ("-", "/dev/stdin")  # --file: standard input; --output "-" (or /dev/stdout): standard output
 
 
 def _load(args: argparse.Namespace):
@@ -34,38 +40,127 @@ def _load(args: argparse.Namespace):
     return TextClassifier.from_folder(folder, args.base)
 
 
-def _read_messages(path: Path, column: str | None) -> list[str]:
-    if path.is_dir():
-        raise PipelineError(f"{path}: a folder; give --file a text file (one message per line) or a CSV file")
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such file")
-    try:
-        texts = _read_utf8_messages(path, column)
-    except UnicodeDecodeError as exc:
+@dataclass
+class Messages:
+    texts: list[str]
+    header: list[str] | None = None  # a CSV's columns, and its rows: written back with the scores
+    rows: list[list[str]] | None = None
+
+
+def _is_stream(name: str) -> bool:
+    """Standard input, or what is no regular file but can be read once (a pipe, `<(command)`)."""
+    path = Path(name)
+    return name in STREAMS or (path.exists() and not path.is_dir() and not path.is_file())
+
+
+def _format(name: str, column: str | None, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    if column or Path(name).suffix.lower() == ".csv":
+        return "csv"
+    if _is_stream(name):
         raise PipelineError(
-            f"{path}: not UTF-8 text (byte {exc.start}); {encoding_advice(path.read_bytes(), str(path))}"
-        ) from None
-    if not texts:
-        raise PipelineError(f"{path}: holds no messages; nothing to classify")
-    return texts
+            f"{_shown(name)}: no file name to tell text from CSV; give --format text (one message per line) "
+            "or --format csv (with --column, default text)"
+        )
+    return "text"
 
 
-def _read_utf8_messages(path: Path, column: str | None) -> list[str]:
-    if path.suffix.lower() == ".csv" or column:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv_dict_reader(f)
-            column = column or "text"
-            if column not in (reader.fieldnames or []):
-                raise PipelineError(
-                    f"{path}: no column '{column}' (it has {reader.fieldnames}); choose one with --column"
-                )
-            texts = []
-            for row in reader:
-                if not (row[column] or "").strip():
-                    raise PipelineError(f"{path}:{reader.line_num}: empty '{column}'; fill it in or remove the row")
-                texts.append(row[column])
-            return texts
-    return [line.rstrip("\r") for line in path.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
+def _shown(name: str) -> str:
+    return "standard input" if name in STREAMS else name
+
+
+def _read_messages(path: Path | str, column: str | None, fmt: str | None = None) -> list[str]:
+    return _read_input(str(path), column, fmt).texts
+
+
+def _read_input(name: str, column: str | None, fmt: str | None) -> Messages:
+    """The messages of --file: a path, or standard input (`-`); CSV or one message per line."""
+    path, shown = Path(name), _shown(name)
+    if not _is_stream(name):
+        if path.is_dir():
+            raise PipelineError(f"{path}: a folder; give --file a text file (one message per line) or a CSV file")
+        if not path.is_file():
+            raise PipelineError(f"{path}: no such file")
+    fmt = _format(name, column, fmt)
+    raw = sys.stdin.buffer.read() if name in STREAMS else path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        advice = encoding_advice(raw, "" if name in STREAMS else name)
+        raise PipelineError(f"{shown}: not UTF-8 text (byte {exc.start}); {advice}") from None
+    messages = _read_csv(text, shown, column or "text") if fmt == "csv" else Messages(_read_lines(text))
+    if not messages.texts:
+        raise PipelineError(f"{shown}: holds no messages; nothing to classify")
+    return messages
+
+
+def _read_lines(text: str) -> list[str]:
+    return [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]  # as Python reads text files
+
+
+def _read_csv(text: str, shown: str, column: str) -> Messages:
+    reader = csv_reader(io.StringIO(text, newline=""))
+    header = next(reader, [])
+    if column not in header:
+        raise PipelineError(f"{shown}: no column '{column}' (it has {header}); choose one with --column")
+    at, texts, rows = header.index(column), [], []
+    for row in reader:
+        if not row:
+            continue  # a blank line: no row, as csv.DictReader reads it
+        row = row + [""] * (len(header) - len(row))  # a short row: its missing fields empty
+        if not row[at].strip():
+            raise PipelineError(f"{shown}:{reader.line_num}: empty '{column}'; fill it in or remove the row")
+        texts.append(row[at])
+        rows.append(row)
+    width = max((len(row) for row in rows), default=len(header))
+    return Messages(texts, header + [""] * (width - len(header)), [row + [""] * (width - len(row)) for row in rows])
+
+
+def _output(args: argparse.Namespace) -> Path | None:
+    """Where --file's scores go (None: standard output): --output, else FILE.scores.csv beside a file."""
+    if args.output in ("-", "/dev/stdout") or (not args.output and _is_stream(args.file)):
+        return None
+    path = Path(args.file)
+    output = Path(args.output) if args.output else path.with_name(path.stem + ".scores.csv")
+    if path.is_file() and output.exists() and os.path.samefile(output, path):
+        raise PipelineError(
+            f"--output {output} is the --file itself: the scores would replace your messages; choose another "
+            f"path, e.g. --output {path.with_name(path.stem + '.scores.csv')}"
+        )
+    if not output.parent.is_dir():
+        raise PipelineError(f"{output}: no folder {output.parent} to write it in; create it or choose another --output")
+    return output
+
+
+def _scored(messages: Messages, results: list[dict]) -> tuple[list[str], list[list]]:
+    """The rows written: a CSV's own columns, each row as it was, and the scores after them (a score's
+    column named predicted_<name> where the CSV has one of that name); else the text and its scores."""
+    names = list(results[0])
+    if messages.header is None:
+        return ["text", *names], [[text, *r.values()] for text, r in zip(messages.texts, results, strict=True)]
+    taken = set(messages.header)
+    header = messages.header + [f"predicted_{name}" if name in taken else name for name in names]
+    assert messages.rows is not None
+    return header, [row + list(r.values()) for row, r in zip(messages.rows, results, strict=True)]
+
+
+def _write(output: Path | None, header: list[str], rows: list[list]) -> None:
+    from gpt2_classifier.core.files import atomic_path
+
+    if output is None:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        sys.stdout.flush()
+        return
+    try:
+        with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:  # never half-written
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+    except OSError as exc:
+        raise PipelineError(f"{output}: cannot write it ({exc.strerror}); choose another --output") from None
 
 
 def classify(args: argparse.Namespace) -> None:
@@ -80,20 +175,12 @@ def classify(args: argparse.Namespace) -> None:
             scores = " ".join(f"{name}={result['p_' + name]:.4f}" for name in classifier.labels)
             print(f"{result['label']}\t{scores}\t{text}")
         return
-    path = Path(args.file)
-    texts = _read_messages(path, args.column)  # a bad file or output is reported before the model loads
-    output = Path(args.output) if args.output else path.with_name(path.stem + ".scores.csv")
-    if not output.parent.is_dir():
-        raise PipelineError(f"{output}: no folder {output.parent} to write it in; create it or choose another --output")
-    results = _load(args).predict(texts, args.batch_size, progress=True)
-    try:
-        with open(output, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["text", *results[0]])
-            writer.writeheader()
-            writer.writerows({"text": text, **result} for text, result in zip(texts, results, strict=True))
-    except OSError as exc:
-        raise PipelineError(f"{output}: cannot write it ({exc.strerror}); choose another --output") from None
-    print(f"classify: {len(texts)} message{'s' * (len(texts) != 1)} scored -> {output}", file=sys.stderr)
+    messages = _read_input(args.file, args.column, args.format)  # a bad file or output is reported before
+    output = _output(args)  # the model loads
+    results = _load(args).predict(messages.texts, args.batch_size, progress=True)
+    _write(output, *_scored(messages, results))
+    n = len(messages.texts)
+    print(f"classify: {n} message{'s' * (n != 1)} scored -> {output or 'standard output'}", file=sys.stderr)
 
 
 def _positive_int(text: str) -> int:
@@ -119,9 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     c = commands.add_parser("classify", help="print the label of messages and each class's probability")
     c.add_argument("texts", nargs="*", help="messages to score")
-    c.add_argument("--file", help="a text file (one message per line) or a CSV file")
+    c.add_argument("--file", help="a text file (one message per line) or a CSV file; - for standard input")
+    c.add_argument(
+        "--format", choices=["text", "csv"], help="how --file reads (default: csv for a .csv file or with --column)"
+    )
     c.add_argument("--column", help="the CSV column holding the messages (default: text)")
-    c.add_argument("--output", help="where --file's scores go (default: FILE.scores.csv)")
+    c.add_argument(
+        "--output",
+        help="where --file's scores go, a CSV of its columns and the scores; - for standard output "
+        "(default: FILE.scores.csv; standard output for standard input)",
+    )
     c.add_argument("--model", default="models/classifier", help="classifier folder (default: the pipeline's)")
     c.add_argument("--base", help="base weights file, if not models/base/model.safetensors beside --model")
     c.add_argument("--run-id", help="use the model logged by this MLflow run")
