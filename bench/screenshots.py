@@ -182,8 +182,10 @@ def screenshots(args: argparse.Namespace, work: Path, missing: str | None, wait:
                 heading = driver.find_elements(By.XPATH, "//*[normalize-space(text())='Parameters']")
                 if heading:
                     driver.execute_script("arguments[0].scrollIntoView();", heading[-1])
-            if name == "2-compare":  # down to the artifacts: both runs' plots side by side
-                driver.set_window_size(1600, 4000)
+            if name == "2-compare":  # down to the artifacts: both runs' confusion matrices side by side
+                driver.set_window_size(1600, 3000)
+                if not click(driver, By, "//*[normalize-space(text())='confusion.png']"):
+                    print("  (no confusion.png among the compare page's artifacts)")
             if name == "6-dvc-plots-diff":
                 height = driver.execute_script("return document.body.scrollHeight")
                 driver.set_window_size(1600, min(max(height, 1100), 4000))
