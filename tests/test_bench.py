@@ -197,7 +197,7 @@ def test_screenshots(tmp_path):
     for line in ("dvc exp run -n lr-low", "dvc exp run -n lr-high", "MLflow runs: lr-high, lr-low"):
         assert line in out, out
     pngs = sorted(tmp_path.glob("*.png"))
-    assert len(pngs) == 6 and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs), out
+    assert len(pngs) == 8 and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs), out
 
 
 def test_bench_stages_reports_a_training_too_short_to_time(capsys):

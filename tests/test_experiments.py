@@ -40,7 +40,7 @@ def test_queued_reference_rows_land_in_dvc_and_mlflow_with_their_params(tmp_path
     assert runs["row-02-first-token"].data.params["finetune.pool"] == "first"
     assert runs["row-14-no-padding-batch-1"].data.params["resolved.padding"] == "none"
     assert runs["row-14-no-padding-batch-1"].data.params["resolved.pool"] == "flexible"
-    assert runs["row-17-no-causal-mask"].data.params["finetune.causal_mask"] == "False"
+    assert runs["row-17-no-causal-mask"].data.params["finetune.causal_mask"] == "false"
     assert all(r.info.status == "FINISHED" and "test/accuracy" in r.data.metrics for r in runs.values())
 
 

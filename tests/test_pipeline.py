@@ -54,7 +54,7 @@ def test_full_pipeline_caches_and_reruns_only_what_changed(tmp_path, made_data):
                 "reports/eval/roc.csv", "reports/eval/confusion.png"]:  # fmt: skip
         assert (project / out).is_file(), out
     shown = run(["dvc", "metrics", "show", "--json"], project).stdout
-    assert '"accuracy"' in shown
+    assert '"test/accuracy"' in shown and '"validation/accuracy"' in shown
 
     # nothing changed: only download runs (always: it checks the data's source), and finds it unchanged
     assert repro(project) == ["download"]

@@ -172,7 +172,7 @@ def test_readme_dvc_commands_work_as_written(tmp_path, made_data):
     assert max(len(line) for line in metrics.splitlines()) <= 120, metrics
     for name in ("epoch", "validation/accuracy", "validation/loss", "test/accuracy", "test/f1", "test/roc_auc"):
         assert name in metrics.splitlines()[0], name
-    details = json.loads(shell(RUN_HERE[2], project).stdout)["reports/eval/details.json"]["data"]
+    details = json.loads(shell(RUN_HERE[2], project).stdout)[""]["data"]["reports/eval/details.json"]["data"]
     assert "test/per_class/spam/f1" in details and "validation/ece" in details  # the details: one command away
     shell(RUN_HERE[3], project)
     assert (project / "dvc_plots" / "index.html").is_file()

@@ -325,7 +325,7 @@ def test_finetune_outlasts_a_store_locked_until_it_ends_and_the_rerun_records_al
     assert "the model" in error and (project / "reports/train/summary.json").is_file()  # the results were written
 
     rerun = run(["dvc", "repro"], project)
-    assert stages_run(rerun.stdout) == ["finetune", "evaluate"]
+    assert stages_run(rerun.stdout) == ["download", "finetune", "evaluate"]  # (download: on every repro)
     assert "finetune: resuming after epoch 1" in rerun.stdout  # of 1: nothing left to train
     assert not kept.exists()
     client = MlflowClient(f"sqlite:///{db}")

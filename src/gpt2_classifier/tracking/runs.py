@@ -278,7 +278,7 @@ def _create_experiment(uri: str, name: str) -> str:
     db = sqlite_file(uri)
     artifacts = (db.parent / ARTIFACTS_DIR).as_uri() if db is not None else None
     try:
-        return mlflow.create_experiment(name, artifact_location=artifacts)
+        return mlflow.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
     except MlflowException as exc:
         existing = mlflow.get_experiment_by_name(name) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
         if existing is None:
@@ -295,9 +295,6 @@ def _use_experiment(uri: str, name: str) -> str:
             experiment = mlflow.get_experiment_by_name(name)
             deleted = experiment is not None and experiment.lifecycle_stage == "deleted"
             experiment_id = experiment.experiment_id if experiment else _create_experiment(uri, name)
-            if not deleted and (experiment.tags if experiment else {}).get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
-                # mlflow ui opens the experiment on its training runs, not on GenAI traces
-                mlflow.MlflowClient().set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
         except Exception as exc:  # MLflow raises many types for an unreachable or broken store
             raise store_failure(uri, exc) from None
     if deleted:
@@ -309,7 +306,8 @@ def _use_experiment(uri: str, name: str) -> str:
     return experiment_id
 
 
-# The tag by which MLflow's UI knows what an experiment holds (here: model training, not GenAI traces).
+# The tag by which MLflow knows what an experiment holds (model training, not GenAI traces), set when finetune
+# creates it (MLflow 3.17's UI asks the address instead: make ui prints the link, tools/ui_link.py).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 SHORT_HASH = 8  # hex digits of a hash in a tag: the run's header shows them whole
 SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples of CPU, memory and GPU use (MLflow's default: 10)
