@@ -28,7 +28,7 @@ RUN_HERE = [
     "dvc plots show",
     "dvc exp run -S finetune.lr=1e-4",
     "dvc exp run -S finetune.trainable_blocks=2",
-    "dvc exp show --only-changed --drop 'Created|epoch|.*/.*' --keep '(validation|test)/accuracy'",
+    "dvc exp show --only-changed --drop 'Created|epoch|inputs|.*/' --keep '(validation|test)/accuracy'",
     "dvc plots diff $(dvc exp ls --name-only)",
     "dvc exp run -S model.weights=random -S '++model.config={emb_dim: 64, n_layers: 2, n_heads: 2}'",
     "dvc exp run --queue -S 'finetune.lr=5e-5,1e-4,2e-4'",

@@ -68,7 +68,7 @@ def assert_complete_run(client: MlflowClient, run_id: str, project, system_metri
     assert ours == set(headline) | curves
     system = {k for k in run.data.metrics if k.startswith("system/")}  # MLflow's, with mlflow.system_metrics
     assert system_metrics == ("system/cpu_utilization_percentage" in system) and "system/train_seconds" not in system
-    assert details["system/train_seconds"] > 0 and details["system/examples_per_second"] > 0
+    assert details["system/train_seconds"] >= 0 and details["system/examples_per_second"] > 0  # (to 0.1 s)
     finetune = yaml.safe_load((project / "params.yaml").read_text())["finetune"]
     rates = client.get_metric_history(run_id, "lr")  # every optimizer step's, at its step
     assert sorted(m.step for m in rates) == list(range(details["examples_seen"] // finetune["batch_size"]))

@@ -334,8 +334,8 @@ def test_finetune_outlasts_a_store_locked_until_it_ends_and_the_rerun_records_al
     summary = json.loads((project / "reports/train/summary.json").read_text())
     assert recorded.info.status == "FINISHED" and recorded.data.tags["resumed_after_epoch"] == "1"
     curve = (project / "reports/train/loss.csv").read_text().splitlines()[1:]
-    assert len(client.get_metric_history(run_id, "val_loss")) == len(curve) > 1  # every value, replayed
+    assert len(client.get_metric_history(run_id, "validation_loss_estimate")) == len(curve) > 1  # every value, replayed
     assert client.get_metric_history(run_id, "lr")
-    assert recorded.data.metrics["validation_accuracy"] == pytest.approx(summary["validation_accuracy"])
+    assert recorded.data.metrics["validation/accuracy"] == pytest.approx(summary["validation/accuracy"])
     assert "test/accuracy" in recorded.data.metrics and recorded.data.params["finetune.lr"] == "0.001"
     assert client.search_logged_models([recorded.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
