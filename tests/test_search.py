@@ -150,6 +150,15 @@ def test_values_reach_params_yaml_as_the_search_drew_them(tmp_path):
     assert yaml.safe_load(params.read_text())["s"] == values
 
 
+def test_the_metric_is_read_from_nested_or_flat_metrics():
+    from gpt2_classifier.search.study import TrialFailed, metric_value
+
+    assert metric_value({"validation": {"macro": {"f1": 0.5}}}, "validation.macro.f1") == 0.5
+    assert metric_value({"validation/per_class/spam/recall": 0.75}, "validation.per_class.spam.recall") == 0.75
+    with pytest.raises(TrialFailed, match=r"reports/metrics.json has no number at validation.f1"):
+        metric_value({"validation": {"accuracy": 0.9}}, "validation.f1")
+
+
 def test_each_epoch_is_reported_to_the_trial_and_a_lagging_trial_is_pruned(tmp_path, monkeypatch):
     """The finetune side: the link the search sets in the environment, each epoch's value reported at its epoch,
     the median pruner's verdict; outside a search nothing is reported."""

@@ -179,10 +179,14 @@ def exp_file(baseline: str, name: str, path: Path) -> Any:
 
 
 def metric_value(metrics: dict, metric: str) -> float:
+    """`metric` (validation.accuracy) of a metrics file, nested ({"validation": {"accuracy": ...}}) or flat, with
+    MLflow's names ({"validation/accuracy": ...})."""
     node: Any = metrics
     for part in metric.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     if not isinstance(node, int | float):
+        node = metrics.get(metric.replace(".", "/"))
+    if not isinstance(node, int | float) or isinstance(node, bool):
         raise TrialFailed(f"{METRICS} has no number at {metric}")
     return float(node)
 
