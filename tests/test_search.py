@@ -254,7 +254,7 @@ def test_a_search_prunes_a_lagging_trial_resumes_and_crowns_its_winner(tmp_path)
     assert (
         "search: study 'lr' in sqlite:///" in out and "minimise validation/log_loss, up to 2 trials; 0 finished" in out
     )
-    assert re.search(r"search: trial 0 validation\.log_loss \d\.\d{4} \(\d+ s, lr-t0\)", out), out
+    assert re.search(r"search: trial 0 validation/log_loss \d\.\d{4} \(\d+ s, lr-t0\)", out), out
     assert re.search(r"search: trial 1 pruned after epoch 1 \(\d+ s, lr-t1\)", out), out
     assert "search: 2 trials in study 'lr' (1 complete, 1 pruned)" in out
 

@@ -100,7 +100,7 @@ class SearchFile(Frozen):
     @field_validator("metric")
     @classmethod
     def _a_validation_metric(cls, value: str) -> str:
-        split, _, name = value.partition("/")
+        split, name = (re.split(r"[/.]", value, maxsplit=1) + [""])[:2]  # (test.accuracy: DVC's spelling)
         if split in ("test", "train"):
             raise ValueError(
                 f"{value} is a {split} metric; the search optimises a validation metric such as "
