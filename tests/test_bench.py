@@ -23,6 +23,7 @@ SMOKE_TESTS = {
     "bench_load.py": "test_bench_load",
     "bench_onednn.py": "test_bench_onednn",
     "bench_recipes.py": "test_bench_recipes",
+    "bench_search.py": "test_bench_search",
     "bench_store.py": "test_bench_store",
     "bench_stages.py": "test_bench_stages_before_and_after",
     "bench_tensorfile.py": "test_bench_tensorfile",
@@ -130,6 +131,18 @@ def test_bench_recipes():
         assert 1 <= best <= run <= allowed == {"reference": 5, "appendix-d": 10}[m[1]], out
         assert 0 <= float(m[5]) <= 1 and all(0 <= float(m[i]) <= 100 for i in range(6, 11)), out
     assert "appendix-d: decision.threshold=precision, decision.target=0.99, finetune.epochs=10" in out, out
+
+
+@pytest.mark.slow
+def test_bench_search():
+    """Two trials of the search, the same two queued: both rates, their ratio, the winner and the reference."""
+    out = smoke("bench_search.py", timeout=900).stdout
+    assert out.startswith("smoke mode, tiny model; "), out
+    assert rows(out, rf"search\s+2\s+{NUMBER}\s+{NUMBER}\s+\(\d+ pruned, 0 failed\)"), out
+    assert rows(out, rf"queue\s+2\s+{NUMBER}\s+{NUMBER}"), out
+    assert rows(out, rf"search vs queue: {NUMBER}x the trials per minute"), out
+    assert rows(out, rf"reference recipe: validation accuracy {NUMBER}, test {NUMBER}"), out
+    assert rows(out, rf"winner \(trial [01]\): validation accuracy {NUMBER}, test {NUMBER}; \{{.*\}}"), out
 
 
 @pytest.mark.slow

@@ -1,7 +1,10 @@
 """The fast path (precomputed frozen prefix, single-position tail) against the full forward pass."""
 
 import contextlib
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 from conftest import assert_same_parameters, reading
 
 from gpt2_classifier.core.config import GPTConfig
+from gpt2_classifier.core.errors import ParamsError
 from gpt2_classifier.core.params import FinetuneParams
 from gpt2_classifier.data.encode import EncodedSplit
 from gpt2_classifier.model.classifier import replace_head, set_trainable
@@ -289,3 +293,54 @@ def test_the_base_weights_hash_stands_for_the_frozen_weights_in_the_cache_key():
     assert frozen_digest(a, 2, "float32", base_sha256="a" * 64) == frozen_digest(b, 2, "float32", base_sha256="a" * 64)
     assert frozen_digest(a, 2, "float32", base_sha256="a" * 64) != frozen_digest(a, 2, "float32", base_sha256="b" * 64)
     assert frozen_digest(a, 2, "float32", base_sha256="a" * 64) != frozen_digest(a, 1, "float32", base_sha256="a" * 64)
+
+
+# Runs side by side share the prefix cache (queued experiments, a search's trials): one of them computes a prefix,
+# the other waits for it and reads it; files appear whole; a file held open survives another run's pruning.
+CONCURRENT_RUN = """import hashlib, sys, time
+sys.path.insert(0, {tests!r})
+from test_fast import classifier, ragged_split, reading
+from gpt2_classifier.train import fast
+computing = fast.compute_prefix
+def slow(*args):
+    print("computed", flush=True)
+    time.sleep(2)  # the other run starts meanwhile
+    return computing(*args)
+fast.compute_prefix = slow
+inputs = dict(fast.iter_inputs(classifier(1), {{"s": ragged_split()}}, reading("last", 1), "cpu", sys.argv[1]))
+print("hidden", hashlib.sha256(inputs["s"].prefix.hidden.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_two_runs_needing_the_same_prefix_compute_it_once(tmp_path):
+    script = CONCURRENT_RUN.format(tests=str(Path(__file__).parent))
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]  # fmt: skip
+    outputs = [process.communicate(timeout=120)[0] for process in runs]
+    assert [process.returncode for process in runs] == [0, 0], outputs
+    assert sum(out.count("computed") for out in outputs) == 1, outputs  # the second waited, then read it
+    assert len({line for out in outputs for line in out.splitlines() if line.startswith("hidden")}) == 1, outputs
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_held_prefix_stays_readable_when_another_run_prunes_it(tmp_path):
+    model, split = classifier(1), ragged_split()
+    expected = dict(iter_inputs(model, {"s": split}, reading("last", 1), "cpu", tmp_path))["s"].prefix.hidden
+    (cached,) = tmp_path.glob("*.safetensors")
+    with contextlib.ExitStack() as held:
+        read = prefix_cache.hold(held, cached)
+        cached.unlink()  # pruned by another run
+        assert torch.equal(read().hidden, expected)
+    assert prefix_cache.hold(contextlib.ExitStack(), cached) is None  # gone: computed again
+
+
+def test_the_prefix_cache_is_the_projects_unless_the_environment_names_another_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPT2_CLASSIFIER_PREFIX_CACHE", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # as DVC sets it for a queued or temporary experiment's stages
+    assert FinetuneParams().cache_dir() == tmp_path / ".cache" / "prefix"
+    monkeypatch.setenv("GPT2_CLASSIFIER_PREFIX_CACHE", str(tmp_path / "shared"))
+    assert FinetuneParams().cache_dir() == tmp_path / "shared"
+    assert FinetuneParams(prefix_cache=False).cache_dir() is None
+    monkeypatch.setenv("GPT2_CLASSIFIER_PREFIX_CACHE", "shared")
+    with pytest.raises(ParamsError, match=r"^GPT2_CLASSIFIER_PREFIX_CACHE=shared: not an absolute path"):
+        FinetuneParams().cache_dir()

@@ -12,7 +12,7 @@ from imports import ROOT, closure, folder, imports, modules
 
 # Each folder may import its own modules and those of the folders in lower layers, never a higher or
 # equal one: core is the bottom; finetune.py and evaluate.py, the two stages' work, are the top ('').
-LAYERS = {"core": 0, "data": 1, "metrics": 1, "tracking": 1, "model": 2, "train": 3, "serve": 4, "": 5}
+LAYERS = {"core": 0, "data": 1, "metrics": 1, "tracking": 1, "model": 2, "train": 3, "search": 3, "serve": 4, "": 5}
 TORCH_SIDE = {"model", "train", "serve"}
 
 

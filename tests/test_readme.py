@@ -45,6 +45,8 @@ S3, SSH = (
 )
 SERVER = "test_team.py::test_an_authenticated_server_refuses_anonymous_requests_and_takes_runs_with_credentials"
 EXTRAS = ".ci/run (the test extra installs the s3, ssh and server extras)"
+SEARCH = "test_search.py::test_a_search_prunes_a_lagging_trial_resumes_and_crowns_its_winner"
+WORKERS = "test_search.py::test_two_workers_share_the_study_and_a_killed_workers_trial_is_marked_failed"
 ELSEWHERE = {
     "make pipeline": "the clean-clone check (downloads data and weights; offline it fails with one line)",
     "make test": ".ci/run",
@@ -68,6 +70,11 @@ ELSEWHERE = {
     "postgresql://mlflow@<db host>/mlflow --artifacts-destination s3://<bucket>/mlflow-artifacts": SERVER,
     "export MLFLOW_TRACKING_URI=https://<mlflow host>": SERVER,
     "export MLFLOW_TRACKING_USERNAME=<user> MLFLOW_TRACKING_PASSWORD=<password>": SERVER,
+    # Searching: with the tiny model, a search file of the test's, and the experiment names the search printed
+    "gpt2-classifier search": SEARCH,
+    "gpt2-classifier search --trials 60": SEARCH,
+    "gpt2-classifier search --workers 2": WORKERS,
+    "dvc exp apply search-t7": SEARCH,
     # with a test-made archive and CSV in place of the public archive and /path/to/...
     "python experiments/own_data.py imdb": "test_own_data.py::test_imdb_example_on_a_small_archive_of_the_same_layout",
     "python experiments/own_data.py intents --set data.url=/path/to/intents.csv": (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from gpt2_classifier.model.classifier import (
     save_classifier,
 )
 from gpt2_classifier.model.pretrained import WEIGHTS_FILE, BaseConfig
+from gpt2_classifier.search.trial import epoch_reporter, linked_trial
 from gpt2_classifier.tracking.lineage import as_written, flatten, hash_in_background
 from gpt2_classifier.tracking.runs import Tracker, finetune_run, run_tags
 from gpt2_classifier.train import checkpoint
@@ -84,6 +86,7 @@ def finetune(params: Params) -> History:
             f"finetune.batch_size={f.batch_size} exceeds the {training_messages} training messages ({ENCODED}); "
             f"set it to at most {training_messages}, or give split.train more data"
         )
+    trial = linked_trial()  # a search's trial: each epoch's validation value is reported to its study
     pool = resolved_pool(f.pool, meta.unpadded)
     reading = Reading(pool, f.causal_mask, meta.unpadded, f.precision, f.trainable_blocks)
     raw = params.model_dump(mode="json")
@@ -123,7 +126,12 @@ def finetune(params: Params) -> History:
         inputs = dict(iter_inputs(model, splits, reading, device, f.cache_dir(), release=True, base_sha256=base.sha256))
         trainer = Trainer(model, inputs["train"], inputs["validation"], f, device)
         trainer.graphed = graphed_step(trainer)  # on a GPU, each step one replay instead of hundreds of launches
-        history = train_resumably(trainer, recipe, f, tracker)
+        history = train_resumably(trainer, recipe, f, tracker, epoch_reporter(trial))
+        if history.stopped == "pruned":
+            print(
+                f"finetune: pruned after epoch {history.epochs_run} of {f.epochs}: trial {trial.number} of search "
+                f"{trial.study!r} lags the others ({trial.pruner.name} pruner)"
+            )
         if history.stopped == "patience":
             rule, epochs = f.early_stopping, "epoch" if f.early_stopping.patience == 1 else "epochs"
             print(
@@ -194,10 +202,13 @@ def log_model(folder: Path, name: str, step: int, architecture: str):
     return log_classifier(folder, name, step=step, tags={"architecture": architecture})
 
 
-def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: Tracker) -> History:
+def train_resumably(
+    trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: Tracker, report: Callable[[dict], str | None]
+) -> History:
     """Train, saving a checkpoint after each epoch; an interrupted run of the same `recipe` (params
     but mlflow's) and data resumes from its last one (and says so in MLflow). The checkpoint is
-    deleted once the run is recorded (`keep_for_rerun`)."""
+    deleted once the run is recorded (`keep_for_rerun`). `report(epoch record)` returns "pruned" to stop a
+    search's trial."""
     saved, fingerprint = checkpoint_file(recipe, f)
 
     def on_step(record: dict) -> None:
@@ -206,7 +217,7 @@ def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: 
 
     logged = 0  # learning rates logged so far
 
-    def on_epoch(record: dict) -> None:
+    def on_epoch(record: dict) -> str | None:
         nonlocal logged
         tracker.log_metrics({k: record[k] for k in EPOCH_CURVES}, step=record["step"])
         rates = [r for r in trainer.history.learning_rates[logged:] if r["step"] <= record["step"]]
@@ -214,6 +225,7 @@ def train_resumably(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: 
         logged += len(rates)
         write_rows(ACCURACY_CSV, trainer.history.epochs)
         write_json(TRAIN_SUMMARY, epoch_headline(record))  # the latest epoch's, until training ends
+        return report(record)
 
     write_json(TRAIN_SUMMARY, {"epoch": 0})  # a running experiment shows in dvc exp show from the start
 

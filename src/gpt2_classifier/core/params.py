@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gpt2_classifier.core.config import PRESETS, GPTConfig, Pool, Precision, Truncate
 from gpt2_classifier.core.errors import ParamsError
 from gpt2_classifier.core.files import project_root
-from gpt2_classifier.core.paths import CHECKPOINTS, PREFIX_CACHE
+from gpt2_classifier.core.paths import CHECKPOINTS, PREFIX_CACHE, PREFIX_CACHE_ENV
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -250,8 +250,19 @@ class FinetuneParams(Section):
         return self
 
     def cache_dir(self) -> Path | None:
-        """Where frozen-prefix activations are kept between runs (None: recompute every run)."""
-        return project_root() / PREFIX_CACHE if self.prefix_cache else None
+        """Where frozen-prefix activations are kept between runs (None: recompute every run): the project's
+        .cache/prefix (DVC_ROOT's for queued and temporary experiments), or the folder PREFIX_CACHE_ENV names."""
+        if not self.prefix_cache:
+            return None
+        elsewhere = os.environ.get(PREFIX_CACHE_ENV)
+        if not elsewhere:
+            return project_root() / PREFIX_CACHE
+        if not Path(elsewhere).is_absolute():
+            raise ParamsError(
+                f"{PREFIX_CACHE_ENV}={elsewhere}: not an absolute path (experiments run in other folders); "
+                "give the folder's absolute path, or unset it"
+            )
+        return Path(elsewhere)
 
     def checkpoint_dir(self) -> Path:
         return project_root() / CHECKPOINTS

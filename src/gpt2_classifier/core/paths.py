@@ -26,6 +26,7 @@ MODEL_CARD = Path("reports/model_card.md")  # evaluate: for whoever deploys the 
 
 # Outside DVC's outputs, under the project folder (see files.project_root): kept between runs.
 PREFIX_CACHE = Path(".cache/prefix")
+PREFIX_CACHE_ENV = "GPT2_CLASSIFIER_PREFIX_CACHE"  # an absolute folder instead, shared by several projects
 CHECKPOINTS = Path(".cache/checkpoints")
 DOWNLOAD_STATE = Path(".cache/download.json")  # download: where RAW came from, to tell whether it changed
 

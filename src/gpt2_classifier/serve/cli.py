@@ -1,4 +1,5 @@
-"""`gpt2-classifier classify`: score messages with a fine-tuned classifier.
+"""`gpt2-classifier classify`: score messages with a fine-tuned classifier; `gpt2-classifier search`: search
+params for the best one (search.yaml).
 
 gpt2-classifier classify "You won a prize! Reply now"
 gpt2-classifier classify --file messages.txt              # one message per line
@@ -6,6 +7,8 @@ gpt2-classifier classify --file inbox.csv --column body   # a CSV column (its ot
 cat inbox.txt | gpt2-classifier classify --file - --format text > scores.csv   # standard input/output
 gpt2-classifier classify --run-id 3f2a... "text"          # the model of an MLflow run
 gpt2-classifier classify --registered spam-classifier/2 "text"   # from the Model Registry
+gpt2-classifier search                                    # the trials of search.yaml, as DVC experiments
+gpt2-classifier search --workers 2 --trials 40            # two at a time, forty in all
 """
 
 from __future__ import annotations
@@ -193,6 +196,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 (got {text!r})")
+    return value
+
+
+def search(args: argparse.Namespace) -> None:
+    from gpt2_classifier.search.command import search
+
+    search(Path(args.space), args.study, args.trials, args.timeout, args.workers, args.storage)
+
+
 def _registry_version(text: str) -> str:
     if not re.fullmatch(r"[^/@]+(/[^/@]+|@[^/@]+)", text):
         raise argparse.ArgumentTypeError(f"give NAME/VERSION or NAME@ALIAS, such as spam-classifier/2 (got {text!r})")
@@ -223,12 +242,24 @@ def main(argv: list[str] | None = None) -> int:
         "--registered", type=_registry_version, help="use a Model Registry version: NAME/VERSION or NAME@ALIAS"
     )
     c.add_argument("--batch-size", type=_positive_int, default=32, help="messages per forward pass (default: 32)")
+    c.set_defaults(run=classify)
+    s = commands.add_parser("search", help="search params for the best classifier: each trial a DVC experiment")
+    s.add_argument("--space", default="search.yaml", help="the search file (default: search.yaml)")
+    s.add_argument("--study", help="the study's name (default: the search file's study, else its name: search)")
+    s.add_argument("--trials", type=_positive_int, help="the study's finished trials, all runs together")
+    s.add_argument("--timeout", type=_positive_seconds, help="seconds for this run: no trial starts after")
+    s.add_argument("--workers", type=_positive_int, default=1, help="trials run at once (default: 1)")
+    s.add_argument("--storage", help="Optuna's storage URL (default: sqlite:///optuna.db in the project)")
+    s.set_defaults(run=search)
     args = parser.parse_args(argv)
     try:
-        classify(args)
+        args.run(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

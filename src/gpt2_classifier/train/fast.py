@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from gpt2_classifier.core.errors import PipelineError
 from gpt2_classifier.data.encode import EncodedSplit
 from gpt2_classifier.model.classifier import Reading
 from gpt2_classifier.model.gpt import GPTModel
@@ -26,14 +25,7 @@ from gpt2_classifier.model.lora import LinearWithLoRA
 from gpt2_classifier.train.inputs import FullForward, Inputs
 from gpt2_classifier.train.memory import return_freed_memory
 from gpt2_classifier.train.prefix import Prefix, compute_prefix, visible_positions
-from gpt2_classifier.train.prefix_cache import (
-    cache_key,
-    frozen_digest,
-    held_open,
-    is_readable,
-    read_cached,
-    store_cached,
-)
+from gpt2_classifier.train.prefix_cache import cache_key, computing, frozen_digest, hold, store_held
 from gpt2_classifier.train.release import compact_embedding, release_frozen
 from gpt2_classifier.train.tail import PrefixForward
 
@@ -83,37 +75,36 @@ def iter_inputs(
             name: Path(cache_dir) / f"{cache_key(digest, split, visible[name])}.safetensors"
             for name, split in splits.items()
         }
-    missing = [name for name in splits if name not in paths or not is_readable(paths[name])]
     computed: dict[str, Prefix] = {}
     with contextlib.ExitStack() as held:
-        stored = {}  # computed, written to the cache and held open there rather than in memory
+        # Cached or computed, each split's prefix is held open in the cache rather than in memory: read when the
+        # caller reaches it, and readable even if another run prunes the file meanwhile.
+        stored = {name: read for name, path in paths.items() if (read := hold(held, path)) is not None}
+        missing = [name for name in splits if name not in stored]
         if missing:
-            embed = None
-            if release:
-                embed = compact_embedding(model, [splits[name] for name in missing])
-                release_frozen(model, n_frozen, blocks=False)
-            for name in missing:
-                prefix = compute_prefix(model, splits[name], n_frozen, visible[name], device, reading.precision, embed)
-                if name in paths:
-                    # Read back once the frozen blocks are freed, so that they and every split's prefix are never
-                    # in memory at once; the open file stays readable even if another run prunes it meanwhile.
-                    store_cached(paths[name], prefix)
-                    stored[name] = held.enter_context(held_open(paths[name]))
-                else:
-                    computed[name] = prefix
-                del prefix  # else held while the next split is computed
+            with contextlib.ExitStack() as locks:  # another run computing the same prefixes: wait, then read them
+                for name in sorted((n for n in missing if n in paths), key=lambda n: paths[n]):
+                    locks.enter_context(computing(paths[name]))
+                stored |= {name: read for name in missing if name in paths and (read := hold(held, paths[name]))}
+                missing = [name for name in missing if name not in stored]
+                embed = None
+                if release and missing:
+                    embed = compact_embedding(model, [splits[name] for name in missing])
+                    release_frozen(model, n_frozen, blocks=False)
+                for name in missing:
+                    prefix = compute_prefix(
+                        model, splits[name], n_frozen, visible[name], device, reading.precision, embed
+                    )
+                    if name in paths:  # read back once the frozen blocks are freed: never all in memory at once
+                        stored[name] = store_held(held, paths[name], prefix)
+                    else:
+                        computed[name] = prefix
+                    del prefix  # else held while the next split is computed
         if release:
             release_frozen(model, n_frozen)
             return_freed_memory()
         for name, split in splits.items():
-            if name in computed:
-                prefix = computed.pop(name)
-            elif name in stored:
-                prefix = stored.pop(name)()
-            else:
-                prefix = read_cached(paths[name])
-            if prefix is None:
-                raise PipelineError(f"{paths[name]}: the prefix cache file went missing while in use; run again")
+            prefix = computed.pop(name) if name in computed else stored.pop(name)()
             yield name, PrefixForward(model, on_device(prefix, device), split.labels, n_frozen, reading, device)
 
 

@@ -193,8 +193,9 @@ class Trainer:
         on_checkpoint: Callable[[Trainer], None] | None = None,
     ) -> History:
         """Train for the remaining epochs (all, unless `load_state` restored some, and fewer where
-        finetune.early_stopping stops it); after each epoch that another follows, `on_checkpoint(self)`
-        may save `state()`. With finetune.keep: best, the model ends with the best epoch's weights."""
+        finetune.early_stopping stops it, or `on_epoch` returns why it stops, such as "pruned"); after each
+        epoch that another follows, `on_checkpoint(self)` may save `state()`. With finetune.keep: best, the
+        model ends with the best epoch's weights."""
         history = self.history
         if history.stopped is not None:  # restored from a run whose training had ended: nothing is left
             return history
@@ -204,7 +205,7 @@ class Trainer:
         total = steps_per_epoch * self.s.epochs
         progress = tqdm(total=total, initial=self.step + 1, unit="step", disable=None, desc="finetune")
         accumulate = self.s.accumulation_steps
-        patience, stopping = self.s.early_stopping.patience, False
+        patience, stopping, halted = self.s.early_stopping.patience, False, None
         for epoch in range(self.epoch + 1, self.s.epochs + 1):
             self.optimizer.zero_grad(set_to_none=True)
             for batch, idx in enumerate(self._train_batches(), start=1):
@@ -254,14 +255,14 @@ class Trainer:
             # (after the last epoch, nothing is left to stop: it ran every epoch)
             stopping = patience is not None and epoch < self.s.epochs and epoch - history.best_epoch >= patience
             history.seconds = time.perf_counter() - start
-            if on_epoch:
-                on_epoch(record)
-            if stopping:
+            if on_epoch and (halt := on_epoch(record)) and epoch < self.s.epochs:
+                halted = halt
+            if stopping or halted:
                 break
             if on_checkpoint and epoch < self.s.epochs:
                 on_checkpoint(self)
         progress.close()
-        history.stopped = "patience" if stopping else "epochs"
+        history.stopped = halted or ("patience" if stopping else "epochs")
         if self.s.keep == "best" and history.best_epoch != self.epoch:
             self._copy_into_model(self.best)
         return history

@@ -1,6 +1,11 @@
 """Prefixes kept on disk, keyed by the content of the frozen weights and of the tokens, so that
 experiments that change only training settings skip computing them. A damaged file is
-recomputed, never trusted; the oldest files beyond KEEP_CACHE_FILES are deleted."""
+recomputed, never trusted; the oldest files beyond KEEP_CACHE_FILES are deleted.
+
+Runs side by side (queued experiments, a search's trials) share the folder: a file appears whole under its
+name or not at all (written under a temporary name, renamed), a run holds open every file it will read (an
+open file keeps its data if another run prunes it), and a prefix missing from the cache is computed by one run
+at a time (a lock file per key): the next finds it there."""
 
 from __future__ import annotations
 
@@ -80,17 +85,46 @@ def held_open(path: Path) -> Iterator[Callable[[], Prefix]]:
         yield lambda: read_prefix(f)
 
 
-def is_readable(path: Path) -> bool:
+def hold(held: contextlib.ExitStack, path: Path) -> Callable[[], Prefix] | None:
+    """The stored prefix at `path` held open in `held` (see `held_open`), or None where there is none whole."""
+    stack = contextlib.ExitStack()
     try:
-        with open_tensors(path) as f:
-            return {"hidden", "offsets", "visible"} <= set(f.keys())
-    except (OSError, ValueError):
-        return False
+        f = stack.enter_context(open_tensors(path))
+        if not {"hidden", "offsets", "visible"} <= set(f.keys()):
+            raise ValueError("not a stored prefix")
+    except (OSError, ValueError):  # missing, or damaged: computed again
+        stack.close()
+        return None
+    held.enter_context(stack)
+    os.utime(path)  # recently used: kept when old files are pruned
+    return lambda: read_prefix(f)
 
 
-def store_cached(path: Path, prefix: Prefix) -> None:
+@contextlib.contextmanager
+def computing(path: Path) -> Iterator[None]:
+    """While one run computes the prefix of `path`'s key, another that needs it waits, then finds it stored."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_suffix(".lock")):
+        yield
+
+
+def store_held(held: contextlib.ExitStack, path: Path, prefix: Prefix) -> Callable[[], Prefix]:
+    """Store `prefix` at `path` and hold the file open in `held` (opened before it takes its name, so that
+    another run's pruning never takes it from under us); prune the oldest files."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({"hidden": prefix.hidden, "offsets": prefix.offsets, "visible": prefix.visible}, str(tmp))
-    for old in sorted(path.parent.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[:-KEEP_CACHE_FILES]:
+        read = held.enter_context(held_open(tmp))
+    for old in sorted(path.parent.glob("*.safetensors"), key=_mtime)[:-KEEP_CACHE_FILES]:
         old.unlink(missing_ok=True)
+        old.with_suffix(".lock").unlink(missing_ok=True)
+    return read
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # pruned by another run meanwhile
+        return 0.0

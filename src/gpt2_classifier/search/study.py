@@ -1,0 +1,455 @@
+"""The search: an Optuna study whose trials are DVC experiments, run by one or more workers.
+
+Each trial is `dvc exp run --temp -n <study>-t<N> -S key=value ...` (a normal experiment, in a temporary copy
+of the project, so that trials run side by side); its stages find the study through TrialLink's environment
+variable (finetune reports each epoch's validation value and stops where the pruner says so), and its MLflow run
+is a child of the search's run. The trial's value is the metric in the experiment's details files
+(reports/eval/details.json, reports/train/details.json).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpt2_classifier.core.files import project_root
+from gpt2_classifier.core.params import Params, parse_params
+from gpt2_classifier.core.paths import EVAL_DETAILS, TRAIN_DETAILS
+from gpt2_classifier.core.redact import redact
+from gpt2_classifier.search import tracking
+from gpt2_classifier.search.space import SearchError, SearchFile, cli_value, load_search, shown
+from gpt2_classifier.search.trial import TrialLink, make_pruner, open_storage
+
+STORAGE_FILE = "optuna.db"  # the default storage, in the project folder (as mlflow.db): git ignores it
+LOGS = Path(".cache/search")  # each trial's output: <study>/t<N>.log
+HEARTBEAT = 10  # seconds between a running trial's heartbeats; one silent for GRACE is marked failed
+GRACE = 30
+BUSY_RETRIES = 8  # `dvc exp run` refused because another worker's holds DVC's lock: tried again this often
+STOP_WAIT = 30  # seconds a trial's `dvc exp run` gets to stop after Ctrl-C before it is killed
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+class TrialFailed(Exception):
+    """A trial's experiment failed; the study records it as failed and goes on."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every worker of one search shares."""
+
+    space_file: str
+    study: str  # the search file's, or --study's
+    storage: str
+    trials: int | None
+    timeout: float | None
+    parent_run: str | None
+
+    def argv(self) -> list[str]:
+        return ["--plan", json.dumps(self.__dict__)]
+
+
+def default_storage() -> str:
+    return f"sqlite:///{project_root() / STORAGE_FILE}"
+
+
+def read_params() -> tuple[dict, Params]:
+    path = Path("params.yaml")
+    if not Path("dvc.yaml").is_file() or not path.is_file():
+        raise SearchError("no dvc.yaml and params.yaml here: run gpt2-classifier search in the project folder")
+    raw = yaml.safe_load(path.read_text())
+    return raw, parse_params(raw, str(path))
+
+
+def open_study(search: SearchFile, url: str, workers: bool = True, worker: int = 0):
+    """The study (created, or continued where it exists), with heartbeats: a trial whose worker stopped beating
+    for GRACE s is marked failed by the next worker that asks for a trial. Worker N's sampler is seeded with the
+    search file's seed + N - 1 (the same seed would draw the same first trials in every worker)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the search prints its own lines (no tracebacks)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    heartbeat = {"heartbeat_interval": HEARTBEAT, "grace_period": GRACE} if workers else {}
+    try:
+        storage = open_storage(url, **heartbeat)
+        seed = None if search.sampler.seed is None else search.sampler.seed + max(worker - 1, 0)
+        sampler = (optuna.samplers.RandomSampler if search.sampler.name == "random" else optuna.samplers.TPESampler)(
+            seed=seed
+        )
+        study = optuna.create_study(
+            study_name=search.study,
+            storage=storage,
+            sampler=sampler,
+            pruner=make_pruner(search.pruner),
+            direction=search.goal,
+            load_if_exists=True,
+        )
+    except Exception as exc:  # SQLAlchemy's errors for a database that cannot be reached or used
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise SearchError(
+            f"Optuna storage {redact(url)} cannot be used ({redact_reason(reason)}); fix --storage"
+        ) from None
+    if study.direction.name.lower() != search.goal:
+        raise SearchError(
+            f"study {search.study!r} in {redact(url)} {study.direction.name.lower()}s, the search file says "
+            f"{search.goal}; name another study (study: in {search.study}'s search file, or --study)"
+        )
+    return study
+
+
+def redact_reason(text: str) -> str:
+    from gpt2_classifier.core.redact import redact_text
+
+    return redact_text(text)
+
+
+def state_counts(study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def budget_left(study, trials: int | None) -> bool:
+    """Whether another trial may start: the study's finished and running trials are fewer than `trials`. Where
+    only running trials fill the budget, wait for them: one whose worker died is marked failed once its heartbeat
+    is GRACE s old (and frees its place), the others finish."""
+    import optuna
+
+    while trials is not None:
+        optuna.storages.fail_stale_trials(study)
+        counts = state_counts(study)
+        finished, running = sum(counts.get(state, 0) for state in FINISHED), counts.get("RUNNING", 0)
+        if finished + running < trials:
+            return True
+        if finished >= trials or not running:
+            return False
+        time.sleep(HEARTBEAT)
+    return True
+
+
+def exp_name(study: str, number: int) -> str:
+    return f"{study}-t{number}"
+
+
+def suggest(trial, key: str, dim) -> Any:
+    if dim.type == "float":
+        return trial.suggest_float(key, dim.low, dim.high, log=dim.log, step=dim.step)
+    if dim.type == "int":
+        return trial.suggest_int(key, dim.low, dim.high, log=dim.log, step=dim.step)
+    return trial.suggest_categorical(key, dim.choices)
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def exp_ref(baseline: str, name: str) -> str:
+    """The git ref of a DVC experiment of `baseline` (DVC's layout: refs/exps/<2 hex>/<38 hex>/<name>)."""
+    return f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+
+
+def exp_exists(baseline: str, name: str) -> bool:
+    return (
+        subprocess.run(["git", "rev-parse", "-q", "--verify", exp_ref(baseline, name)], capture_output=True).returncode
+        == 0
+    )
+
+
+def exp_file(baseline: str, name: str, path: Path) -> Any:
+    """A JSON file of a DVC experiment, from its git ref (DVC commits an experiment's metrics files there)."""
+    ref = exp_ref(baseline, name)
+    shown = subprocess.run(["git", "show", f"{ref}:{path.as_posix()}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise TrialFailed(f"experiment {name} has no {path.as_posix()} (git show {ref}: {shown.stderr.strip()[:200]})")
+    return json.loads(shown.stdout)
+
+
+def metric_value(metrics: dict, metric: str) -> float:
+    """`metric` (validation/accuracy) of the flat details files (metrics/names.py)."""
+    value = metrics.get(metric)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TrialFailed(f"{EVAL_DETAILS} and {TRAIN_DETAILS} have no number at {metric}")
+    return float(value)
+
+
+def last_error(log: Path) -> str:
+    """The line of a failed trial's output that says why: a stage's `error: ...`, else DVC's `ERROR: ...`."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    for prefix in ("error: ", "ERROR: "):
+        found = [line for line in lines if line.startswith(prefix)]
+        if found:
+            return found[-1].removeprefix(prefix)
+    return lines[-1] if lines else "no output"
+
+
+class Trials:
+    """The objective of one worker: each trial as a DVC experiment."""
+
+    def __init__(self, search: SearchFile, plan: Plan, settings: Params, worker: int):
+        self.search, self.plan, self.settings, self.worker = search, plan, settings, worker
+        self.logs = project_root() / LOGS / search.study
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        values = {key: suggest(trial, key, dim) for key, dim in self.search.space.items()}
+        name = exp_name(self.search.study, trial.number)
+        trial.set_user_attr("dvc_exp", name)
+        print(f"search: trial {trial.number} started{self._by()}: {shown(values)}", flush=True)
+        started = time.monotonic()
+        baseline = git("rev-parse", "HEAD")
+        link = TrialLink(
+            storage=self.plan.storage,
+            study=self.search.study,
+            trial_id=trial._trial_id,
+            number=trial.number,
+            experiment=name,
+            report=self.search.epoch_value,
+            pruner=self.search.pruner,
+        )
+        log = self.logs / f"t{trial.number}.log"
+        self._run_experiment(name, values, link, log)
+        if not exp_exists(baseline, name):
+            raise TrialFailed(f"{last_error(log)} (its output: {shown_path(log)})")
+        summary = exp_file(baseline, name, TRAIN_DETAILS)
+        metrics = exp_file(baseline, name, EVAL_DETAILS) | summary
+        value = metric_value(metrics, self.search.metric)
+        run_id = summary.get("mlflow_run_id")
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("baseline", baseline)
+        seconds = time.monotonic() - started
+        if summary.get("stopped") == "pruned":
+            tracking.tag_trial_run(self.settings.mlflow, run_id, "PRUNED")
+            epochs = summary.get("epochs_run")
+            print(f"search: trial {trial.number} pruned after epoch {epochs} ({seconds:.0f} s, {name})", flush=True)
+            raise optuna.TrialPruned(f"pruned after epoch {epochs}")
+        tracking.tag_trial_run(self.settings.mlflow, run_id, "COMPLETE")
+        print(f"search: trial {trial.number} {self.search.metric} {value:.4f} ({seconds:.0f} s, {name})", flush=True)
+        return value
+
+    def _by(self) -> str:
+        return f" (worker {self.worker})" if self.worker else ""
+
+    def _run_experiment(self, name: str, values: dict, link: TrialLink, log: Path) -> None:
+        """`dvc exp run --temp` of the trial, its output in `log`; tried again where DVC refused to start it
+        because another worker's experiment held its lock."""
+        command = [sys.executable, "-m", "dvc", "--wait-for-lock", "exp", "run", "--temp", "-n", name]
+        for key, value in values.items():
+            command += ["-S", f"{key}={cli_value(value)}"]
+        env = (
+            os.environ | link.environment() | tracking.trial_run_context(self.plan.parent_run, link.study, link.number)
+        )
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stages' python
+        for attempt in range(BUSY_RETRIES + 1):
+            started = run_experiment(command, env, log, self.logs.parent / "start.lock")
+            if started:
+                if started[0] != name:
+                    raise TrialFailed(
+                        f"DVC ran experiment {started[0]} instead of {name} (another `dvc exp run` at the same "
+                        f"time?); its output: {shown_path(log)}"
+                    )
+                return
+            if "is busy, it is being blocked by" not in log.read_text(errors="replace") or attempt == BUSY_RETRIES:
+                break
+            time.sleep(random.uniform(0.5, 2.0) * (attempt + 1))
+        raise TrialFailed(f"{last_error(log)} (its output: {shown_path(log)})")
+
+
+DVC_TEMP_RUNS = Path(".dvc/tmp/exps/standalone")  # DVC's temporary copies, and its record of each run there
+
+
+def drop_killed_runs(names: set[str]) -> list[str]:
+    """The experiments of `names` (trials marked failed because their worker died) that DVC still records as
+    running in a temporary copy of the project: a `dvc exp run --temp` killed outright leaves its copy, and
+    `dvc exp show` lists it as running for as long as the copy exists. Those copies are deleted; returns their
+    experiments' names."""
+    dropped = []
+    for record_file in sorted((DVC_TEMP_RUNS / "run").glob("*/*.run")):
+        try:
+            record = json.loads(record_file.read_text())
+        except (OSError, ValueError):
+            continue
+        copy = Path(record.get("root_dir") or "/")
+        if (
+            record.get("name") in names
+            and record.get("status") == 2
+            and copy.parent.resolve() == DVC_TEMP_RUNS.resolve()
+        ):
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.rmtree(record_file.parent, ignore_errors=True)
+            dropped.append(record["name"])
+    return dropped
+
+
+def shown_path(path: Path) -> Path:
+    return path.relative_to(project_root()) if path.is_relative_to(project_root()) else path
+
+
+STARTED = re.compile(r"Reproducing experiment '(.+)'")
+
+
+def run_experiment(command: list[str], env: dict, log: Path, lock: Path) -> list[str]:
+    """Run a `dvc exp run --temp` (`command`) in its own process group, its output in `log`, and return the names of
+    the experiments it started. DVC stashes the experiment, then runs its stash's experiments newest first until
+    none is left: one worker at a time stashes and starts (`lock` is held until DVC names the experiment it runs),
+    so that each runs its own; an experiment left stashed by a worker that was killed as it started is dropped
+    (stopped as soon as it starts). Ctrl-C or SIGTERM stops the group (the stages end as interrupted, their MLflow
+    runs KILLED), killing it after STOP_WAIT s."""
+    from filelock import FileLock
+
+    names: list[str] = []
+    named = threading.Event()
+    with open(log, "w") as out:
+
+        def copy_output(process: subprocess.Popen) -> None:
+            for line in process.stdout:
+                out.write(line)
+                out.flush()
+                if found := STARTED.match(line.strip()):
+                    names.append(found[1])
+                    named.set()
+                    if len(names) > 1:  # this trial's experiment is done: the next is not a trial's
+                        stop(process, signal.SIGINT)
+            named.set()
+
+        process, reader = None, None
+        try:
+            with FileLock(lock):
+                process = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,
+                )
+                reader = threading.Thread(target=copy_output, args=(process,), daemon=True)
+                reader.start()
+                named.wait()
+            process.wait()
+        except BaseException:
+            if process is not None:
+                stop_and_wait(process)
+            raise
+        finally:
+            if reader is not None:
+                reader.join()
+    return names
+
+
+def stop(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+
+
+def stop_and_wait(process: subprocess.Popen) -> None:
+    stop(process, signal.SIGINT)
+    try:
+        process.wait(STOP_WAIT)
+    except subprocess.TimeoutExpired:
+        stop(process, signal.SIGKILL)
+        process.wait()
+
+
+def work(plan: Plan, worker: int = 0) -> None:
+    """One worker: trials until the study has its trials or this run's timeout is spent. A failed trial is
+    recorded and the worker goes on."""
+    import optuna
+
+    raw, settings = read_params()
+    search = load_search(Path(plan.space_file), raw).model_copy(update={"study": plan.study})
+    study = open_study(search, plan.storage, worker=worker)
+
+    def stop_when_done(study, trial) -> None:
+        if trial.state == optuna.trial.TrialState.FAIL:
+            reason = trial.system_attrs.get("fail_reason") or "failed"
+            print(f"search: trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
+        if not budget_left(study, plan.trials):
+            study.stop()
+
+    objective = Trials(search, plan, settings, worker)
+    if not budget_left(study, plan.trials):
+        return
+    study.optimize(
+        with_fail_reason(objective),
+        timeout=plan.timeout,
+        catch=(TrialFailed,),
+        callbacks=[stop_when_done],
+    )
+
+
+def with_fail_reason(objective):
+    """The objective, recording why a trial failed (the line the user reads) as the trial's fail_reason."""
+
+    def run(trial):
+        try:
+            return objective(trial)
+        except TrialFailed as exc:
+            trial.storage.set_trial_system_attr(trial._trial_id, "fail_reason", str(exc))
+            raise
+
+    return run
+
+
+def run_workers(plan: Plan, workers: int) -> None:
+    """`workers` processes, each running trials of the study until it has its trials; Ctrl-C (or SIGTERM to the
+    search) stops them all, each trial running then marked failed."""
+    command = [sys.executable, "-m", "gpt2_classifier.search.study", *plan.argv()]
+    processes = [subprocess.Popen([*command, "--worker", str(n)]) for n in range(1, workers + 1)]
+    for number, process in enumerate(processes, start=1):
+        print(f"search: worker {number} started (pid {process.pid})", flush=True)
+    try:
+        for process in processes:
+            process.wait()
+    except BaseException:
+        for process in processes:  # (Ctrl-C reached them too; SIGTERM is passed on)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait()
+        raise
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A worker process of `gpt2-classifier search --workers N`."""
+    import argparse
+
+    from gpt2_classifier.core.errors import PipelineError
+
+    parser = argparse.ArgumentParser(prog="gpt2-classifier search worker")
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--worker", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        work(Plan(**json.loads(args.plan)), args.worker)
+    except PipelineError as exc:
+        print(f"error: worker {args.worker}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
