@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SET ?=
 UI ?=
 
-.PHONY: setup pipeline ui plots-offline test test-team lint clean-venv
+.PHONY: setup pipeline ui plots-offline test test-long test-team lint clean-venv
 
 $(BIN)/python:
 	python3 -m venv $(VENV)
@@ -51,10 +51,13 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The suite, less the team tests; those start real servers (sshd, PostgreSQL, mlflow server, an S3 API)
-# and run on their own. .ci/run runs both.
+# The suite, less the team tests, which start real servers (sshd, PostgreSQL, mlflow server, an S3 API), and
+# the long ones (a minute or more each); each group runs on its own. .ci/run runs all three.
 test: lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not team"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not team and not long"
+
+test-long: $(VENV)/.installed-test
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m long
 
 test-team: $(VENV)/.installed-test
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m team

@@ -134,6 +134,7 @@ def test_bench_recipes():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_search():
     """Two trials of the search, the same two queued: both rates, their ratio, the winner and the reference."""
     out = smoke("bench_search.py", timeout=900).stdout

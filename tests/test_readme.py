@@ -50,6 +50,7 @@ WORKERS = "test_search.py::test_two_workers_share_the_study_and_a_killed_workers
 ELSEWHERE = {
     "make pipeline": "the clean-clone check (downloads data and weights; offline it fails with one line)",
     "make test": ".ci/run",
+    "make test-long": ".ci/run",
     "make ui": "test_make_ui_serves_mlflow_with_no_warnings",
     "make plots-offline": "test_plots_page.py::test_make_plots_offline_writes_a_page_that_draws_without_a_network",
     'make pipeline SET="data.url=/path/to/sms+spam+collection.zip model.weights=random"': "test_make_pipeline_set",

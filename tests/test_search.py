@@ -233,6 +233,7 @@ def mlflow_runs(project) -> dict[str, object]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_search_prunes_a_lagging_trial_resumes_and_crowns_its_winner(tmp_path):
     """Trials 0 and 1 are enqueued (a learning rate that trains, one that cannot move the weights), so that the
     median pruner stops trial 1 after its first epoch; the search resumes with a third trial drawn by TPE. Each
@@ -302,6 +303,7 @@ def test_a_search_prunes_a_lagging_trial_resumes_and_crowns_its_winner(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_workers_share_the_study_and_a_killed_workers_trial_is_marked_failed(tmp_path):
     """Three trials, two workers: worker 1 is killed (with its experiment's processes) while its first trial runs;
     the trial is marked failed once its heartbeat is stale, worker 2 runs the study to its three finished trials,

@@ -292,6 +292,7 @@ def running_run(db) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_finetune_outlasts_a_store_locked_until_it_ends_and_the_rerun_records_all_without_training(tmp_path, made_data):
     from conftest import make_project, run, stages_run, tiny_params
 
