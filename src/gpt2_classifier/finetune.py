@@ -126,7 +126,8 @@ def finetune(params: Params) -> History:
         inputs = dict(iter_inputs(model, splits, reading, device, f.cache_dir(), release=True, base_sha256=base.sha256))
         trainer = Trainer(model, inputs["train"], inputs["validation"], f, device)
         trainer.graphed = graphed_step(trainer)  # on a GPU, each step one replay instead of hundreds of launches
-        history = train_resumably(trainer, recipe, f, tracker, epoch_reporter(trial))
+        saved, fingerprint = checkpoint_file(recipe, f)  # (hashes the encoded data: once)
+        history = train_resumably(trainer, saved, fingerprint, f, tracker, epoch_reporter(trial))
         if history.stopped == "pruned":
             print(
                 f"finetune: pruned after epoch {history.epochs_run} of {f.epochs}: trial {trial.number} of search "
@@ -171,7 +172,7 @@ def finetune(params: Params) -> History:
         reports = [LOSS_CSV, ACCURACY_CSV, TRAIN_SUMMARY, TRAIN_DETAILS, Path("params.yaml")]
         tracker.log_artifacts(reports, "finetune")
         tracker.log_lineage("finetune", inputs_hashed, outputs={"model": CLASSIFIER, "predictions": PREDICTIONS})
-        keep_for_rerun(trainer, recipe, f, tracker)
+        keep_for_rerun(trainer, saved, fingerprint, f, tracker)
         del trainer, inputs, model  # logging the model loads it again: free the training copy first
         gc.collect()
         # At the number of steps taken, where no curve has a value: MLflow gives a logged model the run's metrics
@@ -203,13 +204,17 @@ def log_model(folder: Path, name: str, step: int, architecture: str):
 
 
 def train_resumably(
-    trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: Tracker, report: Callable[[dict], str | None]
+    trainer: Trainer,
+    saved: Path,
+    fingerprint: str,
+    f: FinetuneParams,
+    tracker: Tracker,
+    report: Callable[[dict], str | None],
 ) -> History:
-    """Train, saving a checkpoint after each epoch; an interrupted run of the same `recipe` (params
-    but mlflow's) and data resumes from its last one (and says so in MLflow). The checkpoint is
-    deleted once the run is recorded (`keep_for_rerun`). `report(epoch record)` returns "pruned" to stop a
-    search's trial."""
-    saved, fingerprint = checkpoint_file(recipe, f)
+    """Train, saving a checkpoint after each epoch to `saved` (`checkpoint_file`); an interrupted run of the
+    same recipe (params but mlflow's) and data resumes from its last one (and says so in MLflow). The
+    checkpoint is deleted once the run is recorded (`keep_for_rerun`). `report(epoch record)` returns
+    "pruned" to stop a search's trial."""
 
     def on_step(record: dict) -> None:
         tracker.log_metrics({k: record[k] for k in STEP_CURVES}, step=record["step"])
@@ -249,11 +254,10 @@ def checkpoint_file(recipe: dict, f: FinetuneParams) -> tuple[Path, str]:
     return f.checkpoint_dir() / f"{fingerprint}.safetensors", fingerprint
 
 
-def keep_for_rerun(trainer: Trainer, recipe: dict, f: FinetuneParams, tracker: Tracker) -> None:
+def keep_for_rerun(trainer: Trainer, saved: Path, fingerprint: str, f: FinetuneParams, tracker: Tracker) -> None:
     """Once trained: where the tracking store missed what the run logged (waiting for it first), keep the
     trained state as the checkpoint, so the rerun that records it resumes after the last epoch instead of
     training again; else the checkpoint is done with."""
-    saved, fingerprint = checkpoint_file(recipe, f)
     if tracker.caught_up():
         saved.unlink(missing_ok=True)
     elif f.resume:
