@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpt2_classifier.core.config import PRESETS, GPTConfig, Pool, Precision, Truncate
-from gpt2_classifier.core.errors import ParamsError
+from gpt2_classifier.core.errors import ParamsError, PipelineError
 from gpt2_classifier.core.files import project_root
 from gpt2_classifier.core.paths import CHECKPOINTS, PREFIX_CACHE, PREFIX_CACHE_ENV
 
@@ -395,14 +395,24 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: {_problems(raw, exc.errors())}") from None
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    path = Path(path)
+def read_mapping(path: str | os.PathLike, error: type[PipelineError], missing: str, expected: str) -> dict:
+    """The mapping a YAML file holds (params.yaml, a search file), or `error` in one line naming the file:
+    `missing` says what to do where it is not found, `expected` what it should hold."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise ParamsError(f"{path}: not found; run stages from the project folder") from None
+        raise error(f"{path}: not found; {missing}") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise error(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return parse_params(raw, str(path))
+        raise error(f"{path}: expected {expected}, got {type(raw).__name__}")
+    return raw
+
+
+def raw_params(path: str | os.PathLike = "params.yaml") -> dict:
+    """params.yaml as written (a dict), before validation."""
+    return read_mapping(path, ParamsError, "run stages from the project folder", "a mapping of sections")
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    return parse_params(raw_params(path), str(path))

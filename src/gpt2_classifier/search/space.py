@@ -8,11 +8,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gpt2_classifier.core.errors import ParamsError, PipelineError
-from gpt2_classifier.core.params import Params, Section, _problems, parse_params
+from gpt2_classifier.core.params import Params, Section, _problems, parse_params, read_mapping
 from gpt2_classifier.search.trial import PrunerSpec
 
 SEARCH_FILE = Path("search.yaml")
@@ -210,14 +209,12 @@ def check_space(search: SearchFile, raw_params: dict, source: str) -> None:
 def load_search(path: Path, raw_params: dict) -> SearchFile:
     """The search file, validated, and checked against the project's params.yaml (as a dict)."""
     source = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise SearchError(f"{source}: not found; write one (README, Searching) or name another with --space") from None
-    except yaml.YAMLError as exc:
-        raise SearchError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise SearchError(f"{source}: expected a mapping (metric, trials, space, ...), got {type(raw).__name__}")
+    raw = read_mapping(
+        path,
+        SearchError,
+        "write one (README, Searching) or name another with --space",
+        "a mapping (metric, trials, space, ...)",
+    )
     try:
         search = SearchFile.model_validate(raw)
     except ValidationError as exc:

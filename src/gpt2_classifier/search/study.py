@@ -25,10 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpt2_classifier.core.files import project_root
-from gpt2_classifier.core.params import Params, parse_params
+from gpt2_classifier.core.params import Params, parse_params, raw_params
 from gpt2_classifier.core.paths import EVAL_DETAILS, TRAIN_DETAILS
 from gpt2_classifier.core.redact import redact
 from gpt2_classifier.search import tracking
@@ -71,7 +69,7 @@ def read_params() -> tuple[dict, Params]:
     path = Path("params.yaml")
     if not Path("dvc.yaml").is_file() or not path.is_file():
         raise SearchError("no dvc.yaml and params.yaml here: run gpt2-classifier search in the project folder")
-    raw = yaml.safe_load(path.read_text())
+    raw = raw_params(path)
     return raw, parse_params(raw, str(path))
 
 
