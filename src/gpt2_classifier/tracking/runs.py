@@ -683,8 +683,7 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
         )
     except MlflowException as exc:
         raise store_failure(uri, exc, "could not start a run") from None
-    status = "FAILED"
-    try:
+    with _ending_run(uri, writes, run.info.run_id):
         tracker = Tracker(run.info.run_id, f"MLflow run {run_name} ({run.info.run_id}) in {redact(uri)}", writes)
         yield tracker
         if not writes.finish():
@@ -697,13 +696,22 @@ def finetune_run(settings: MlflowParams, run_file: Path, run_name: str, tags: di
             model_uri=tracker.model_uri,
         )
         write_json(run_file, record.model_dump())
+
+
+@contextlib.contextmanager
+def _ending_run(uri: str, writes: StoreWrites, run_id: str) -> Iterator[None]:
+    """The active run (`run_id`) ends with its block: FINISHED where the block completes, KILLED on Ctrl-C, else
+    FAILED."""
+    status = "FAILED"
+    try:
+        yield
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         _end_run(uri, writes, status)
-        log.debug("MLflow run %s %s in %s", run.info.run_id, status.lower(), redact(uri))
+        log.debug("MLflow run %s %s in %s", run_id, status.lower(), redact(uri))
 
 
 def _end_run(uri: str, writes: StoreWrites, status: str) -> None:
@@ -753,16 +761,9 @@ def continue_run(settings: MlflowParams, run_file: Path) -> Iterator[tuple[Track
         mlflow.start_run(run_id=record.run_id, log_system_metrics=_start_system_metrics(settings.system_metrics))
     except MlflowException as exc:
         raise store_failure(uri, exc, f"cannot continue run {record.run_id}") from None
-    status = "FAILED"
-    try:
+    with _ending_run(uri, writes, record.run_id):
         tracker = Tracker(record.run_id, writes=writes)
         tracker.model_id, tracker.model_uri = record.model_id, record.model_uri
         yield tracker, record
         if not writes.finish():
             raise writes.failure("evaluate")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        _end_run(uri, writes, status)
