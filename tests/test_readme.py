@@ -18,6 +18,7 @@ import yaml
 from conftest import PROJECT, make_project, run, tiny_params, wait_for_queue
 from mlflow.tracking import MlflowClient
 from test_team import README_COMMANDS as TEAM_HERE
+from test_team import RESTORE_WINNER
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +48,7 @@ SERVER = "test_team.py::test_an_authenticated_server_refuses_anonymous_requests_
 EXTRAS = ".ci/run (the test extra installs the s3, ssh and server extras)"
 SEARCH = "test_search.py::test_a_search_prunes_a_lagging_trial_resumes_and_crowns_its_winner"
 WORKERS = "test_search.py::test_two_workers_share_the_study_and_a_killed_workers_trial_is_marked_failed"
+MACHINES = "test_team.py::test_two_machines_search_one_study_on_postgres_and_push_every_trial"
 ELSEWHERE = {
     "make pipeline": "the clean-clone check (downloads data and weights; offline it fails with one line)",
     "make test": ".ci/run",
@@ -76,6 +78,7 @@ ELSEWHERE = {
     "gpt2-classifier search --trials 60": SEARCH,
     "gpt2-classifier search --workers 2": WORKERS,
     "dvc exp apply search-t7": SEARCH,
+    "export OPTUNA_STORAGE=postgresql://mlflow@<db host>/optuna": MACHINES,
     # with a test-made archive and CSV in place of the public archive and /path/to/...
     "python experiments/own_data.py imdb": "test_own_data.py::test_imdb_example_on_a_small_archive_of_the_same_layout",
     "python experiments/own_data.py intents --set data.url=/path/to/intents.csv": (
@@ -101,6 +104,7 @@ def test_every_readme_command_is_run_by_a_test():
         known = command in RUN_HERE + TEAM_HERE or command in ELSEWHERE or command.startswith(CLASSIFY_AND_SERVE)
         assert known, f"README command not run by any test: {command}"
     assert set(RUN_HERE + TEAM_HERE) <= set(readme_commands())  # and nothing listed here has left the README
+    assert RESTORE_WINNER.format(winner="search-t7") in (PROJECT / "README.md").read_text()  # in a sentence
 
 
 def shell(command: str, project, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -205,6 +205,108 @@ def test_training_stops_after_the_epoch_where_the_trial_is_pruned():
     assert last.stopped == "epochs" and last.epochs_run == 2
 
 
+# Several workers and machines on one study.
+
+
+def test_each_worker_is_given_its_own_gpu_in_turn_and_its_share_of_the_cores(monkeypatch):
+    """With several GPUs, worker N sees one of them (CUDA_VISIBLE_DEVICES), in turn over those the search may use;
+    with one or none, the workers see what the search sees. The CPU's cores are shared out as threads."""
+    import torch
+
+    from gpt2_classifier.search import study
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert study.worker_gpus(3) == ["2", "3", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert study.worker_gpus(2) == [None, None]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    for count, given in ((4, ["0", "1"]), (1, [None, None]), (0, [None, None])):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        assert study.worker_gpus(2) == given
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(study.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    for name in study.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    started = []
+
+    class Worker:
+        pid = 1
+
+        def __init__(self, command, env):
+            threads = env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]
+            started.append((command[-1], env.get("CUDA_VISIBLE_DEVICES"), *threads))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(study.subprocess, "Popen", Worker)
+    study.run_workers(study.Plan("search.yaml", "s", "sqlite:///x.db", 2, None, None), 3)
+    # each its GPU in turn, and its share of the 8 cores (not 8 threads each, 24 on 8 cores)
+    assert started == [("1", "0", "2", "2"), ("2", "1", "2", "2"), ("3", "0", "2", "2")]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own choice stands
+    assert [share.env for share in study.worker_shares(2)] == [
+        {"MKL_NUM_THREADS": "3", "CUDA_VISIBLE_DEVICES": "0"},
+        {"MKL_NUM_THREADS": "3", "CUDA_VISIBLE_DEVICES": "1"},
+    ]
+    assert study.worker_shares(2)[1].said == "GPU 1, 3 CPU threads"
+
+
+def test_workers_draw_trials_of_their_own(folder, monkeypatch):
+    """Worker seeds: the search file's seed + N - 1 on the project's optuna.db; on a shared storage, one more
+    offset per checkout (host and folder), as clones on other machines run workers numbered alike."""
+    from gpt2_classifier.search.study import default_storage, worker_seed
+
+    monkeypatch.delenv("OPTUNA_STORAGE", raising=False)
+    local = default_storage()
+    assert local == f"sqlite:///{folder / 'optuna.db'}"
+    assert [worker_seed(123, n, local) for n in (0, 1, 2)] == [123, 123, 124]
+    assert worker_seed(None, 2, local) is None
+    team = "postgresql://db.example/optuna"
+    here = worker_seed(123, 1, team)
+    assert here == worker_seed(123, 1, team) and here not in (123, 124) and worker_seed(123, 2, team) == here + 1
+    other = folder / "clone"
+    other.mkdir()
+    (other / "dvc.yaml").write_text((folder / "dvc.yaml").read_text())
+    monkeypatch.chdir(other)
+    assert worker_seed(123, 1, team) != here
+    monkeypatch.setenv("OPTUNA_STORAGE", team)
+    assert default_storage() == team
+
+
+def test_a_machine_joining_a_new_study_waits_for_its_search_run(tmp_path, monkeypatch):
+    """The storage says which machine created the study (it opens the search's MLflow run); one that joins at the
+    same moment takes that run once it is named, rather than opening a second."""
+    import threading
+
+    from gpt2_classifier.search import command
+    from gpt2_classifier.search.space import SearchFile
+    from gpt2_classifier.search.study import create_or_open_study
+
+    spec = SearchFile.model_validate(SPACE).model_copy(update={"study": "s"})
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first, created = create_or_open_study(spec, url)
+    second, joined = create_or_open_study(spec, url)
+    assert (created, joined) == (True, False)
+    threading.Timer(1.0, first.set_user_attr, (command.PARENT_RUN, "abc123")).start()
+    assert command.parent_run_of(second) == "abc123"
+    monkeypatch.setattr(command, "PARENT_WAIT", 0.5)
+    alone, _ = create_or_open_study(spec.model_copy(update={"study": "t"}), url)
+    assert command.parent_run_of(alone) is None
+
+
+def test_a_trial_that_cannot_be_pushed_is_kept_with_a_warning(tmp_path, monkeypatch, capsys):
+    from gpt2_classifier.search.study import share_experiment
+
+    run(["git", "init", "-q"], tmp_path)
+    run(["dvc", "init", "-q"], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert share_experiment("push", "https://u:secret@git.invalid/team.git", "search-t3") is False
+    out = capsys.readouterr().out
+    assert out.startswith("search: warning: dvc exp push https://***@git.invalid/team.git search-t3 failed (")
+    assert out.endswith("; run it again later\n") and out.count("\n") == 1
+
+
 # End to end: tiny model, test-made data, the search run as a user runs it.
 
 

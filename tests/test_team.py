@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import servers
-from conftest import make_project, run, stages_run, tiny_params, wait_for_queue
+from conftest import child_env, make_project, run, stages_run, tiny_params, wait_for_queue
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
@@ -28,8 +28,9 @@ COMMIT_REMOTE = 'git add .dvc/config && git commit -m "DVC remote"'
 EXPERIMENT = ["dvc exp run -n lr-high -S finetune.lr=2e-4", "dvc exp push origin lr-high"]
 PULL_EXPERIMENT = ["dvc exp pull origin lr-high", "dvc exp show", "dvc exp apply lr-high && dvc pull"]
 SWEEP = "dvc exp run --queue -S 'finetune.lr=5e-5,1e-4,2e-4,4e-4'"
+SEARCH_EVERYWHERE = "gpt2-classifier search --workers 2 --push origin"  # on each machine, beside the servers' env
 README_COMMANDS = [COMMIT_REMOTE, "dvc push", "dvc pull", "dvc repro", *EXPERIMENT, *PULL_EXPERIMENT, SWEEP,
-                   "dvc queue start -j 2"]  # fmt: skip
+                   "dvc queue start -j 2", SEARCH_EVERYWHERE]  # fmt: skip
 
 
 def server_or_skip(context):
@@ -301,3 +302,86 @@ def test_an_authenticated_server_refuses_anonymous_requests_and_takes_runs_with_
         run_id = json.loads((project / "reports/train/mlflow_run.json").read_text())["run_id"]
         found = MlflowClient(url).get_run(run_id)
         assert found.info.status == "FINISHED" and "test/accuracy" in found.data.metrics
+
+
+# Searching on several machines (README): any machine restores the winner (search-t7 there).
+RESTORE_WINNER = "dvc exp pull origin {winner} && dvc exp apply {winner} && dvc pull"
+SEARCH_SPACE = {
+    "study": "team", "metric": "validation/accuracy", "trials": 5, "pruner": {"name": "none"},
+    "space": {"finetune.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+              "finetune.batch_size": {"type": "categorical", "choices": [4, 8]}},
+}  # fmt: skip
+
+
+def test_two_machines_search_one_study_on_postgres_and_push_every_trial(tmp_path, made_data, pg, team_server):
+    """Two clones ("machines") run the README's search at once, two workers each, on one study in PostgreSQL (its
+    password in a pgpass file, as the README says) and one MLflow server: every trial runs once, on one machine,
+    with params of its own; each is a DVC experiment in the team's git remote and a child of the one search run;
+    both machines name the same winner, and a third clone restores it."""
+    import optuna
+    import yaml
+
+    optuna_url = pg.create_database("optuna")
+    storage = optuna_url.replace(f":{pg.password}@", "@")  # the password comes from PGPASSFILE
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:*:optuna:{pg.user}:{pg.password}\n")
+    pgpass.chmod(0o600)
+    env = {"OPTUNA_STORAGE": storage, "PGPASSFILE": str(pgpass), "MLFLOW_TRACKING_URI": team_server, **GIT_ENV}
+    origin = tmp_path / "origin.git"
+    sh(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
+    params = tiny_params(*made_data, finetune={"epochs": 2}, mlflow={"experiment_name": "team-search"})
+    a = make_project(tmp_path / "a", params)
+    (a / "search.yaml").write_text(yaml.safe_dump(SEARCH_SPACE, sort_keys=False))
+    sh(["dvc", "remote", "add", "-d", "team", str(tmp_path / "dvc-remote")], a)
+    git(a, "add", "-A")
+    git(a, "commit", "-qm", "search")
+    git(a, "remote", "add", "origin", str(origin))
+    git(a, "push", "-q", "origin", "HEAD:main")
+    b = clone(origin, tmp_path / "b")
+
+    searches = [
+        subprocess.Popen(
+            ["bash", "-c", SEARCH_EVERYWHERE],
+            cwd=machine,
+            env=child_env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for machine in (a, b)
+    ]
+    outs = [search.communicate(timeout=900)[0] for search in searches]
+    assert [search.returncode for search in searches] == [0, 0], outs
+    shown = f"postgresql://***@127.0.0.1:{pg.port}/optuna"  # no user name, no password
+    assert all(f"search: study 'team' in {shown}" in out for out in outs), outs
+    assert not any(pg.password in out for out in outs)
+    ran = [{int(n) for n in re.findall(r"search: trial (\d+) started", out)} for out in outs]
+    assert ran[0] and ran[1] and not ran[0] & ran[1] and ran[0] | ran[1] == set(range(5)), outs
+
+    study = optuna.load_study(study_name="team", storage=optuna_url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 5  # no machine drew another's trial
+    names = {f"team-t{t.number}" for t in study.trials}
+    pushed = sh(["git", "ls-remote", str(origin), "refs/exps/*"], tmp_path).stdout
+    assert {line.rsplit("/", 1)[1] for line in pushed.splitlines()} == names
+
+    client = MlflowClient(team_server)
+    experiment = client.get_experiment_by_name("team-search").experiment_id
+    runs = client.search_runs([experiment])
+    (parent,) = [r for r in runs if r.data.tags.get("gpt2_classifier.search") == "true"]  # one, though two opened
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(names) and len(runs) == 6
+    assert {r.info.status for r in [parent, *children]} == {"FINISHED"}
+    assert parent.data.tags["optuna.storage"] == shown
+
+    winner = f"team-t{study.best_trial.number}"
+    for out in outs:  # the machine that did not run the winner pulled it to read its test metrics
+        assert f"search: best trial {study.best_trial.number} ({winner})" in out
+        assert re.search(r"search: the winner on the test set: accuracy \d\.\d{4}", out), out
+        assert f"search: restore it with: dvc exp apply {winner}" in out
+    c = clone(origin, tmp_path / "c")
+    bash(RESTORE_WINNER.format(winner=winner), c)
+    restored = yaml.safe_load((c / "params.yaml").read_text())["finetune"]
+    assert restored["lr"] == pytest.approx(study.best_trial.params["finetune.lr"])
+    label = sh([str(Path(sys.executable).parent / "gpt2-classifier"), "classify", "WIN a prize now"], c).stdout
+    assert re.match(r"(ham|spam)\tham=[\d.]+ spam=[\d.]+\t", label), label

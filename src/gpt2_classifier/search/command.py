@@ -4,6 +4,7 @@ restores it, and with mlflow.register_as its model version's alias `champion`.""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from gpt2_classifier.core.paths import EVAL_DETAILS
@@ -16,17 +17,33 @@ from gpt2_classifier.search.study import (
     Plan,
     TrialFailed,
     budget_left,
+    create_or_open_study,
     default_storage,
     drop_killed_runs,
+    exp_exists,
     exp_file,
     open_study,
     read_params,
     run_workers,
+    share_experiment,
     state_counts,
     work,
 )
 
 TEST_SHOWN = ("accuracy", "precision", "recall", "f1")
+PARENT_RUN = "mlflow_parent_run"  # the study's attribute naming the search's MLflow run
+PARENT_WAIT = 30  # seconds a machine joining a study that another has just created waits for its MLflow run
+
+
+def parent_run_of(study) -> str | None:
+    """The search's MLflow run, once the machine that created the study has opened it (it does so before any
+    trial); None after PARENT_WAIT s (that machine stopped first), and this one opens its own."""
+    deadline = time.monotonic() + PARENT_WAIT
+    while time.monotonic() < deadline:
+        if known := study.user_attrs.get(PARENT_RUN):
+            return known
+        time.sleep(0.5)
+    return None
 
 
 def search(
@@ -36,6 +53,7 @@ def search(
     timeout: float | None = None,
     workers: int = 1,
     storage: str | None = None,
+    push: str | None = None,
 ) -> None:
     raw, settings = read_params()
     search = load_search(space_file, raw)
@@ -46,12 +64,15 @@ def search(
     if trials is None and timeout is None:
         raise SearchError(f"{space_file}: neither trials nor timeout is set; set one (or pass --trials or --timeout)")
     url = storage or default_storage()
-    study = open_study(search, url)
+    study, created = create_or_open_study(search, url)
     counts = state_counts(study)
     done = sum(counts.get(state, 0) for state in FINISHED)
-    parent = tracking.open_parent_run(settings.mlflow, search.study, url, study.user_attrs.get("mlflow_parent_run"))
-    if parent is not None:
-        study.set_user_attr("mlflow_parent_run", parent)
+    known = study.user_attrs.get(PARENT_RUN)
+    if known is None and not created and not study.trials and settings.mlflow.enabled:
+        known = parent_run_of(study)  # another machine created the study a moment ago: it opens the search's run
+    parent = tracking.open_parent_run(settings.mlflow, search.study, url, known)
+    if parent is not None and parent != known:
+        study.set_user_attr(PARENT_RUN, parent)
     goal = f"{search.goal[:3]}imise {search.metric}"
     limit = ", ".join(
         part for part in (f"{trials} trials" if trials else "", f"{timeout:g} s" if timeout else "") if part
@@ -62,7 +83,7 @@ def search(
     )
     if not budget_left(study, trials):
         print(f"search: the study has its {trials} trials; raise trials (or pass --trials) to search on")
-    plan = Plan(str(space_file), search.study, url, trials, timeout, parent)
+    plan = Plan(str(space_file), search.study, url, trials, timeout, parent, push)
     status = "KILLED"
     try:
         if workers == 1:
@@ -76,10 +97,10 @@ def search(
         for name in drop_killed_runs(failed):
             print(f"search: {name} was killed with its worker; its temporary copy of the project is deleted")
         tracking.close_parent_run(settings.mlflow, parent, study, space_file, status)
-    report(study, search.metric, settings)
+    report(study, search.metric, settings, push)
 
 
-def report(study, metric: str, settings) -> None:
+def report(study, metric: str, settings, push: str | None = None) -> None:
     """The study's tally and its winner, with the winner's test metrics."""
     counts = state_counts(study)
     named = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
@@ -92,17 +113,29 @@ def report(study, metric: str, settings) -> None:
     best = study.best_trial
     name = best.user_attrs.get("dvc_exp", "")
     print(f"search: best trial {best.number} ({name}): {metric} {best.value:.4f}; {shown(best.params)}")
-    try:
-        test = nested_metrics(exp_file(best.user_attrs["baseline"], name, EVAL_DETAILS))["test"]
-    except (TrialFailed, KeyError) as exc:
-        print(f"search: the winner's test metrics cannot be read: {exc}")
+    baseline = best.user_attrs.get("baseline", "")
+    if push and not exp_exists(baseline, name):  # another machine's trial
+        share_experiment("pull", push, name)
+    here = exp_exists(baseline, name)
+    if here:
+        print(f"search: the winner on the test set: {winner_test_figures(baseline, name)}")
     else:
-        figures = ", ".join(f"{key} {test[key]:.4f}" for key in TEST_SHOWN if isinstance(test.get(key), int | float))
-        interval = test.get("accuracy_ci")
-        if isinstance(interval, dict):
-            figures += f" (accuracy 95 % interval {interval['low']:.4f} to {interval['high']:.4f})"
-        print(f"search: the winner on the test set: {figures}")
+        print("search: the winner ran on another machine; its experiment is not in this clone (push it there)")
     crowned = tracking.crown(settings.mlflow, best.user_attrs.get("mlflow_run_id"))
     if crowned:
         print(f"search: registered model {crowned}: gpt2-classifier classify --registered {crowned.split()[0]}")
-    print(f"search: restore it with: dvc exp apply {name}")
+    fetch = "" if here else f"dvc exp pull {push or '<git remote>'} {name} && "
+    print(f"search: restore it with: {fetch}dvc exp apply {name}" + ("" if here else " && dvc pull"))
+
+
+def winner_test_figures(baseline: str, name: str) -> str:
+    """The winner's test metrics, from its experiment (the one time the search shows test numbers)."""
+    try:
+        test = nested_metrics(exp_file(baseline, name, EVAL_DETAILS))["test"]
+    except (TrialFailed, KeyError) as exc:
+        return f"cannot be read: {exc}"
+    figures = ", ".join(f"{key} {test[key]:.4f}" for key in TEST_SHOWN if isinstance(test.get(key), int | float))
+    interval = test.get("accuracy_ci")
+    if isinstance(interval, dict):
+        figures += f" (accuracy 95 % interval {interval['low']:.4f} to {interval['high']:.4f})"
+    return figures

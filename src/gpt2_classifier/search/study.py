@@ -16,11 +16,13 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 from gpt2_classifier.core.files import project_root
 from gpt2_classifier.core.params import Params, parse_params, raw_params
 from gpt2_classifier.core.paths import EVAL_DETAILS, TRAIN_DETAILS
-from gpt2_classifier.core.redact import redact
+from gpt2_classifier.core.redact import redact, redact_text
 from gpt2_classifier.search import tracking
 from gpt2_classifier.search.space import SearchError, SearchFile, cli_value, load_search, shown
 from gpt2_classifier.search.trial import TrialLink, make_pruner, open_storage
@@ -40,6 +42,7 @@ GRACE = 30
 BUSY_RETRIES = 8  # `dvc exp run` refused because another worker's holds DVC's lock: tried again this often
 STOP_WAIT = 30  # seconds a trial's `dvc exp run` gets to stop after Ctrl-C before it is killed
 FINISHED = ("COMPLETE", "PRUNED")
+SHARE_WAIT = 900  # seconds a `dvc exp push` or `pull` of one experiment may take, all of it
 
 
 class TrialFailed(Exception):
@@ -56,13 +59,18 @@ class Plan:
     trials: int | None
     timeout: float | None
     parent_run: str | None
+    push: str | None = None  # a git remote: each finished trial's experiment is pushed there (dvc exp push)
 
     def argv(self) -> list[str]:
         return ["--plan", json.dumps(self.__dict__)]
 
 
+STORAGE_ENV = "OPTUNA_STORAGE"  # Optuna's own: a storage URL (with its password) kept out of commands and files
+
+
 def default_storage() -> str:
-    return f"sqlite:///{project_root() / STORAGE_FILE}"
+    """OPTUNA_STORAGE where it is set (a team's PostgreSQL), else optuna.db in the project folder."""
+    return os.environ.get(STORAGE_ENV) or f"sqlite:///{project_root() / STORAGE_FILE}"
 
 
 def read_params() -> tuple[dict, Params]:
@@ -74,9 +82,14 @@ def read_params() -> tuple[dict, Params]:
 
 
 def open_study(search: SearchFile, url: str, workers: bool = True, worker: int = 0):
-    """The study (created, or continued where it exists), with heartbeats: a trial whose worker stopped beating
-    for GRACE s is marked failed by the next worker that asks for a trial. Worker N's sampler is seeded with the
-    search file's seed + N - 1 (the same seed would draw the same first trials in every worker)."""
+    """The study (created, or continued where it exists); see `create_or_open_study`."""
+    return create_or_open_study(search, url, workers, worker)[0]
+
+
+def create_or_open_study(search: SearchFile, url: str, workers: bool = True, worker: int = 0) -> tuple[Any, bool]:
+    """The study, and whether this call created it (the storage's unique study name decides, where machines
+    start at once). With heartbeats: a trial whose worker stopped beating for GRACE s is marked failed by the next
+    worker that asks for a trial. Each worker's sampler has a seed of its own (`worker_seed`)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the search prints its own lines (no tracebacks)
@@ -84,35 +97,40 @@ def open_study(search: SearchFile, url: str, workers: bool = True, worker: int =
     heartbeat = {"heartbeat_interval": HEARTBEAT, "grace_period": GRACE} if workers else {}
     try:
         storage = open_storage(url, **heartbeat)
-        seed = None if search.sampler.seed is None else search.sampler.seed + max(worker - 1, 0)
+        seed = worker_seed(search.sampler.seed, worker, url)
         sampler = (optuna.samplers.RandomSampler if search.sampler.name == "random" else optuna.samplers.TPESampler)(
             seed=seed
         )
-        study = optuna.create_study(
-            study_name=search.study,
-            storage=storage,
-            sampler=sampler,
-            pruner=make_pruner(search.pruner),
-            direction=search.goal,
-            load_if_exists=True,
-        )
+        study_args = {"study_name": search.study, "storage": storage, "sampler": sampler}
+        study_args |= {"pruner": make_pruner(search.pruner), "direction": search.goal}
+        try:
+            study, created = optuna.create_study(**study_args), True
+        except optuna.exceptions.DuplicatedStudyError:
+            study, created = optuna.create_study(**study_args, load_if_exists=True), False
     except Exception as exc:  # SQLAlchemy's errors for a database that cannot be reached or used
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise SearchError(
-            f"Optuna storage {redact(url)} cannot be used ({redact_reason(reason)}); fix --storage"
+            f"Optuna storage {redact(url)} cannot be used ({redact_text(reason)}); fix --storage"
         ) from None
     if study.direction.name.lower() != search.goal:
         raise SearchError(
             f"study {search.study!r} in {redact(url)} {study.direction.name.lower()}s, the search file says "
             f"{search.goal}; name another study (study: in {search.study}'s search file, or --study)"
         )
-    return study
+    return study, created
 
 
-def redact_reason(text: str) -> str:
-    from gpt2_classifier.core.redact import redact_text
-
-    return redact_text(text)
+def worker_seed(seed: int | None, worker: int, url: str) -> int | None:
+    """The sampler's seed of worker N (0: the only one) of this checkout: the search file's seed + N - 1, as
+    the same seed would draw the same trials in every worker. On a storage other than the project's own
+    optuna.db, other machines (or clones) may work on the study too: their seeds differ by the checkout's host
+    and folder, so that none draws another's trials."""
+    if seed is None:
+        return None
+    seed += max(worker - 1, 0)
+    if url != f"sqlite:///{project_root() / STORAGE_FILE}":
+        seed += 1000 * (zlib.crc32(f"{socket.gethostname()}:{project_root()}".encode()) % 1_000_000)
+    return seed
 
 
 def state_counts(study) -> dict[str, int]:
@@ -225,6 +243,8 @@ class Trials:
         self._run_experiment(name, values, link, log)
         if not exp_exists(baseline, name):
             raise TrialFailed(f"{last_error(log)} (its output: {shown_path(log)})")
+        if self.plan.push:
+            share_experiment("push", self.plan.push, name)
         summary = exp_file(baseline, name, TRAIN_DETAILS)
         metrics = exp_file(baseline, name, EVAL_DETAILS) | summary
         value = metric_value(metrics, self.search.metric)
@@ -267,6 +287,35 @@ class Trials:
                 break
             time.sleep(random.uniform(0.5, 2.0) * (attempt + 1))
         raise TrialFailed(f"{last_error(log)} (its output: {shown_path(log)})")
+
+
+def share_experiment(verb: str, remote: str, name: str) -> bool:
+    """`dvc exp push REMOTE NAME` (`verb` push), or pull: the experiment's git ref and its outputs in the DVC
+    remote, so that the team's other machines (and `dvc exp show` there) have it. A failure is a warning, with
+    the command to run later: the trial itself is done."""
+    command = ["dvc", "exp", verb, remote, name]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", "--wait-for-lock", *command[1:]],  # (a worker's experiment holds the lock)
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            env=os.environ | {"GIT_TERMINAL_PROMPT": "0"},  # a remote that wants a password fails, never waits
+            text=True,
+            timeout=SHARE_WAIT,
+            check=False,
+        )
+        failed = "" if done.returncode == 0 else last_line(done.stderr) or last_line(done.stdout) or "no output"
+    except subprocess.TimeoutExpired:
+        failed = f"not done in {SHARE_WAIT} s"
+    if failed:
+        said = redact_text(f"{' '.join(command)} failed ({failed})")  # a remote may be a URL with a password
+        print(f"search: warning: {said}; run it again later", flush=True)
+    return not failed
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 DVC_TEMP_RUNS = Path(".dvc/tmp/exps/standalone")  # DVC's temporary copies, and its record of each run there
@@ -409,9 +458,13 @@ def run_workers(plan: Plan, workers: int) -> None:
     """`workers` processes, each running trials of the study until it has its trials; Ctrl-C (or SIGTERM to the
     search) stops them all, each trial running then marked failed."""
     command = [sys.executable, "-m", "gpt2_classifier.search.study", *plan.argv()]
-    processes = [subprocess.Popen([*command, "--worker", str(n)]) for n in range(1, workers + 1)]
-    for number, process in enumerate(processes, start=1):
-        print(f"search: worker {number} started (pid {process.pid})", flush=True)
+    shares = worker_shares(workers)
+    processes = [
+        subprocess.Popen([*command, "--worker", str(number)], env=os.environ | share.env)
+        for number, share in enumerate(shares, start=1)
+    ]
+    for number, (process, share) in enumerate(zip(processes, shares, strict=True), start=1):
+        print(f"search: worker {number} started (pid {process.pid}, {share.said})", flush=True)
     try:
         for process in processes:
             process.wait()
@@ -422,6 +475,48 @@ def run_workers(plan: Plan, workers: int) -> None:
         for process in processes:
             process.wait()
         raise
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what PyTorch's CPU kernels read at start
+
+
+@dataclass(frozen=True)
+class Share:
+    """What one worker of the machine is given: the environment that says so, and the same in words."""
+
+    env: dict[str, str]
+    said: str
+
+
+def worker_shares(workers: int) -> list[Share]:
+    """Each worker's share of the machine: its GPU (`worker_gpus`), and its CPU threads, the cores over the
+    workers (where OMP_NUM_THREADS is not set): else PyTorch in each of N processes starts a thread per core,
+    N times too many, and on small batches loses most of its time to threads waiting for one another."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // workers))
+    shares = []
+    for gpu in worker_gpus(workers):
+        env = {name: threads for name in THREAD_VARIABLES if name not in os.environ}
+        env |= {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}
+        said = ("" if gpu is None else f"GPU {gpu}, ") + f"{threads} CPU thread{'' if threads == '1' else 's'}"
+        shares.append(Share(env, said))
+    return shares
+
+
+def worker_gpus(workers: int) -> list[str | None]:
+    """The GPU each worker is given (as its CUDA_VISIBLE_DEVICES), in turn over the machine's GPUs: those that
+    CUDA_VISIBLE_DEVICES names, else all that CUDA finds. With fewer than two there is nothing to share out:
+    None for each (the workers see what the search sees)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [device.strip() for device in visible.split(",") if device.strip()]
+    else:
+        import torch
+
+        gpus = [str(index) for index in range(torch.cuda.device_count())]
+    if len(gpus) < 2:
+        return [None] * workers
+    return [gpus[n % len(gpus)] for n in range(workers)]
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -5,6 +5,7 @@ it and stops where the study's pruner says so. Optuna is imported only inside a 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from gpt2_classifier.core.redact import redact, redact_text
 
 TRIAL_ENV = "GPT2_CLASSIFIER_TRIAL"  # JSON of TrialLink, set by the search for its trial's stages
 SQLITE_WAIT = 60  # seconds a writer waits for another's lock on a SQLite study (SQLite's default: 5)
+SCHEMA_RACE_TRIES = 5  # times a new database's tables are looked for again, where another machine made them
 
 
 class PrunerSpec(BaseModel):
@@ -44,11 +46,20 @@ class TrialLink(BaseModel):
 
 def open_storage(url: str, **heartbeat: Any):
     """Optuna's storage at a database URL (a SQLite file, PostgreSQL, ...): a SQLite writer waits up to
-    SQLITE_WAIT s for another's lock; a pooled server connection is checked before use."""
+    SQLITE_WAIT s for another's lock; a pooled server connection is checked before use. Machines that open a new
+    database at once race to create Optuna's tables (the loser's CREATE fails on the winner's): the loser opens
+    it again, and finds them."""
     import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     engine = {"connect_args": {"timeout": SQLITE_WAIT}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
+    for attempt in range(SCHEMA_RACE_TRIES):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
+        except (IntegrityError, ProgrammingError):  # such as PostgreSQL's UniqueViolation, DuplicateTable
+            if attempt == SCHEMA_RACE_TRIES - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def make_pruner(spec: PrunerSpec):

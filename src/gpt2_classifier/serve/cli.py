@@ -9,6 +9,7 @@ gpt2-classifier classify --run-id 3f2a... "text"          # the model of an MLfl
 gpt2-classifier classify --registered spam-classifier/2 "text"   # from the Model Registry
 gpt2-classifier search                                    # the trials of search.yaml, as DVC experiments
 gpt2-classifier search --workers 2 --trials 40            # two at a time, forty in all
+OPTUNA_STORAGE=postgresql://... gpt2-classifier search --push origin   # one of a team's machines
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def _positive_seconds(text: str) -> float:
 def search(args: argparse.Namespace) -> None:
     from gpt2_classifier.search.command import search
 
-    search(Path(args.space), args.study, args.trials, args.timeout, args.workers, args.storage)
+    search(Path(args.space), args.study, args.trials, args.timeout, args.workers, args.storage, args.push)
 
 
 def _registry_version(text: str) -> str:
@@ -249,7 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--trials", type=_positive_int, help="the study's finished trials, all runs together")
     s.add_argument("--timeout", type=_positive_seconds, help="seconds for this run: no trial starts after")
     s.add_argument("--workers", type=_positive_int, default=1, help="trials run at once (default: 1)")
-    s.add_argument("--storage", help="Optuna's storage URL (default: sqlite:///optuna.db in the project)")
+    s.add_argument(
+        "--storage",
+        help="Optuna's storage URL, such as the team's postgresql://... (default: $OPTUNA_STORAGE, else "
+        "sqlite:///optuna.db in the project)",
+    )
+    s.add_argument(
+        "--push", metavar="GIT_REMOTE", help="push each finished trial's experiment there (dvc exp push), as it ends"
+    )
     s.set_defaults(run=search)
     args = parser.parse_args(argv)
     try:
