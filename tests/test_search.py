@@ -425,10 +425,12 @@ def test_two_workers_share_the_study_and_a_killed_workers_trial_is_marked_failed
     deadline = time.monotonic() + 900
     for line in search_process.stdout:
         lines.append(line)
-        if m := re.match(r"search: worker 1 started \(pid (\d+)\)", line):
+        if m := re.match(r"search: worker 1 started \(pid (\d+), (\d+) CPU threads?\)", line):
             pid = int(m[1])
+            assert int(m[2]) == max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared between the two
         if killed is None and (m := re.match(r"search: trial (\d+) started \(worker 1\)", line)):
             time.sleep(4)  # its experiment under way
+            assert pid is not None, "".join(lines)  # (psutil.Process(None) is this test's own process)
             worker = psutil.Process(pid)
             for process in [*worker.children(recursive=True), worker]:
                 process.kill()
