@@ -68,9 +68,14 @@ class Plan:
 STORAGE_ENV = "OPTUNA_STORAGE"  # Optuna's own: a storage URL (with its password) kept out of commands and files
 
 
+def local_storage() -> str:
+    """optuna.db in the project folder: this checkout's alone."""
+    return f"sqlite:///{project_root() / STORAGE_FILE}"
+
+
 def default_storage() -> str:
-    """OPTUNA_STORAGE where it is set (a team's PostgreSQL), else optuna.db in the project folder."""
-    return os.environ.get(STORAGE_ENV) or f"sqlite:///{project_root() / STORAGE_FILE}"
+    """OPTUNA_STORAGE where it is set (a team's PostgreSQL), else `local_storage`."""
+    return os.environ.get(STORAGE_ENV) or local_storage()
 
 
 def read_params() -> tuple[dict, Params]:
@@ -128,7 +133,7 @@ def worker_seed(seed: int | None, worker: int, url: str) -> int | None:
     if seed is None:
         return None
     seed += max(worker - 1, 0)
-    if url != f"sqlite:///{project_root() / STORAGE_FILE}":
+    if url != local_storage():
         seed += 1000 * (zlib.crc32(f"{socket.gethostname()}:{project_root()}".encode()) % 1_000_000)
     return seed
 
