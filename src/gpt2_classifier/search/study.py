@@ -210,7 +210,7 @@ def metric_value(metrics: dict, metric: str) -> float:
 
 def last_error(log: Path) -> str:
     """The line of a failed trial's output that says why: a stage's `error: ...`, else DVC's `ERROR: ...`."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    lines = said_lines(log.read_text(errors="replace"))
     for prefix in ("error: ", "ERROR: "):
         found = [line for line in lines if line.startswith(prefix)]
         if found:
@@ -319,8 +319,13 @@ def share_experiment(verb: str, remote: str, name: str) -> bool:
 
 
 def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = said_lines(text)
     return lines[-1] if lines else ""
+
+
+def said_lines(text: str) -> list[str]:
+    """A program's output, line by line, stripped, blank lines left out."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 DVC_TEMP_RUNS = Path(".dvc/tmp/exps/standalone")  # DVC's temporary copies, and its record of each run there
